@@ -1,0 +1,45 @@
+# dataeff: every target sets up .venv itself (re-installed only when setup.cfg changes).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export WANDB_MODE ?= offline
+
+# make shard SRC=<raw image tree> OUT=shards/<name> [ARGS="key=value ..."]
+SRC ?=
+OUT ?=
+ARGS ?=
+
+.PHONY: venv test test-gpu demo shard bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	@# shellcheck lints the launch scripts (tests); Debian ships it.
+	command -v shellcheck >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck) || \
+	  echo "warning: shellcheck not installed (needs root + apt); its lint test will be skipped"; }
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh
+
+shard: $(STAMP)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shard SRC=<raw image dir> OUT=shards/<name> [ARGS='key=value ...']"; exit 2; }
+	$(BIN)/dataeff shard --config configs/shard/default.yaml src=$(SRC) out=$(OUT) $(ARGS)
+
+bench: $(STAMP)
+	@set -e; for script in benchmarks/bench_*.py; do \
+	  echo "== $$script"; $(BIN)/python $$script; done
+
+clean:
+	rm -rf runs selections embeddings bench-out .pytest_cache

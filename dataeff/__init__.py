@@ -1,0 +1,1 @@
+"""dataeff: data-effective pre-training of medical vision foundation models."""

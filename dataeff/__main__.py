@@ -1,0 +1,3 @@
+from dataeff.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""``dataeff <stage> [--config FILE] [key=value ...]``: load a stage's config, run the stage.
+
+Each stage module exposes a config dataclass and ``main(cfg)``; this file only maps
+names to them, builds ``--help`` from the dataclass fields, and tears down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+from dataeff import dist
+from dataeff.config import ConfigError, describe_keys, load_config
+
+
+@dataclass(frozen=True)
+class Stage:
+    module: str
+    config: str
+    summary: str
+
+
+STAGES: dict[str, Stage] = {
+    "demo-data": Stage(
+        "dataeff.data.demo",
+        "DemoDataConfig",
+        "build the demo downstream split and messy pre-training pool from the vendored Kvasir-SEG",
+    ),
+    "shard": Stage("dataeff.data.shard", "ShardConfig", "convert a tree of raw images into WebDataset shards + index.parquet"),
+    "embed": Stage("dataeff.select.embed", "EmbedConfig", "embed every sample of a shard set with a ViT encoder, on every rank"),
+    "select": Stage("dataeff.select.stage", "SelectConfig", "select a subset (full, random, semdedup, meddel, optidel) and write a manifest"),
+    "pretrain": Stage("dataeff.pretrain", "PretrainConfig", "pre-train a masked autoencoder on a timm ViT over selected shards"),
+    "finetune": Stage("dataeff.finetune", "FinetuneConfig", "fine-tune a segmentation head on a pre-trained encoder; report mIoU/Dice"),
+    "sweep": Stage("dataeff.sweep", "SweepConfig", "run select -> pretrain -> finetune for every (method, ratio) cell, then report"),
+    "report": Stage("dataeff.report", "ReportConfig", "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, plots"),
+}
+
+
+class StageNotBuilt(RuntimeError):
+    pass
+
+
+def _load_stage(name: str):
+    stage = STAGES[name]
+    try:
+        module = importlib.import_module(stage.module)
+    except ModuleNotFoundError as exc:
+        if exc.name == stage.module:
+            raise StageNotBuilt(f"stage '{name}' is not built yet in this version of dataeff") from None
+        raise
+    return module, getattr(module, stage.config)
+
+
+def _stage_help(name: str) -> str:
+    try:
+        _, schema = _load_stage(name)
+    except StageNotBuilt as exc:
+        return f"{exc}\n"
+    rows = describe_keys(schema)
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (set in --config YAML or as key=value):"]
+    for key, default, text in rows:
+        lines.append(f"  {key.ljust(width)}  {text} [default: {default}]")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser(with_stage_help: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dataeff",
+        description="Data-effective pre-training of medical vision foundation models.",
+        epilog="Run 'dataeff <stage> --help' for a stage's config keys.",
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(
+            name,
+            help=stage.summary,
+            description=stage.summary,
+            epilog=_stage_help(name) if name == with_stage_help else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--config", "-c", metavar="FILE", help="YAML config (e.g. configs/<stage>/tiny.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after --config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only import a stage's module (and torch) when its --help is asked for.
+    wanted = next((a for a in argv if a in STAGES), None) if any(a in ("-h", "--help") for a in argv) else None
+    args = build_parser(with_stage_help=wanted).parse_args(argv)
+    log = dist.setup_logging()
+    try:
+        module, schema = _load_stage(args.stage)
+        cfg = load_config(schema, args.config, args.overrides)
+        module.main(cfg)
+    except (ConfigError, StageNotBuilt) as exc:
+        print(f"dataeff {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except dist.DistributedError as exc:
+        log.error("%s", exc)
+        return 3
+    finally:
+        dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""Typed configs: dataclass defaults, merged with YAML and ``key=value`` overrides.
+
+Every stage owns one dataclass (next to its code); the sub-configs shared by
+several stages (data stream, encoder, trainer, W&B) live here. Loading goes
+through OmegaConf in struct mode, so an unknown key or a value of the wrong
+type fails before any work starts, with the offending key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it and the fix."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with a help text shown by ``dataeff <stage> --help``."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def section(cls: type, help: str = "") -> Any:
+    """A nested config section (a dataclass field holding another config dataclass)."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- shared sub-configs
+
+
+@dataclass
+class DataConfig:
+    """Where pre-training samples come from and how they are streamed."""
+
+    shards: str = option("", help="shard directory (with index.parquet), or several joined by ','")
+    selection: str = option("", help="selection directory (selection.parquet); empty = every ok sample")
+    extra_shards: list = option([], help="more shard directories streamed in addition (generated samples)")
+    image_size: int = option(224, help="side of the square crop fed to the model, px")
+    batch_size: int = option(64, help="samples per rank per step")
+    num_workers: int = option(2, help="dataloader worker processes per rank")
+    shuffle_buffer: int = option(1000, help="samples held in the shuffle buffer (0 = no shuffling)")
+    min_scale: float = option(0.2, help="RandomResizedCrop lower scale bound (MAE recipe: 0.2)")
+    hflip: bool = option(True, help="random horizontal flip")
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size={self.image_size}: must be at least 8 px")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size={self.batch_size}: must be at least 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ConfigError(f"data.min_scale={self.min_scale}: must be in (0, 1]")
+
+
+@dataclass
+class EncoderConfig:
+    """A timm ViT encoder: a model name plus a local weights file, or a dataeff export.
+
+    ``encoder=<path>`` on the command line is shorthand for ``encoder.weights=<path>``.
+    """
+
+    SHORTHAND: ClassVar[str] = "weights"
+
+    name: str = option("vit_base_patch16_224", help="timm model name")
+    weights: str = option(
+        "",
+        help="local weights: a timm checkpoint (.pth/.bin/.safetensors) or a dataeff pretrain "
+        "output (directory or its encoder.safetensors; name and shape then come from encoder.json)",
+    )
+    img_size: int = option(224, help="input image side, px")
+    patch_size: Optional[int] = option(None, help="ViT patch size (None = the model's)")
+    depth: Optional[int] = option(None, help="transformer blocks (None = the model's)")
+    embed_dim: Optional[int] = option(None, help="token width (None = the model's)")
+    num_heads: Optional[int] = option(None, help="attention heads (None = the model's)")
+    pool: str = option("cls", help="embedding pooling: 'cls' token or 'mean' of patch tokens")
+    allow_random_init: bool = option(
+        False, help="permit a randomly initialised encoder when no weights are given (tests only)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.pool not in ("cls", "mean"):
+            raise ConfigError(f"encoder.pool={self.pool!r}: choose 'cls' or 'mean'")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by pre-training and fine-tuning."""
+
+    accelerator: str = option("auto", help="'auto', 'cpu' or 'gpu'")
+    devices: str = option("auto", help="'auto' or a number of devices per node")
+    num_nodes: int = option(1, help="nodes (torchrun --nnodes / SLURM --nodes)")
+    strategy: str = option(
+        "auto",
+        help="'auto' = deepspeed_stage_2 on GPUs, ddp on CPU; or any Lightning strategy name",
+    )
+    precision: str = option("auto", help="'auto' = bf16-mixed on GPU, 32-true on CPU")
+    max_steps: int = option(1000, help="optimiser steps")
+    accumulate_grad_batches: int = option(1, help="gradient accumulation")
+    gradient_clip_val: float = option(1.0, help="gradient norm clip (0 = off)")
+    log_every_n_steps: int = option(10, help="metrics logging period, steps")
+    checkpoint_every_n_steps: int = option(200, help="checkpoint period, steps")
+    progress_bar: bool = option(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"trainer.max_steps={self.max_steps}: must be at least 1")
+        if self.accumulate_grad_batches < 1:
+            raise ConfigError("trainer.accumulate_grad_batches must be at least 1")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging; offline unless the user sets WANDB_MODE."""
+
+    enabled: bool = option(True, help="log to W&B (offline files unless WANDB_MODE=online)")
+    project: str = option("dataeff", help="W&B project")
+    group: str = option("", help="W&B group (sweeps set it so runs compare by ratio/method)")
+    tags: list = option([], help="W&B tags")
+
+    @property
+    def mode(self) -> str:
+        return os.environ.get("WANDB_MODE", "offline")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _apply_shorthands(schema: type, dotlist: list[str]) -> list[str]:
+    """Rewrite ``node=value`` into ``node.<SHORTHAND>=value`` for dataclass nodes that declare one."""
+    hints = {f.name: f for f in dataclasses.fields(schema)}
+    out = []
+    for item in dotlist:
+        key, sep, value = item.partition("=")
+        f = hints.get(key)
+        if sep and f is not None and isinstance(f.default_factory, type):  # type: ignore[arg-type]
+            shorthand = getattr(f.default_factory, "SHORTHAND", None)
+            if shorthand:
+                item = f"{key}.{shorthand}={value}"
+        out.append(item)
+    return out
+
+
+def _describe(exc: OmegaConfBaseException, source: str) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = getattr(exc, "msg", str(exc)).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return f"{source}: unknown config key '{key}'"
+    return f"{source}: bad value for config key '{key}': {msg}"
+
+
+def load_config(schema: type[T], config_path: str | None = None, overrides: list[str] | None = None) -> T:
+    """Merge ``schema`` defaults, a YAML file and ``key=value`` overrides into a ``schema`` instance.
+
+    Raises:
+        ConfigError: naming the file, key and problem, for a missing file, an unknown key,
+            a wrongly typed value or a value rejected by the dataclass's checks.
+    """
+    merged = OmegaConf.structured(schema)
+    OmegaConf.set_struct(merged, True)
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_describe(exc, str(path))) from None
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(_apply_shorthands(schema, overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_describe(exc, "command line")) from None
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc, "config")) from None
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_resolved(cfg: Any, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside a stage's output (atomically) and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def describe_keys(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf key of ``schema``, for ``--help``."""
+    rows = []
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            rows += describe_keys(f.default_factory, key + ".")  # type: ignore[arg-type]
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[comparison-overlap]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,234 @@
+"""The one module that touches ``torch.distributed``.
+
+Reads the rank layout from torchrun's or SLURM's environment, sets up the process
+group (NCCL on GPU, gloo on CPU) with a timeout, and offers collectives on numpy
+arrays and picklable objects. Every helper has a single-process default (rank 0 of
+1 when no group is initialised), so stage code never branches on "am I distributed".
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+T = TypeVar("T")
+log = logging.getLogger("dataeff")
+
+DEFAULT_TIMEOUT_S = 600
+_DEFAULT_PORT = 29500
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: most often another rank died or timed out."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = _DEFAULT_PORT
+    launcher: str = "none"  # "torchrun", "slurm" or "none"
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as ``gpu[01-03,07],cpu5`` into host names."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(prefix + str(i).zfill(len(lo)))
+    return hosts
+
+
+def env_from(environ: Mapping[str, str]) -> DistEnv:
+    """Read the rank layout from torchrun's variables, else SLURM's, else single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", _DEFAULT_PORT)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+        # A port derived from the job id keeps concurrent jobs on a node from colliding.
+        job = int(environ.get("SLURM_JOB_ID", "0"))
+        return DistEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            master_addr=environ.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
+            master_port=int(environ.get("MASTER_PORT", _DEFAULT_PORT + job % 10000)),
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+def init(timeout_s: float | None = None, backend: str | None = None) -> DistEnv:
+    """Join the process group described by the environment (no-op for a single process).
+
+    Also exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* so Lightning, launched under SLURM
+    ``srun``, sees the same layout. ``DATAEFF_DIST_TIMEOUT`` (seconds) overrides the
+    default collective timeout.
+    """
+    env = env_from(os.environ)
+    if env.world_size <= 1 or torch_dist.is_initialized():
+        return env
+    for key, value in (
+        ("RANK", env.rank),
+        ("WORLD_SIZE", env.world_size),
+        ("LOCAL_RANK", env.local_rank),
+        ("MASTER_ADDR", env.master_addr),
+        ("MASTER_PORT", env.master_port),
+    ):
+        os.environ[key] = str(value)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    timeout = timeout_s if timeout_s is not None else float(os.environ.get("DATAEFF_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    torch_dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    log.debug("rank %d/%d joined (%s, %s)", env.rank, env.world_size, backend, env.launcher)
+    return env
+
+
+def destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _guarded(name: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except RuntimeError as exc:  # gloo/NCCL report a dead peer or a timeout as RuntimeError
+        raise DistributedError(
+            f"rank {rank()}/{world_size()}: collective '{name}' failed — another rank probably "
+            f"died or stalled past the timeout ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+        ) from exc
+
+
+def barrier() -> None:
+    if is_initialized():
+        # A barrier as an all-reduce, so it honours the group's timeout on gloo too.
+        _guarded("barrier", lambda: torch_dist.all_reduce(torch.zeros(1)))
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    _guarded("all_gather_object", lambda: torch_dist.all_gather_object(out, obj))
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` from rank ``src`` on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    _guarded("broadcast_object", lambda: torch_dist.broadcast_object_list(box, src=src))
+    return box[0]
+
+
+def all_gather_array(array: np.ndarray) -> list[np.ndarray]:
+    """Every rank's array, in rank order; lengths (first axis) may differ per rank.
+
+    Arrays travel as raw bytes through tensors (not pickle), padded to the longest.
+    """
+    if not is_initialized():
+        return [array]
+    array = np.ascontiguousarray(array)
+    metas = all_gather_object((array.shape, array.dtype.str))
+    sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in metas]
+    buf = torch.zeros(max(max(sizes), 1), dtype=torch.uint8)
+    buf[: sizes[rank()]] = torch.from_numpy(array.view(np.uint8).reshape(-1).copy())
+    gathered = [torch.empty_like(buf) for _ in metas]
+    _guarded("all_gather", lambda: torch_dist.all_gather(gathered, buf))
+    return [
+        g[:n].numpy().view(np.dtype(dt)).reshape(shape).copy()
+        for g, n, (shape, dt) in zip(gathered, sizes, metas)
+    ]
+
+
+def all_gather_concat(array: np.ndarray) -> np.ndarray:
+    """Arrays of every rank joined along the first axis, in rank order."""
+    parts = all_gather_array(array)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def broadcast_array(array: np.ndarray | None, src: int = 0) -> np.ndarray:
+    """The array held by rank ``src`` (others may pass None) on every rank."""
+    if not is_initialized():
+        assert array is not None
+        return array
+    meta = broadcast_object(None if array is None else (array.shape, array.dtype.str), src=src)
+    shape, dt = meta
+    n = int(np.prod(shape)) * np.dtype(dt).itemsize
+    buf = torch.zeros(max(n, 1), dtype=torch.uint8)
+    if rank() == src:
+        buf[:n] = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).reshape(-1).copy())
+    _guarded("broadcast", lambda: torch_dist.broadcast(buf, src=src))
+    return buf[:n].numpy().view(np.dtype(dt)).reshape(shape).copy()
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main() or record.levelno >= logging.WARNING
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """Configure the ``dataeff`` logger: INFO from rank 0 only, warnings from every rank."""
+    if not any(getattr(h, "_dataeff", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler._dataeff = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s", "%H:%M:%S"))
+        handler.addFilter(_RankZeroFilter())
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level)
+    return log
