@@ -20,6 +20,7 @@ class Stage:
     module: str
     config: str
     summary: str
+    positional: str | None = None  # config key a bare argument sets (``dataeff report runs/x``)
 
 
 STAGES: dict[str, Stage] = {
@@ -34,7 +35,9 @@ STAGES: dict[str, Stage] = {
     "pretrain": Stage("dataeff.pretrain", "PretrainConfig", "pre-train a masked autoencoder on a timm ViT over selected shards"),
     "finetune": Stage("dataeff.finetune", "FinetuneConfig", "fine-tune a segmentation head on a pre-trained encoder; report mIoU/Dice"),
     "sweep": Stage("dataeff.sweep", "SweepConfig", "run select -> pretrain -> finetune for every (method, ratio) cell, then report"),
-    "report": Stage("dataeff.report", "ReportConfig", "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, plots"),
+    "report": Stage(
+        "dataeff.report", "ReportConfig", "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, plots", "run"
+    ),
 }
 
 
@@ -66,6 +69,12 @@ def _stage_help(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_positional(stage: Stage, overrides: list[str]) -> list[str]:
+    if stage.positional and overrides and "=" not in overrides[0]:
+        return [f"{stage.positional}={overrides[0]}", *overrides[1:]]
+    return overrides
+
+
 def build_parser(with_stage_help: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dataeff",
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     log = dist.setup_logging()
     try:
         module, schema = _load_stage(args.stage)
-        cfg = load_config(schema, args.config, args.overrides)
+        cfg = load_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
         module.main(cfg)
     except (ConfigError, StageNotBuilt) as exc:
         print(f"dataeff {args.stage}: error: {exc}", file=sys.stderr)
