@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -161,6 +161,17 @@ def _describe(exc: OmegaConfBaseException, source: str) -> str:
     return f"{source}: bad value for config key '{key}': {msg}"
 
 
+def _open_mappings(node: DictConfig) -> None:
+    """Let fields typed ``dict`` take new keys (e.g. a sweep's ``datasets.<name>``); dataclass sections stay strict."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if child._metadata.object_type in (None, dict):
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_mappings(child)
+
+
 def load_config(schema: type[T], config_path: str | None = None, overrides: list[str] | None = None) -> T:
     """Merge ``schema`` defaults, a YAML file and ``key=value`` overrides into a ``schema`` instance.
 
@@ -170,6 +181,7 @@ def load_config(schema: type[T], config_path: str | None = None, overrides: list
     """
     merged = OmegaConf.structured(schema)
     OmegaConf.set_struct(merged, True)
+    _open_mappings(merged)
     if config_path:
         path = Path(config_path)
         if not path.is_file():

@@ -1,0 +1,272 @@
+"""Lightning data modules: streamed pre-training shards and downstream segmentation pairs.
+
+``PretrainDataModule`` design (DESIGN.md "Distribution"): the index of every shard set
+gives each shard's kept-sample count, so every rank computes the same epoch plan
+without talking to the others (``stream.plan_epoch``): a ``(seed, epoch)``-seeded
+permutation of shards, samples in tar order, rank ``r`` the contiguous slice
+``[r*N//W, (r+1)*N//W)`` padded to ``ceil(N/W)`` with its own first sample. Every rank
+therefore yields exactly ``batches_per_epoch`` batches (no uneven-shard DDP hang) and
+every kept sample appears once per epoch. Dataloader workers split the rank's slice in
+whole batches, and a shuffle buffer mixes samples within a worker. The loader is
+stateful (``state_dict``/``load_state_dict``, which Lightning saves in checkpoints),
+so a resumed run skips exactly the batches it already consumed, without decoding them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from dataeff import dist
+from dataeff.config import ConfigError, DataConfig, option
+from dataeff.data import downstream
+from dataeff.data.stream import StreamDataset, list_shards, read_selection, shard_keys, train_transform
+
+log = logging.getLogger("dataeff")
+_FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a ``StreamDataset`` that remembers its position (epoch, batches).
+
+    Each ``iter()`` starts where the previous one stopped; after a full epoch the next
+    ``iter()`` starts the following epoch. ``state_dict`` / ``load_state_dict`` make it a
+    resumable loader for Lightning.
+    """
+
+    def __init__(self, dataset: StreamDataset, num_workers: int, pin_memory: bool = False) -> None:
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,  # workers must receive the new position every epoch
+            # Workers start anew every epoch, so they must be cheap to start: fork, even in a
+            # process started by 'spawn' (which would otherwise re-import torch per worker).
+            multiprocessing_context=_FORK if num_workers > 0 else None,
+        )
+        self._position = (0, 0)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches_consumed"}``; a finished epoch reads as the start of the next."""
+        epoch, consumed = self._position
+        if consumed >= len(self.dataset):  # type: ignore[arg-type]
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "batches_consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.set_position(int(state["epoch"]), int(state["batches_consumed"]))
+
+    def set_position(self, epoch: int, batches_consumed: int = 0) -> None:
+        """Make the next ``iter()`` start at batch ``batches_consumed`` of ``epoch``."""
+        self.dataset.set_position(epoch, batches_consumed)  # type: ignore[attr-defined]  # validates
+        self._position = (epoch, batches_consumed)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        state = self.state_dict()
+        self.set_position(state["epoch"], state["batches_consumed"])
+        epoch, consumed = self._position
+        for batch in super().__iter__():
+            consumed += 1
+            self._position = (epoch, consumed)
+            yield batch
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Streams the kept samples of ``cfg.shards`` (+ extra/generated shard sets) for pre-training.
+
+    Batches: ``{"image": FloatTensor (B, 3, S, S) ImageNet-normalised, "key": list[str]}``.
+
+    Args:
+        cfg: the ``data`` section (shards, selection, extra_shards, transforms, loader).
+        seed: seeds the epoch plans, the shuffle buffers and the augmentations.
+        rank, world_size: this process's place; default from ``dataeff.dist``.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.rank = dist.rank() if rank is None else rank
+        self.world_size = dist.world_size() if world_size is None else world_size
+        self._dataset: StreamDataset | None = None
+        self._loader: StreamLoader | None = None
+        self._pending: dict[str, int] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._dataset is not None:
+            return
+        cfg = self.cfg
+        if not cfg.shards:
+            raise ConfigError("data.shards is empty: give a shard directory written by 'dataeff shard'")
+        tars = list_shards(cfg.shards)
+        keys = shard_keys(tars)
+        extra = list(cfg.extra_shards)
+        if cfg.selection:
+            kept, generated = read_selection(cfg.selection)
+            extra += generated
+            keys = [[k for k in ks if k in kept] for ks in keys]
+        extra_tars = [t for spec in extra for t in list_shards(spec)]
+        tars, keys = tars + extra_tars, keys + shard_keys(extra_tars)
+        if cfg.selection:
+            missing = kept - {k for ks in keys for k in ks}
+            if missing:
+                raise ValueError(
+                    f"selection {cfg.selection} keeps {len(missing)} key(s) found in no shard of "
+                    f"data.shards={cfg.shards} (e.g. {sorted(missing)[0]}): was it made from these shards?"
+                )
+        pairs = [(t, k) for t, k in zip(tars, keys) if k]
+        if not pairs:
+            raise ValueError(f"empty shard set: no kept samples in {cfg.shards} (selection={cfg.selection!r})")
+        self._dataset = StreamDataset(
+            [t for t, _ in pairs],
+            [k for _, k in pairs],
+            train_transform(cfg),
+            batch_size=cfg.batch_size,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=cfg.num_workers,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
+        log.info(
+            "pretrain stream: %d shards, %d samples per rank, %d batches per epoch (rank %d/%d)",
+            len(pairs), self.samples_per_rank, self.batches_per_epoch, self.rank, self.world_size,
+        )
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples every rank streams per epoch (``ceil(N / world_size)``, padding included)."""
+        self.setup()
+        return self._dataset.samples_per_rank  # type: ignore[union-attr]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every rank yields per epoch (identical on all ranks)."""
+        self.setup()
+        return len(self._dataset)  # type: ignore[arg-type]
+
+    def train_dataloader(self) -> StreamLoader:
+        self.setup()
+        if self._loader is None:
+            self._loader = StreamLoader(self._dataset, self.cfg.num_workers)  # type: ignore[arg-type]
+            if self._pending is not None:
+                self._loader.load_state_dict(self._pending)
+        return self._loader
+
+    def set_position(self, epoch: int, batches_consumed: int = 0) -> None:
+        """Resume at batch ``batches_consumed`` (in loader order) of ``epoch``."""
+        self.load_state_dict({"epoch": epoch, "batches_consumed": batches_consumed})
+
+    def state_dict(self) -> dict[str, int]:
+        if self._loader is not None:
+            return self._loader.state_dict()
+        return dict(self._pending or {"epoch": 0, "batches_consumed": 0})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = {"epoch": int(state["epoch"]), "batches_consumed": int(state["batches_consumed"])}
+        if self._loader is not None:
+            self._loader.load_state_dict(self._pending)
+
+
+@dataclass
+class SegmentationDataConfig:
+    """A downstream segmentation dataset (image + mask folders) and how it is loaded."""
+
+    root: str = option("", help="dataset folder (Kvasir-SEG, CVC-ClinicDB or generic layout)")
+    layout: str = option("auto", help="'auto', 'kvasir' (images/+masks/), 'cvc' (Original/+Ground Truth/), 'generic'")
+    image_size: int = option(224, help="side of the square model input, px")
+    batch_size: int = option(8, help="pairs per rank per step")
+    num_workers: int = option(2, help="dataloader worker processes per rank")
+    val_fraction: float = option(0.1, help="share of pairs for validation when no split.json exists")
+    test_fraction: float = option(0.2, help="share of pairs for test when no split.json exists")
+    seed: int = option(0, help="seed of the split (when made here) and of the augmentation")
+    num_classes: int = option(2, help="2 = binary masks thresholded at 128; more = index masks of class ids")
+    augment: bool = option(True, help="random resized crop + flips on training pairs")
+    hflip: bool = option(True, help="random horizontal flip (train)")
+    vflip: bool = option(True, help="random vertical flip (train; endoscopy has no up/down)")
+    min_scale: float = option(0.5, help="random resized crop lower scale bound (train)")
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", *downstream.LAYOUTS):
+            raise ConfigError(f"data.layout={self.layout!r}: choose 'auto', 'kvasir', 'cvc' or 'generic'")
+        if self.num_classes < 2:
+            raise ConfigError(f"data.num_classes={self.num_classes}: must be at least 2 (background + one class)")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+        if self.image_size < 8 or self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("data.image_size >= 8, data.batch_size >= 1 and data.num_workers >= 0 are required")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ConfigError(f"data.min_scale={self.min_scale}: must be in (0, 1]")
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    """Train/val/test loaders of image/mask pairs.
+
+    The split is ``<root>/split.json`` when present, else ``<out_dir>/split.json`` from a
+    previous run, else a new seeded split saved there (so reruns reuse it).
+
+    Batches: ``{"image": (B, 3, S, S), "mask": LongTensor (B, S, S), "key": list[str]}``.
+    """
+
+    def __init__(self, cfg: SegmentationDataConfig, out_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.split: dict[str, Any] | None = None
+        self.split_path: Path | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        cfg = self.cfg
+        if not cfg.root:
+            raise ConfigError("data.root is empty: give the segmentation dataset folder")
+        pairs = downstream.find_pairs(cfg.root, cfg.layout)
+        stems = [s for s, _, _ in pairs]
+        for path in (Path(cfg.root) / "split.json", self.out_dir / "split.json"):
+            if path.is_file():
+                self.split, self.split_path = downstream.read_split(path, stems), path
+                break
+        else:
+            self.split_path = self.out_dir / "split.json"
+            self.split = downstream.split_pairs(stems, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+            if dist.is_main():
+                downstream.write_split(self.split, self.split_path)
+        by_stem = {s: (s, i, m) for s, i, m in pairs}
+        self.pairs = {part: [by_stem[s] for s in self.split[part]] for part in ("train", "val", "test")}
+        log.info("segmentation %s: %s (split %s)", cfg.root, {k: len(v) for k, v in self.pairs.items()}, self.split_path)
+
+    def _loader(self, part: str) -> DataLoader:
+        self.setup()
+        cfg = self.cfg
+        train = part == "train"
+        transform = downstream.JointTransform(cfg.image_size, train and cfg.augment, cfg.hflip, cfg.vflip, cfg.min_scale)
+        dataset = downstream.SegmentationDataset(self.pairs[part], transform, cfg.num_classes)
+        if len(dataset) == 0:
+            raise ValueError(f"segmentation {cfg.root}: the {part} split is empty ({self.split_path})")
+        generator = torch.Generator().manual_seed(cfg.seed)
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=cfg.num_workers,
+            generator=generator,
+            persistent_workers=cfg.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,315 @@
+"""Pure input checks for sharding: decode, reject with a reason, convert to 8-bit RGB, stats.
+
+:func:`inspect_bytes` is the per-file core of ``dataeff shard``: bytes in, an index row
+and the bytes to store out, no I/O, so it runs the same in any worker process.
+
+Quality statistics follow docs/architecture.md: computed on a 128-px grayscale
+thumbnail in [0, 255] — mean and standard deviation of the intensity, variance of
+the 3x3 Laplacian (a standard focus/blur measure: low variance = few edges), and
+the fractions of pixels below 16 (dark) and above 240 (over-exposed). MedDEL uses
+them to drop invalid frames (black, over-exposed, blurred) before clustering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key, site_of
+
+THUMB_SIDE = 128
+DARK_LEVEL = 16
+BRIGHT_LEVEL = 240
+
+#: Modes converted to RGB with PIL's own conversion (no value scaling needed).
+_DIRECT_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
+#: Integer modes wider than 8 bits: scaled to 8 bits, then replicated to RGB.
+_WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+class UnreadableMode(ValueError):
+    """The image decodes but its pixel mode has no faithful 8-bit RGB rendering (e.g. float ``F``)."""
+
+
+def wide_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale a 16/32-bit integer image to 8 bits.
+
+    Values inside [0, 65535] are taken as 16-bit and mapped linearly with rounding
+    (65535 -> 255, i.e. divide by 257), which keeps the intensity scale across images;
+    anything outside that range is stretched from its own min..max.
+
+    Shape:
+        values: (H, W), any integer dtype -> (H, W) uint8.
+    """
+    v = values.astype(np.float64)
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 65535.0:
+        scaled = v / 257.0
+    elif hi > lo:
+        scaled = (v - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(v)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded image of any supported mode to 8-bit RGB.
+
+    Palette, grayscale, CMYK and alpha images use PIL's conversion (alpha is dropped);
+    16-bit images are scaled by :func:`wide_to_uint8`, not truncated.
+
+    Raises:
+        UnreadableMode: for modes without a faithful 8-bit rendering (``F`` and exotic ones).
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("P", "PA"):
+        # A palette may carry transparency; go through RGBA so PIL applies it, then drop alpha.
+        return img.convert("RGBA").convert("RGB")
+    if img.mode in _DIRECT_MODES:
+        return img.convert("RGB")
+    if img.mode in _WIDE_MODES:
+        gray = wide_to_uint8(np.asarray(img))
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+    raise UnreadableMode(f"pixel mode {img.mode!r} has no 8-bit RGB rendering")
+
+
+def long_side_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    """Size of a ``w`` x ``h`` image shrunk so its long side is at most ``max_side`` (0 = unchanged)."""
+    if max_side <= 0 or max(w, h) <= max_side:
+        return w, h
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def gray_thumbnail(img: Image.Image, side: int = THUMB_SIDE) -> np.ndarray:
+    """Grayscale thumbnail whose long side is ``side`` (smaller images are kept as they are).
+
+    Shape:
+        returns (h, w) uint8, max(h, w) <= side.
+    """
+    gray = img if img.mode == "L" else img.convert("L")
+    size = long_side_size(*gray.size, side)
+    if size != gray.size:
+        # reducing_gap: box-average by an integer factor first, then a short bilinear step
+        gray = gray.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(gray)
+
+
+def _mean_var(x: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) variance from sums; exact for integer input, fast for small arrays."""
+    n = x.size
+    acc = np.int64 if x.dtype.kind in "iu" else np.float64
+    s, ss = x.sum(dtype=acc), (x * x).sum(dtype=acc)  # not np.dot: BLAS threads stall busy workers
+    mean = float(s) / n
+    return mean, max(float(ss) / n - mean * mean, 0.0)
+
+
+def laplacian(gray: np.ndarray) -> np.ndarray:
+    """3x3 Laplacian (4-neighbour kernel) over the valid interior.
+
+    Shape:
+        gray: (H, W) -> (H-2, W-2); int32 for integer input, float64 otherwise.
+    """
+    g = gray.astype(np.int32 if gray.dtype.kind in "iu" else np.float64)
+    return g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
+
+
+def laplacian_var(gray: np.ndarray) -> float:
+    """Variance of the 3x3 Laplacian; 0.0 when H or W < 3.
+
+    Shape:
+        gray: (H, W) in [0, 255].
+    """
+    if gray.shape[0] < 3 or gray.shape[1] < 3:
+        return 0.0
+    return _mean_var(laplacian(gray))[1]
+
+
+def quality_stats(gray: np.ndarray) -> dict[str, float]:
+    """Quality statistics of a grayscale thumbnail.
+
+    Shape:
+        gray: (H, W) in [0, 255], uint8 (see :func:`gray_thumbnail`) or float.
+
+    Returns:
+        ``{"mean", "std", "laplacian_var", "dark_frac", "bright_frac"}``, rounded to 6 digits
+        so that the JSON and the index carry the same values.
+    """
+    g = gray.astype(np.int32) if gray.dtype.kind in "iu" else gray.astype(np.float64)
+    mean, var = _mean_var(g)
+    stats = {
+        "mean": mean,
+        "std": var**0.5,
+        "laplacian_var": laplacian_var(g),
+        "dark_frac": np.count_nonzero(g < DARK_LEVEL) / g.size,
+        "bright_frac": np.count_nonzero(g > BRIGHT_LEVEL) / g.size,
+    }
+    return {k: round(float(v), 6) for k, v in stats.items()}
+
+
+# --------------------------------------------------------------------------- per-file inspection
+
+#: File signatures of the supported formats: a file that starts like an image but does
+#: not open or decode is ``truncated`` (damaged), anything else is ``not_an_image``.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+#: Index columns holding quality statistics (NaN/None for files that did not decode).
+QUALITY_KEYS = ("mean", "std", "laplacian_var", "dark_frac", "bright_frac")
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """What :func:`inspect_bytes` accepts and how it stores a sample (see ``ShardConfig``)."""
+
+    min_side: int = 32
+    max_pixels: int = 89_478_485
+    max_side: int = 0
+    jpeg_quality: int = 95
+    site_level: int = 0
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+
+@dataclass
+class Inspected:
+    """One input file's index row (``shard`` still empty) and, when ok, what to store.
+
+    ``payload`` is the image file to write (``ext`` is ``jpg`` or ``png``) and ``meta`` the
+    sample's JSON fields; both are None for rejected files.
+    """
+
+    row: dict[str, Any]
+    payload: bytes | None = None
+    ext: str = ""
+    meta: dict[str, Any] | None = field(default=None)
+
+
+@contextlib.contextmanager
+def pil_limits(max_pixels: int) -> Iterator[None]:
+    """Run with PIL's bomb limit at ``max_pixels`` (0 = none) and truncated loads refused.
+
+    Another library in the process may have switched ``LOAD_TRUNCATED_IMAGES`` on; a
+    truncated file would then decode into grey padding and pass as ``ok``.
+    """
+    saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
+    Image.MAX_IMAGE_PIXELS = max_pixels if max_pixels > 0 else None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _row(rel: str, data: bytes, opts: InspectOptions) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "key": make_key(rel),
+        "source": display_path(rel),
+        "site": site_of(rel, opts.site_level),
+        "status": "ok",
+        "reason": "",
+        "shard": "",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": 0,
+        "height": 0,
+    }
+    row.update({k: None for k in QUALITY_KEYS})
+    return row
+
+
+def _reject(row: dict[str, Any], reason: str) -> Inspected:
+    row["status"], row["reason"] = "rejected", reason
+    return Inspected(row)
+
+
+def _encode(img: Image.Image, as_jpeg: bool, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if as_jpeg:
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
+    """Check one input file and prepare its sample.
+
+    Order of checks: zero_byte, unsupported_extension, not_an_image (no image header),
+    decompression_bomb (more than ``max_pixels`` pixels; checked before decoding),
+    truncated (damaged or cut short: the full decode fails), too_small (short side below
+    ``min_side``), unreadable_mode (no 8-bit RGB rendering). CMYK, palette, grayscale,
+    alpha and 16-bit images are converted to RGB. The original bytes are stored when
+    the file is an RGB JPEG/PNG that needs no resize; otherwise the RGB image is
+    re-encoded (JPEG at ``jpeg_quality`` for JPEG sources, PNG for lossless ones).
+
+    Must run inside :func:`pil_limits` (workers enter it once at start-up).
+
+    Args:
+        data: the file's bytes.
+        rel: its POSIX path relative to the source root.
+        opts: acceptance and storage options.
+    """
+    row = _row(rel, data, opts)
+    if not data:
+        return _reject(row, "zero_byte")
+    if not is_image_name(rel, opts.extensions):
+        return _reject(row, "unsupported_extension")
+    damaged = "truncated" if data.startswith(_MAGIC) else "not_an_image"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EXIF/ICC chatter from damaged files; the reason says enough
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return _reject(row, "decompression_bomb")
+        except Exception:  # PIL raises many types for garbage input; all mean the same here
+            return _reject(row, damaged)
+        (w, h), fmt, mode = img.size, img.format, img.mode
+        if opts.max_pixels > 0 and w * h > opts.max_pixels:
+            return _reject(row, "decompression_bomb")
+        size = long_side_size(w, h, opts.max_side)
+        keep = fmt in ("JPEG", "PNG") and mode == "RGB" and size == (w, h)
+        if fmt == "JPEG":
+            # libjpeg's DCT scaling still reads every entropy-coded block (so truncation and
+            # damage are found exactly as in a full decode) but skips most of the inverse
+            # transform: a kept JPEG only needs its stats thumbnail, a resized one its target size.
+            img.draft("L" if keep else mode, (THUMB_SIDE, THUMB_SIDE) if keep else size)
+        try:
+            img.load()  # decodes the whole file: a truncated one fails here, not at open()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return _reject(row, "decompression_bomb")
+        except Exception:
+            return _reject(row, "truncated")
+    row["width"], row["height"] = w, h
+    if min(w, h) < opts.min_side:
+        return _reject(row, "too_small")
+    try:
+        rgb = img if keep else to_rgb(img)
+    except UnreadableMode:
+        return _reject(row, "unreadable_mode")
+    if keep:
+        payload, ext = data, ("jpg" if fmt == "JPEG" else "png")
+        stored = rgb
+    else:
+        stored = rgb if rgb.size == size else rgb.resize(size, Image.Resampling.LANCZOS)
+        as_jpeg = fmt in ("JPEG", "MPO")
+        payload, ext = _encode(stored, as_jpeg, opts.jpeg_quality), ("jpg" if as_jpeg else "png")
+    row["width"], row["height"] = size
+    row.update(quality_stats(gray_thumbnail(stored)))
+    meta = {
+        "key": row["key"],
+        "source": row["source"],
+        "site": row["site"],
+        "width": row["width"],
+        "height": row["height"],
+        "sha256": row["sha256"],
+        "mode": mode,
+        "quality": {k: row[k] for k in QUALITY_KEYS},
+    }
+    return Inspected(row, payload, ext, meta)

@@ -1,0 +1,425 @@
+"""Reading shard sets: shard lists, the index, safe sample decoding, transforms, selections.
+
+A shard set is a directory written by ``dataeff shard`` (``<name>-%06d.tar`` plus
+``index.parquet``), several such directories joined by ``,``, or a brace pattern
+``dir/name-{000000..000009}.tar``. Samples are decoded from their image (jpg/png)
+and JSON members only: any other member (``.pyd``, ``.pickle``, ``.pth`` ...) is
+never even read, so an untrusted shard cannot trigger pickle.
+
+Epoch planning is pure (``plan_epoch``, ``shuffle_order``, ``worker_batches``:
+integers in, index arrays out) and ``StreamDataset`` is the
+thin streaming shell over it; see ``PretrainDataModule`` for the design.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision import transforms as T
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from dataeff.config import DataConfig
+
+log = logging.getLogger("dataeff")
+
+INDEX_NAME = "index.parquet"
+SELECTION_NAME = "selection.parquet"
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+# The only members ever read from a tar; everything else is skipped unread.
+DECODED_EXTS = frozenset(IMAGE_EXTS + ("json",))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------- shard sets
+
+
+def _tars_of_dir(directory: Path) -> list[str]:
+    if not (directory / INDEX_NAME).is_file():
+        raise ValueError(
+            f"shard directory {directory} has no {INDEX_NAME}: point data.shards at a directory "
+            "written by 'dataeff shard'"
+        )
+    tars = sorted(str(p) for p in directory.glob("*.tar"))
+    if not tars:
+        raise ValueError(f"empty shard set: no .tar files in {directory}")
+    return tars
+
+
+def list_shards(spec: str) -> list[str]:
+    """Tar paths named by a shard spec, in order, without duplicates.
+
+    Args:
+        spec: a shard directory, several joined by ``,``, or a brace pattern
+            such as ``shards/pool/pool-{000000..000009}.tar`` (items may mix).
+
+    Raises:
+        ValueError: naming the path, for an empty spec, a missing directory or tar,
+            a directory without ``index.parquet`` or with no tars ("empty shard set").
+    """
+    items = [s.strip() for s in str(spec).split(",") if s.strip()] if "{" not in spec else [spec.strip()]
+    if not items:
+        raise ValueError("empty shard set: data.shards is empty; give a shard directory or a brace pattern")
+    out: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            out += _tars_of_dir(path)
+            continue
+        expanded = list(braceexpand(item))
+        if len(expanded) == 1 and not item.endswith(".tar"):
+            raise ValueError(f"empty shard set: {item} is neither a shard directory nor a .tar pattern")
+        missing = [p for p in expanded if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"shard set {item}: {len(missing)} tar(s) missing, first {missing[0]}")
+        for p in expanded:
+            if not (Path(p).parent / INDEX_NAME).is_file():
+                raise ValueError(f"shard {p}: no {INDEX_NAME} beside it; re-run 'dataeff shard'")
+        out += expanded
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
+    """The ``index.parquet`` of a shard directory (one row per input file, in tar order)."""
+    path = Path(shard_dir) / INDEX_NAME
+    if not path.is_file():
+        raise ValueError(f"no {INDEX_NAME} in {shard_dir}: run 'dataeff shard' on the raw images first")
+    return pd.read_parquet(path)
+
+
+def shard_keys(tars: list[str]) -> list[list[str]]:
+    """For each tar, the keys of its ``ok`` samples in tar order, from the index beside it.
+
+    The index is the source of truth for counts, which is what lets every rank agree on
+    the epoch plan without opening a single tar.
+    """
+    by_dir: dict[Path, dict[str, list[str]]] = {}
+    out = []
+    for tar in tars:
+        directory = Path(tar).parent
+        if directory not in by_dir:
+            index = read_index(directory)
+            ok = index[index["status"] == "ok"]
+            by_dir[directory] = {name: list(group["key"]) for name, group in ok.groupby("shard", sort=False)}
+        out.append(by_dir[directory].get(Path(tar).name, []))
+    return out
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def decode_image(data: bytes, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ValueError(f"{where}: undecodable image ({exc.__class__.__name__}: {exc})") from exc
+    return image.convert("RGB")
+
+
+def _iter_members(path: str, keys: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` per sample of a tar, image and JSON members only, in tar order."""
+
+    def wanted(fname: str) -> bool:
+        key, ext = base_plus_ext(fname)
+        if key is None or ext is None or ext.lower() not in DECODED_EXTS:
+            return False
+        return keys is None or key in keys
+
+    current: str | None = None
+    fields: dict[str, bytes] = {}
+    with open(path, "rb") as stream:
+        for member in tar_file_iterator(stream, select_files=wanted):
+            key, ext = base_plus_ext(member["fname"])
+            if key != current:
+                if current is not None:
+                    yield current, fields
+                current, fields = key, {}
+            fields[ext.lower()] = member["data"]
+    if current is not None:
+        yield current, fields
+
+
+def image_bytes(fields: dict[str, bytes]) -> bytes | None:
+    """The image member of a sample's fields, or None."""
+    return next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+
+
+def iter_shard(path: str, keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one tar in tar order: ``{"key", "image": PIL RGB, "meta": dict}``.
+
+    Only ``jpg``/``jpeg``/``png`` and ``json`` members are read; others (pickles
+    included) are skipped without reading their bytes. A sample without an image
+    is skipped with a warning.
+
+    Args:
+        path: a ``.tar`` file.
+        keys: when given, only samples with these keys are read and decoded.
+    """
+    for key, fields in _iter_members(path, keys):
+        data = image_bytes(fields)
+        if data is None:
+            log.warning("%s: sample %s has no image member; skipped", path, key)
+            continue
+        meta = json.loads(fields["json"]) if "json" in fields else {}
+        yield {"key": key, "image": decode_image(data, f"{path}:{key}"), "meta": meta}
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the short side to ``image_size``, centre-crop, ImageNet-normalise.
+
+    We keep the whole short side (no 0.875 crop margin) so embeddings see the full frame.
+
+    Shape:
+        output: (3, image_size, image_size), float32.
+    """
+    return T.Compose(
+        [
+            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """The MAE recipe's augmentation: RandomResizedCrop(scale=(min_scale, 1)), flip, normalise.
+
+    Shape:
+        output: (3, cfg.image_size, cfg.image_size), float32.
+    """
+    steps: list[Any] = [
+        T.RandomResizedCrop(
+            cfg.image_size, scale=(cfg.min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC, antialias=True
+        )
+    ]
+    if cfg.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(steps)
+
+
+# --------------------------------------------------------------------------- selections
+
+
+def read_selection(selection_dir: str | os.PathLike) -> tuple[set[str], list[str]]:
+    """Kept keys of a selection and its generated shard directories.
+
+    Returns:
+        (keys with ``kept == True`` in ``selection.parquet``, ``[<selection>/generated]``
+        when that directory exists, else ``[]``).
+    """
+    path = Path(selection_dir) / SELECTION_NAME
+    if not path.is_file():
+        raise ValueError(f"no {SELECTION_NAME} in {selection_dir}: point data.selection at a 'dataeff select' output")
+    table = pd.read_parquet(path, columns=["key", "kept"])
+    kept = set(table.loc[table["kept"].astype(bool), "key"].astype(str))
+    generated = Path(selection_dir) / "generated"
+    return kept, ([str(generated)] if generated.is_dir() else [])
+
+
+# --------------------------------------------------------------------------- epoch planning (pure)
+
+
+def plan_epoch(
+    counts: Sequence[int], seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The samples one rank streams in one epoch, as (shard, position-in-shard) pairs.
+
+    All ranks derive the same global order: shards in a permutation seeded by
+    ``(seed, epoch)`` (identity when ``shuffle`` is off), each shard's samples in tar
+    order. Rank ``r`` takes the contiguous slice ``[r*N//W, (r+1)*N//W)`` of it and,
+    when that slice is one short, repeats its own first sample, so every rank streams
+    exactly ``ceil(N / W)`` samples whatever the shard sizes (the
+    ``DistributedSampler`` rule that prevents the uneven-shard DDP hang).
+
+    Args:
+        counts: samples per shard (after filtering), in shard-list order.
+
+    Returns:
+        ``(shard, local)``: int64 arrays of length ``ceil(N / W)``.
+
+    Raises:
+        ValueError: when there are fewer samples than ranks.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total < world_size:
+        raise ValueError(f"only {total} samples for {world_size} ranks: every rank needs at least one sample")
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
+    ends = np.cumsum(counts[order])
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    per_rank = -(-total // world_size)
+    positions = np.arange(lo, hi, dtype=np.int64)
+    positions = np.concatenate([positions, positions[: per_rank - len(positions)]])
+    slot = np.searchsorted(ends, positions, side="right")
+    shard = order[slot]
+    local = positions - (ends[slot] - counts[shard])
+    return shard, local
+
+
+def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Output order of a streaming shuffle buffer over ``n`` inputs (WebDataset's rule).
+
+    Input ``i`` is only needed once ``buffer`` later inputs have been read, so a
+    stream holds at most ``buffer`` undelivered samples.
+
+    Returns:
+        a permutation of ``arange(n)``: element k is the input index delivered k-th.
+    """
+    if buffer <= 1 or n <= 1:
+        return np.arange(n)
+    held: list[int] = []
+    out: list[int] = []
+    picks = rng.random(n)
+    for i in range(n):
+        if len(held) < buffer:
+            held.append(i)
+            continue
+        j = int(picks[i] * len(held))
+        out.append(held[j])
+        held[j] = i
+    out += [held[j] for j in rng.permutation(len(held))]
+    return np.asarray(out, dtype=np.int64)
+
+
+def worker_batches(n_batches: int, start: int, worker: int, num_workers: int) -> range:
+    """Batches of a rank's epoch that dataloader ``worker`` produces when resuming at ``start``.
+
+    A ``DataLoader`` asks its workers round-robin from worker 0 and drops exhausted ones,
+    so dealing batch ``start + i`` to worker ``i % num_workers`` makes the loader deliver
+    batches in plain index order: the sequence never depends on the worker count, and a
+    resume at any batch continues it exactly.
+    """
+    return range(start + worker, n_batches, max(num_workers, 1))
+
+
+# --------------------------------------------------------------------------- streaming shell
+
+
+class StreamDataset(IterableDataset):
+    """Yields collated batches ``{"image": (B, 3, S, S), "key": list[str]}`` of one rank's epoch plan.
+
+    The rank's stream (``plan_epoch``) is put through a seeded shuffle buffer
+    (``shuffle_order``) and cut into batches; batch ``i`` is then a fixed list of stream
+    positions, dealt to dataloader workers round-robin (``worker_batches``). A worker
+    reads the tars of the stream in order, keeps the undecoded bytes of the samples its
+    batches need and decodes + transforms a batch once it is complete. The augmentation
+    of a sample is seeded by (seed, epoch, rank, position), so an epoch's batches are the
+    same on every run, for any worker count, and after a mid-epoch resume.
+
+    Args:
+        tars: shard paths; ``keys[i]`` the kept keys of ``tars[i]`` in tar order.
+        num_workers: the DataLoader's worker count.
+    """
+
+    def __init__(
+        self,
+        tars: list[str],
+        keys: list[list[str]],
+        transform: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        shuffle_buffer: int,
+    ) -> None:
+        super().__init__()
+        self.tars, self.keys, self.transform = tars, keys, transform
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        total = sum(len(k) for k in keys)
+        if total < world_size:
+            raise ValueError(f"empty shard set: {total} kept samples for {world_size} ranks in {tars[:3]}...")
+        self.samples_per_rank = -(-total // world_size)
+        self.epoch, self.batches_consumed = 0, 0
+
+    def __len__(self) -> int:
+        return -(-self.samples_per_rank // self.batch_size)
+
+    def set_position(self, epoch: int, batches_consumed: int = 0) -> None:
+        """Start the next iteration at batch ``batches_consumed`` of ``epoch``."""
+        if not 0 <= batches_consumed <= len(self):
+            raise ValueError(f"batches_consumed={batches_consumed}: must be in [0, {len(self)}]")
+        self.epoch, self.batches_consumed = epoch, batches_consumed
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard, local = plan_epoch(
+            [len(k) for k in self.keys], self.seed, self.epoch, self.rank, self.world_size, self.shuffle_buffer > 0
+        )
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        order = shuffle_order(len(shard), self.shuffle_buffer, rng)
+        size = self.batch_size
+        batches = worker_batches(len(self), self.batches_consumed, worker, workers)
+        mine = deque(order[b * size : (b + 1) * size] for b in batches)
+        if not mine:
+            return
+        needed = np.zeros(len(shard), dtype=bool)
+        needed[np.concatenate(mine)] = True
+        pending: dict[int, tuple[str, bytes]] = {}
+        for pos, key, data in self._read(shard, local, needed):
+            pending[pos] = (key, data)
+            while mine and all(int(p) in pending for p in mine[0]):
+                samples = [(int(p), *pending.pop(int(p))) for p in mine.popleft()]
+                yield {
+                    "image": torch.stack([self._sample(data, key, p) for p, key, data in samples]),
+                    "key": [key for _, key, _ in samples],
+                }
+            if not mine:
+                return
+
+    def _sample(self, data: bytes, key: str, position: int) -> torch.Tensor:
+        image = decode_image(data, key)
+        # torchvision draws from the global CPU generator: seed it per sample, then give the
+        # caller its state back (matters with num_workers=0). Not torch.manual_seed, which
+        # also seeds CUDA lazily and costs ~2 ms per call.
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, self.rank, position]).generate_state(1)[0]))
+        try:
+            return self.transform(image)
+        finally:
+            generator.set_state(saved)
+
+    def _read(self, shard: np.ndarray, local: np.ndarray, needed: np.ndarray) -> Iterator[tuple[int, str, bytes]]:
+        """``(position, key, image bytes)`` of the needed positions, one pass per run of a tar."""
+        breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) <= 0)) + 1
+        for run in np.split(np.arange(len(shard)), breaks):
+            run = run[needed[run]]
+            if len(run) == 0:
+                continue
+            tar, names = self.tars[int(shard[run[0]])], self.keys[int(shard[run[0]])]
+            wanted = {names[int(local[p])]: int(p) for p in run}
+            for key, fields in _iter_members(tar, set(wanted)):
+                data = image_bytes(fields)
+                if data is None:
+                    raise ValueError(f"{tar}: sample {key} listed in the index has no image member")
+                yield wanted.pop(key), key, data
+                if not wanted:
+                    break
+            if wanted:
+                raise ValueError(
+                    f"{tar}: {len(wanted)} sample(s) listed as ok in its index are missing "
+                    f"(first {next(iter(wanted))}); the shard and its index disagree, re-run 'dataeff shard'"
+                )
+

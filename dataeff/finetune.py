@@ -1,0 +1,308 @@
+"""``dataeff finetune``: fine-tune a segmentation model on a pre-trained ViT encoder, report mIoU.
+
+Shell only: the model, loss and schedule live in :mod:`dataeff.models.segment`, the
+scores in :mod:`dataeff.metrics`, the Trainer (strategy, loggers, checkpoints) in
+:mod:`dataeff.trainer`, the pairs and split in
+:class:`dataeff.data.datamodules.SegmentationDataModule`.
+
+Flow: train on the train split; validate on the val split and keep the weights of the
+best val mIoU; evaluate those on the test split — each rank scores a disjoint share
+(no sampler padding), confusion matrices are summed — and write ``results.json``,
+``predictions.png``, ``model.safetensors`` and ``config.yaml`` under ``out``. A run whose
+``results.json`` exists is skipped; an interrupted one resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from dataeff import dist
+from dataeff.config import ConfigError, EncoderConfig, TrainerConfig, WandbConfig, option, save_resolved, section, to_dict
+from dataeff.data import downstream
+from dataeff.data.datamodules import SegmentationDataConfig, SegmentationDataModule
+from dataeff.metrics import confusion_matrix, json_safe, segmentation_scores
+from dataeff.data.stream import IMAGENET_MEAN, IMAGENET_STD
+from dataeff.models.encoder import build_encoder, resolve
+from dataeff.models.segment import SegmentationModel, SegmentationModule, predict_batches
+from dataeff.trainer import CHECKPOINT_DIR, build_trainer, find_resume_checkpoint
+
+log = logging.getLogger("dataeff")
+
+RESULTS = "results.json"
+RESULTS_FORMAT = "dataeff-finetune/1"
+BEST_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class HeadConfig:
+    """The multi-level progressive-upsampling head (SETR-MLA-like)."""
+
+    n_levels: int = option(4, help="encoder depths fed to the head, evenly spaced, last block included")
+    channels: int = option(128, help="width of each head stream")
+
+    def __post_init__(self) -> None:
+        if self.n_levels < 1 or self.channels < 1:
+            raise ConfigError("head.n_levels and head.channels must be at least 1")
+
+
+@dataclass
+class FinetuneOptimConfig:
+    """AdamW with linear warm-up then cosine decay, optional layer-wise lr decay."""
+
+    lr: float = option(1e-4, help="peak learning rate (head; encoder blocks get it times layer decay)")
+    weight_decay: float = option(0.05, help="AdamW weight decay (not on norms, biases, tokens)")
+    layer_decay: float = option(0.75, help="layer-wise lr decay per encoder block (1.0 = off; BEiT/MAE recipe)")
+    warmup_steps: int = option(100, help="linear warm-up steps")
+    min_lr_ratio: float = option(0.01, help="final lr as a fraction of the peak")
+    dice_weight: float = option(1.0, help="loss = cross-entropy + dice_weight x soft Dice (0 = CE only)")
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("optim.lr must be > 0 and optim.weight_decay >= 0")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay={self.layer_decay}: must be in (0, 1] (1.0 turns it off)")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.dice_weight < 0:
+            raise ConfigError("optim.warmup_steps >= 0, optim.min_lr_ratio in [0, 1], optim.dice_weight >= 0")
+
+
+@dataclass
+class FinetuneConfig:
+    """``dataeff finetune``: segmentation fine-tuning of a pre-trained encoder on a downstream set."""
+
+    encoder: EncoderConfig = section(EncoderConfig, help="the pre-trained encoder (encoder=<path> sets encoder.weights)")
+    data: SegmentationDataConfig = section(SegmentationDataConfig, help="downstream image/mask pairs, split, augmentation")
+    head: HeadConfig = section(HeadConfig, help="segmentation head")
+    optim: FinetuneOptimConfig = section(FinetuneOptimConfig, help="optimiser, schedule and loss weights")
+    trainer: TrainerConfig = section(TrainerConfig, help="steps, strategy, precision, checkpoints")
+    wandb: WandbConfig = section(WandbConfig, help="W&B logging (offline unless WANDB_MODE is set)")
+    out: str = option("runs/finetune", help="run directory (results.json, predictions.png, checkpoints, logs)")
+    seed: int = option(0, help="seeds the head init and the data order")
+    run_name: str = option("", help="W&B run name (default: the name of out)")
+    val_every_n_steps: int = option(0, help="validate every N optimiser steps (0 = after every epoch)")
+    class_names: list = option([], help="class names for results.json (default: background, class_1, ...)")
+    n_predictions: int = option(6, help="test cases drawn in predictions.png")
+    keep_checkpoints: bool = option(False, help="keep out/checkpoints after a successful run (they hold optimiser state)")
+
+    def __post_init__(self) -> None:
+        if self.class_names and len(self.class_names) != self.data.num_classes:
+            raise ConfigError(
+                f"class_names has {len(self.class_names)} names but data.num_classes={self.data.num_classes}"
+            )
+        if self.val_every_n_steps < 0 or self.n_predictions < 0:
+            raise ConfigError("val_every_n_steps and n_predictions must be >= 0")
+        if self.optim.warmup_steps >= self.trainer.max_steps:
+            raise ConfigError(
+                f"optim.warmup_steps={self.optim.warmup_steps} >= trainer.max_steps={self.trainer.max_steps}: "
+                "lower the warm-up (e.g. 5-10% of the steps)"
+            )
+
+
+def class_names(cfg: FinetuneConfig) -> list[str]:
+    if cfg.class_names:
+        return [str(n) for n in cfg.class_names]
+    return ["background"] + [f"class_{i}" for i in range(1, cfg.data.num_classes)]
+
+
+def build_model(cfg: FinetuneConfig) -> SegmentationModel:
+    """Encoder (weights loaded, resized to ``data.image_size``) + head."""
+    encoder = build_encoder(cfg.encoder)
+    size = cfg.data.image_size
+    if tuple(encoder.patch_embed.img_size) != (size, size):
+        # Position embeddings are interpolated, as when fine-tuning at a new resolution (ViT paper, Sec. 3.2).
+        log.info("finetune: encoder built for %s px, resized to %d px", tuple(encoder.patch_embed.img_size), size)
+        encoder.set_input_size(img_size=(size, size))
+    if size % encoder.patch_embed.patch_size[0]:
+        raise ConfigError(f"data.image_size={size} is not a multiple of the encoder patch size {encoder.patch_embed.patch_size[0]}")
+    return SegmentationModel(encoder, cfg.data.num_classes, cfg.head.n_levels, cfg.head.channels)
+
+
+def evaluate_share(
+    model: torch.nn.Module, pairs: list, cfg: SegmentationDataConfig, rank: int, world_size: int, device: torch.device
+) -> np.ndarray:
+    """Confusion matrix of this rank's share (every ``world_size``-th pair from ``rank``) of ``pairs``.
+
+    Summing the matrices of all ranks gives the whole set's matrix, each pair counted once.
+
+    Shape:
+        output: (C, C) int64, rows = target, columns = prediction
+    """
+    share = pairs[rank::world_size]
+    cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.long)
+    if not share:
+        return cm.numpy()
+    dataset = downstream.SegmentationDataset(
+        share, downstream.JointTransform(cfg.image_size, train=False), cfg.num_classes
+    )
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    for batch, pred in predict_batches(model, loader, device):
+        cm += confusion_matrix(pred, batch["mask"], cfg.num_classes)
+    return cm.numpy()
+
+
+# Class colours for overlays (class 0 = background is left transparent).
+_PALETTE = np.array(
+    [[0, 0, 0], [0, 220, 90], [255, 60, 60], [60, 140, 255], [255, 200, 0], [200, 80, 255], [0, 220, 220], [255, 128, 0]],
+    dtype=np.float32,
+)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend class colours over an RGB image; background pixels stay untouched.
+
+    Shape:
+        image: (H, W, 3) float in [0, 1], mask: (H, W) int -> (H, W, 3) float in [0, 1]
+    """
+    colours = _PALETTE[np.asarray(mask) % len(_PALETTE)] / 255.0
+    fg = (np.asarray(mask) > 0)[..., None]
+    return np.where(fg, (1 - alpha) * image + alpha * colours, image)
+
+
+def render_predictions(model: torch.nn.Module, pairs: list, cfg: SegmentationDataConfig, path: Path) -> Path:
+    """``predictions.png``: one row per test case — image | ground truth | prediction (with its IoU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dataset = downstream.SegmentationDataset(pairs, downstream.JointTransform(cfg.image_size, train=False), cfg.num_classes)
+    loader = DataLoader(dataset, batch_size=len(pairs), shuffle=False)
+    batch, pred = next(iter(predict_batches(model, loader, next(model.parameters()).device)))
+    images = batch["image"].permute(0, 2, 3, 1).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    images = np.clip(images, 0.0, 1.0)
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(9, 3 * len(pairs)), squeeze=False)
+    for row, (img, gt, pr, key) in enumerate(zip(images, batch["mask"].numpy(), pred.numpy(), batch["key"])):
+        iou = segmentation_scores(confusion_matrix(torch.from_numpy(pr), torch.from_numpy(gt), cfg.num_classes))["fg_iou"]
+        panels = [(img, key), (overlay(img, gt), "ground truth"), (overlay(img, pr), f"prediction (fg IoU {iou:.2f}; line = truth)")]
+        for ax, (pic, title) in zip(axes[row], panels):
+            ax.imshow(pic, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        if gt.any():  # ground-truth outline on the prediction, for a side-by-side check
+            axes[row][2].contour(gt > 0, levels=[0.5], colors="white", linewidths=1.0)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(json_safe(payload), indent=2))
+    os.replace(tmp, path)
+
+
+def _load_best(module: SegmentationModule, out: Path) -> str:
+    """Put the best-val-mIoU weights into the model; returns which weights were used."""
+    if module.best_state is not None:
+        module.model.load_state_dict(module.best_state)
+        return f"best val mIoU {module.best_miou:.4f} at step {module.best_step}"
+    if module.best_miou >= 0 and (out / BEST_WEIGHTS).is_file():  # resumed after the best validation
+        module.model.load_state_dict(load_file(os.fspath(out / BEST_WEIGHTS)))
+        return "best val mIoU weights of an earlier attempt"
+    return "final weights (no validation ran)"
+
+
+def main(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run (or resume, or skip) one fine-tuning; returns the results dict on every rank."""
+    out = Path(cfg.out)
+    if (out / RESULTS).is_file():
+        log.info("finetune: %s exists, skipping", out / RESULTS)
+        return json.loads((out / RESULTS).read_text())
+    resolve(cfg.encoder)  # fail on missing weights before any work
+    dist.init()  # no-op for one process; under torchrun/srun Lightning joins this group
+    if dist.is_main():
+        save_resolved(cfg, out)
+    data = SegmentationDataModule(cfg.data, out)
+    data.setup()
+    has_val = len(data.pairs["val"]) > 0
+    if not data.pairs["test"]:
+        raise ConfigError(f"data.root={cfg.data.root}: the test split is empty; set data.test_fraction > 0")
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = SegmentationModule(
+        build_model(cfg),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        layer_decay=cfg.optim.layer_decay,
+        warmup_steps=cfg.optim.warmup_steps,
+        max_steps=cfg.trainer.max_steps,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
+        dice_weight=cfg.optim.dice_weight,
+        best_path=out / BEST_WEIGHTS,
+    )
+    val_kwargs: dict[str, Any] = {"limit_val_batches": 0}
+    if has_val and cfg.val_every_n_steps:
+        # Counted in training batches; check_val_every_n_epoch=None lets it span epochs.
+        every = min(cfg.val_every_n_steps, cfg.trainer.max_steps) * cfg.trainer.accumulate_grad_batches
+        val_kwargs = {"val_check_interval": every, "check_val_every_n_epoch": None}
+    elif has_val:
+        val_kwargs = {}
+    trainer, info = build_trainer(
+        cfg.trainer, out, cfg.wandb, cfg.run_name or out.name, to_dict(cfg), **val_kwargs
+    )
+    ckpt = dist.broadcast_object(find_resume_checkpoint(out))
+    if ckpt is not None:
+        log.info("finetune: resuming from %s", ckpt)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None)
+    train_s = time.perf_counter() - start
+
+    model = module.model.float()  # DeepSpeed may have cast it to bf16; score in fp32
+    chosen = _load_best(module, out)
+    device = trainer.strategy.root_device
+    model.to(device)
+    cm_local = evaluate_share(model, data.pairs["test"], cfg.data, dist.rank(), dist.world_size(), device)
+    cm = np.sum(dist.all_gather_object(cm_local), axis=0)
+
+    results: dict[str, Any] | None = None
+    if dist.is_main():
+        scores = segmentation_scores(cm)
+        results = {
+            "format": RESULTS_FORMAT,
+            **scores,
+            "class_names": class_names(cfg),
+            "n_test": len(data.pairs["test"]),
+            "n_train": len(data.pairs["train"]),
+            "n_val": len(data.pairs["val"]),
+            "dataset": Path(cfg.data.root).name,
+            "confusion_matrix": cm.astype(int).tolist(),
+            "best_val_miou": module.best_miou if module.best_miou >= 0 else None,
+            "best_step": module.best_step if module.best_step >= 0 else None,
+            "weights": chosen,
+            "steps": int(trainer.global_step),
+            "train_time_s": round(train_s, 3),
+            "resumed_from": os.fspath(ckpt) if ckpt else None,
+            "encoder": {"name": resolve(cfg.encoder).name, "weights": cfg.encoder.weights},
+            "strategy": info["strategy"],
+            "world_size": info["world_size"],
+        }
+        save_file({k: v.contiguous() for k, v in model.cpu().state_dict().items()}, os.fspath(out / (BEST_WEIGHTS + ".tmp")))
+        os.replace(out / (BEST_WEIGHTS + ".tmp"), out / BEST_WEIGHTS)
+        if cfg.n_predictions:
+            render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"test/{k}": results[k] for k in ("miou", "dice", "fg_iou")}, step=trainer.global_step)
+        # results.json last: its presence marks the run complete.
+        _write_json(out / RESULTS, results)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        log.info("finetune: test mIoU %.4f, Dice %.4f, fg IoU %.4f (%s)", results["miou"], results["dice"], results["fg_iou"], chosen)
+    trainer.strategy.barrier("finetune-results")  # a strategy barrier works on NCCL and gloo alike
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return dist.broadcast_object(results)

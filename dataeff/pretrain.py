@@ -1,0 +1,255 @@
+"""``dataeff pretrain``: MAE pre-training of a timm ViT on the selected samples of a shard set.
+
+Shell only: the objective lives in :mod:`dataeff.models.mae`, the Trainer (strategy,
+loggers, checkpoints, SIGTERM) in :mod:`dataeff.trainer`, the data stream in
+:class:`dataeff.data.datamodules.PretrainDataModule`.
+
+Outputs under ``out``: ``config.yaml``, ``checkpoints/``, ``metrics.csv``, ``panels/``
+(original / masked / reconstructed images every ``panel_every_n_steps``), and at the
+end ``encoder.safetensors`` + ``encoder.json`` (timm-loadable), ``mae.ckpt`` (full MAE
+for scoring) and ``summary.json``. A run whose ``summary.json`` says complete is skipped;
+otherwise ``resume=auto`` continues from the newest checkpoint at the same step, data
+position and learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from dataeff import dist
+from dataeff.config import ConfigError, DataConfig, EncoderConfig, TrainerConfig, WandbConfig, option, save_resolved, section, to_dict
+from dataeff.models.encoder import EXPORT_WEIGHTS, build_encoder, export_encoder, resolve
+from dataeff.models.mae import MAE, MAE_CKPT, MAEConfig, OptimConfig
+from dataeff.trainer import build_trainer, find_resume_checkpoint, save_final_checkpoint, scaled_lr
+
+log = logging.getLogger("dataeff")
+
+SUMMARY = "summary.json"
+SUMMARY_FORMAT = "dataeff-pretrain/1"
+_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass
+class PretrainEncoderConfig(EncoderConfig):
+    """The encoder to pre-train. Pre-training starts from scratch unless ``encoder=<weights>`` is
+    given (continued pre-training), so random initialisation is allowed by default here."""
+
+    allow_random_init: bool = option(True, help="start from a random encoder when no weights are given")
+
+
+@dataclass
+class PretrainConfig:
+    """``dataeff pretrain``: masked-autoencoder pre-training on (selected) shards."""
+
+    data: DataConfig = section(DataConfig, help="shards, selection, crop size, batch, loader")
+    encoder: PretrainEncoderConfig = section(PretrainEncoderConfig, help="timm ViT to pre-train")
+    mae: MAEConfig = section(MAEConfig, help="mask ratio, loss, decoder")
+    optim: OptimConfig = section(OptimConfig, help="AdamW + warm-up/cosine schedule")
+    trainer: TrainerConfig = section(TrainerConfig, help="steps, strategy, precision, checkpoints")
+    wandb: WandbConfig = section(WandbConfig, help="W&B logging (offline unless WANDB_MODE is set)")
+    out: str = option("runs/pretrain", help="run directory (checkpoints, logs, exported encoder)")
+    seed: int = option(0, help="seeds the model init, the data order, augmentations and masks")
+    resume: str = option("auto", help="'auto' = newest checkpoint in out/checkpoints, 'never', or a checkpoint path")
+    run_name: str = option("", help="W&B run name (default: derived from out and the selection)")
+    panel_every_n_steps: int = option(200, help="save a reconstruction panel every N steps (0 = only at the end)")
+    panel_images: int = option(4, help="images in a reconstruction panel")
+
+    def __post_init__(self) -> None:
+        if self.data.image_size != self.encoder.img_size:
+            raise ConfigError(
+                f"data.image_size={self.data.image_size} != encoder.img_size={self.encoder.img_size}: "
+                "the MAE encoder is built for one image size; set both to the same value"
+            )
+        if self.resume not in ("auto", "never") and not Path(self.resume).exists():
+            raise ConfigError(f"resume={self.resume!r}: 'auto', 'never' or an existing checkpoint path")
+        if self.panel_every_n_steps < 0 or self.panel_images < 1:
+            raise ConfigError("panel_every_n_steps must be >= 0 and panel_images >= 1")
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def panel_array(original: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
+    """One image row per sample: original | masked | reconstruction, de-normalised to uint8.
+
+    Shape:
+        each input: (B, 3, S, S) ImageNet-normalised -> (B*S, 3*S, 3) uint8
+    """
+    cols = [t.detach().float().cpu().permute(0, 2, 3, 1).numpy() * _STD + _MEAN for t in (original, masked, recon)]
+    grid = np.concatenate([np.concatenate(list(c), axis=0) for c in cols], axis=1)
+    return (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def selection_info(selection_dir: str) -> dict[str, Any]:
+    """``method``, ``ratio``, ``kept``, ``kept_fraction`` from a selection's summary.json ({} when none)."""
+    if not selection_dir:
+        return {}
+    path = Path(selection_dir) / "summary.json"
+    if not path.is_file():
+        raise ConfigError(f"data.selection={selection_dir}: no summary.json there; point it at a 'dataeff select' output")
+    summary = json.loads(path.read_text())
+    return {k: summary.get(k) for k in ("method", "ratio", "kept", "kept_fraction", "pool_size")}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def is_complete(out: str | os.PathLike) -> bool:
+    """True when a run directory holds a finished pre-training (summary, encoder and MAE)."""
+    out = Path(out)
+    if not all((out / name).is_file() for name in (SUMMARY, EXPORT_WEIGHTS, MAE_CKPT)):
+        return False
+    return bool(json.loads((out / SUMMARY).read_text()).get("complete"))
+
+
+# --------------------------------------------------------------------------- Lightning shell
+
+
+class ReconstructionPanel(pl.Callback):
+    """Every ``every_n_steps`` (rank 0): a PNG of original / masked / reconstructed images, also to W&B."""
+
+    def __init__(self, out_dir: Path, every_n_steps: int, n_images: int) -> None:
+        self.out_dir, self.every, self.n = out_dir / "panels", every_n_steps, n_images
+        self.last_batch: torch.Tensor | None = None
+        self._written = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.last_batch = batch["image"][: self.n].detach()
+        step = trainer.global_step
+        # With gradient accumulation several micro-batches share a step: write once per step.
+        if self.every and step % self.every == 0 and step != self._written and trainer.is_global_zero:
+            self.write(trainer, pl_module, step)
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Path | None:
+        if self.last_batch is None or not trainer.is_global_zero:
+            return None
+        masked, recon = pl_module.reconstruct(self.last_batch, mask_seed=step)  # type: ignore[operator]
+        grid = panel_array(self.last_batch, masked, recon)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step={step:08d}.png"
+        Image.fromarray(grid).save(path)
+        self._written = step
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="reconstruction", images=[os.fspath(path)], caption=["original | masked | reconstruction"], step=step)
+        return path
+
+
+def _final_state(trainer: pl.Trainer, model: MAE, ckpt: Path) -> dict[str, torch.Tensor]:
+    """Float32 weights of the trained MAE: DeepSpeed's fp32 master copy when it ran, else the module's."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
+        # bf16 DeepSpeed keeps the module in bf16; the optimiser's fp32 master weights are the real ones.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(os.fspath(ckpt))
+        for key, value in fp32.items():
+            key = key.removeprefix("_forward_module.")
+            if key in state:
+                state[key] = value.float().cpu()
+    return state
+
+
+def _export(cfg: PretrainConfig, model: MAE, state: dict[str, torch.Tensor], out: Path) -> None:
+    """Write ``mae.ckpt`` and the timm-loadable encoder export (rank 0)."""
+    blob = model.scoring_state(state)
+    tmp = out / (MAE_CKPT + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, out / MAE_CKPT)
+    enc_cfg = dataclasses.replace(resolve(cfg.encoder), weights="", allow_random_init=True)
+    encoder = build_encoder(enc_cfg)
+    encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")})
+    export_encoder(encoder, enc_cfg, out)
+
+
+def _device_name(info: dict[str, Any]) -> str:
+    if info["accelerator"] == "gpu":
+        return f"{info['world_size']} x {torch.cuda.get_device_name(0)}"
+    return f"{info['world_size']} x cpu"
+
+
+def main(cfg: PretrainConfig) -> dict[str, Any] | None:
+    """Run (or resume, or skip) one pre-training; returns the summary (None when interrupted)."""
+    from dataeff.data.datamodules import PretrainDataModule
+
+    out = Path(cfg.out)
+    if is_complete(out):
+        log.info("pretrain: %s is complete already, skipping", out)
+        return json.loads((out / SUMMARY).read_text())
+    env = dist.init()
+    selection = selection_info(cfg.data.selection)
+    if dist.is_main():
+        save_resolved(cfg, out)
+    run_name = cfg.run_name or out.name
+    wandb = cfg.wandb
+    if selection:
+        tags = [f"method={selection['method']}", f"ratio={selection['ratio']}"]
+        wandb = dataclasses.replace(wandb, tags=list(wandb.tags) + tags, group=wandb.group or f"ratio={selection['ratio']}")
+    run_config = {**to_dict(cfg), "selection": selection}
+
+    panel = ReconstructionPanel(out, cfg.panel_every_n_steps, cfg.panel_images)
+    trainer, info = build_trainer(
+        cfg.trainer, out, wandb, run_name, run_config, extra_callbacks=[panel],
+        micro_batch_size=cfg.data.batch_size, use_distributed_sampler=False, limit_val_batches=0,
+    )
+    lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, info["world_size"])
+    log.info("pretrain: peak lr %.3g (base %.3g x global batch %d / 256)", lr, cfg.optim.base_lr,
+             cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * info["world_size"])
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = MAE(cfg.encoder, cfg.mae, cfg.optim, lr=lr, max_steps=cfg.trainer.max_steps, seed=cfg.seed)
+    data = PretrainDataModule(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+    ckpt: Path | None = None
+    if cfg.resume == "auto":
+        ckpt = find_resume_checkpoint(out)
+    elif cfg.resume != "never":
+        ckpt = Path(cfg.resume)
+    ckpt = dist.broadcast_object(ckpt)  # every rank resumes from the same file
+    if ckpt is not None:
+        log.info("pretrain: resuming from %s", ckpt)
+
+    start = time.perf_counter()
+    # weights_only: a checkpoint is tensors and plain containers, so no pickled code is ever run.
+    trainer.fit(model, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None, weights_only=True)
+    final_ckpt = save_final_checkpoint(trainer, out)
+    panel.write(trainer, model, trainer.global_step)
+    summary = None
+    if trainer.is_global_zero:
+        _export(cfg, model, _final_state(trainer, model, final_ckpt), out)
+        summary = {
+            "format": SUMMARY_FORMAT,
+            "complete": True,
+            "steps": int(trainer.global_step),
+            "images_seen": int(model.images_seen),
+            "final_loss": float(trainer.callback_metrics.get("loss", torch.tensor(float("nan")))),
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            "resumed_from": os.fspath(ckpt) if ckpt else None,
+            "device": _device_name(info),
+            "strategy": info["strategy"],
+            "precision": info["precision"],
+            "world_size": info["world_size"],
+            "lr": lr,
+            "selection": selection,
+        }
+        _write_json(out / SUMMARY, summary)
+        log.info("pretrain: %d steps, %d images, encoder at %s", summary["steps"], summary["images_seen"], out / EXPORT_WEIGHTS)
+    trainer.strategy.barrier("pretrain-export")
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return dist.broadcast_object(summary)

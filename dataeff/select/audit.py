@@ -1,0 +1,113 @@
+"""Planted-defect audit: how well a selection's drops match a pool's ground truth.
+
+Pure pandas over the manifest table, the shard index and the truth CSV (format
+``dataeff-truth/1``: source, planted in {none, near_duplicate, invalid}, kind, twin).
+Rows are matched by the index's ``source``. Files the shard stage already rejected
+(truncated, not an image, ...) never reach selection and are counted apart as
+caught at shard time.
+
+Scoring, per drop reason:
+- quality reasons (dark, blank, overexposed, blurred) are right when the sample is a
+  planted invalid frame;
+- ``redundant_of:<key>`` is right when both samples belong to the same planted
+  near-duplicate group (an original and its copies; either may be the one dropped);
+- ``outlier`` / ``small_cluster`` are right when the sample is planted at all.
+Recall, per planted category and kind: the share of planted samples that reached
+selection and were dropped for a matching reason (a near-duplicate counts as found
+when it or its group-mate was dropped as redundant of the other).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+QUALITY = ("dark", "blank", "overexposed", "blurred")
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return round(a / b, 4) if b else None
+
+
+def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """Precision/recall of dropped samples against planted defects (see module docstring)."""
+    truth = truth.copy()
+    idx = index.drop_duplicates("source").set_index("source")
+    truth["in_index"] = truth["source"].isin(idx.index)
+    truth["status"] = truth["source"].map(idx["status"]).fillna("missing")
+    truth["key"] = truth["source"].map(idx["key"])
+    planted = truth[truth["planted"] != "none"]
+    at_shard = planted[planted["status"] != "ok"]
+    shard_caught = {str(k): int(v) for k, v in at_shard.groupby("kind").size().items()}
+
+    rows = frame[~frame["generated"]].set_index("key")
+    t = truth[truth["status"] == "ok"].set_index("key")
+    group = t["twin"].where((t["planted"] == "near_duplicate") & (t["twin"] != ""), t["source"])
+    reason = rows["reason"].astype(str)
+    target = reason.str.extract(r"^redundant_of:(.*)$")[0]
+    family = reason.where(target.isna(), "redundant")
+    planted_kind = t["planted"].reindex(rows.index).fillna("none")
+    grp = group.reindex(rows.index)
+    same_group = target.notna() & (grp.values == group.reindex(target.fillna("").values).values)
+    involves_dup = (planted_kind == "near_duplicate") | planted_kind.reindex(target.fillna("").values).fillna("none").eq("near_duplicate").values
+    correct = np.where(
+        family.isin(QUALITY),
+        planted_kind == "invalid",
+        np.where(family == "redundant", same_group & involves_dup, planted_kind != "none"),
+    )
+    dropped = ~family.isin(["kept", "not_selected"])
+    per_reason = {}
+    for fam in sorted(set(family[dropped])):
+        sel = dropped & (family == fam)
+        per_reason[fam] = {"dropped": int(sel.sum()), "planted": int((sel & (planted_kind != "none")).sum()),
+                           "correct": int((sel & correct).sum()), "precision": _ratio(int((sel & correct).sum()), int(sel.sum()))}
+
+    # Recall: planted samples that reached selection.
+    found_dup = set()
+    for k in rows.index[family == "redundant"]:
+        other = target[k]
+        if grp[k] == group.get(other, None):
+            found_dup.update([k, other])
+    reached = planted[planted["status"] == "ok"]
+    per_kind, per_cat = {}, {}
+    for kind, sub in reached.groupby("kind"):
+        keys = sub["key"].tolist()
+        fam = family.reindex(keys)
+        if (sub["planted"] == "invalid").all():
+            hit = fam.isin(QUALITY + ("outlier", "small_cluster"))
+        else:
+            hit = pd.Series([k in found_dup for k in keys], index=keys)
+        per_kind[str(kind)] = {"reached_select": len(keys), "found": int(hit.sum()), "recall": _ratio(int(hit.sum()), len(keys)),
+                               "dropped_any_reason": int(fam.isin(list(set(family[dropped]))).sum())}
+    for cat in ("invalid", "near_duplicate"):
+        kinds = reached.loc[reached["planted"] == cat, "kind"].unique()
+        n = sum(per_kind[str(k)]["reached_select"] for k in kinds)
+        f = sum(per_kind[str(k)]["found"] for k in kinds)
+        per_cat[cat] = {"reached_select": n, "found": f, "recall": _ratio(f, n),
+                        "caught_at_shard": int((at_shard["planted"] == cat).sum())}
+    n_drop, n_ok = int(dropped.sum()), int((dropped & correct).sum())
+    return {
+        "truth_rows": len(truth),
+        "truth_rows_not_in_index": int((~truth["in_index"]).sum()),
+        "caught_at_shard_time": shard_caught,
+        "dropped": n_drop,
+        "precision": _ratio(n_ok, n_drop),
+        "recall": _ratio(sum(c["found"] for c in per_cat.values()), sum(c["reached_select"] for c in per_cat.values())),
+        "per_reason": per_reason,
+        "per_category": per_cat,
+        "per_kind": per_kind,
+    }
+
+
+def format_audit(a: dict) -> str:
+    """A readable table of :func:`audit_selection`'s result (printed on stdout by select)."""
+    lines = [f"planted-defect audit: dropped {a['dropped']}, precision {a['precision']}, recall {a['recall']}",
+             "| drop reason | dropped | planted | correct | precision |", "|---|---|---|---|---|"]
+    for r, v in a["per_reason"].items():
+        lines.append(f"| {r} | {v['dropped']} | {v['planted']} | {v['correct']} | {v['precision']} |")
+    lines += ["| planted kind | reached select | found | recall |", "|---|---|---|---|"]
+    for k, v in a["per_kind"].items():
+        lines.append(f"| {k} | {v['reached_select']} | {v['found']} | {v['recall']} |")
+    if a["caught_at_shard_time"]:
+        lines.append("caught at shard time (never reach select): " + ", ".join(f"{k} {v}" for k, v in a["caught_at_shard_time"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,292 @@
+"""``dataeff embed``: every rank embeds its own shards with a ViT; float16 unit vectors out.
+
+Shard i goes to rank i % world_size. Each finished shard is written to
+``parts/<i>_<name>.npz`` (resume skips it), then each rank merges its parts into
+``rank-%05d.npz`` and rank 0 writes ``header.json`` last: its presence means the
+directory is complete (format ``dataeff-embeddings/1``, docs/architecture.md).
+The pure core is :func:`embed_batch`; :func:`load_embeddings` reads the result back,
+sorted by key, whatever the number of ranks that wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataeff import dist
+from dataeff.config import ConfigError, DataConfig, EncoderConfig, option, save_resolved, section, to_dict
+from dataeff.data.stream import eval_transform, iter_shard, list_shards, shard_keys
+from dataeff.models.encoder import build_encoder, resolve
+
+log = logging.getLogger("dataeff")
+
+FORMAT = "dataeff-embeddings/1"
+HEADER_NAME = "header.json"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class EmbedConfig:
+    """Embed every ok sample of a shard set."""
+
+    data: DataConfig = section(DataConfig, help="data.shards (input), data.batch_size (images per forward)")
+    encoder: EncoderConfig = section(EncoderConfig, help="the ViT; encoder=<path> sets encoder.weights")
+    out: str = option("", help="embeddings directory to write")
+    device: str = option("auto", help="'auto' (cuda:<local rank> when available, else cpu), 'cpu' or 'cuda'")
+    precision: str = option("auto", help="'auto' = bf16 autocast on GPU (fp16 without bf16), fp32 on CPU; or fp32/bf16/fp16")
+    seed: int = option(0, help="torch seed before building the encoder (a random-init encoder is then identical on all ranks)")
+    progress_bar: bool = option(True, help="show a progress bar (rank 0) with images/s")
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out is empty: set out=<embeddings dir>")
+        if not self.data.shards:
+            raise ConfigError("data.shards is empty: set data.shards=<shard dir written by 'dataeff shard'>")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def embed_batch(model: torch.nn.Module, images: torch.Tensor, pool: str, amp: Optional[torch.dtype]) -> np.ndarray:
+    """L2-normalised pooled features of a batch, as float16.
+
+    Normalisation happens in float32, after autocast, so rows are unit length up to
+    float16 rounding.
+
+    Shape:
+        images: (B, 3, S, S) on the model's device -> (B, D) float16.
+    """
+    from dataeff.models.encoder import pooled_features
+
+    ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext()
+    with torch.inference_mode(), ctx:
+        feats = pooled_features(model, images, pool)
+    return F.normalize(feats.float(), dim=1).cpu().numpy().astype(np.float16)
+
+
+def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
+    """Shard ids rank ``rank`` embeds: i % world_size == rank."""
+    return list(range(rank, n_shards, world_size))
+
+
+def shard_set_hash(tars: list[str], keys: list[list[str]]) -> str:
+    """sha256 over (tar name, ok keys) of every shard, in order: same shards -> same hash."""
+    payload = json.dumps([[Path(t).name, k] for t, k in zip(tars, keys)])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _batches(samples: Iterator[dict], transform, size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+    keys, images = [], []
+    for s in samples:
+        keys.append(s["key"])
+        images.append(transform(s["image"]))
+        if len(keys) == size:
+            yield keys, torch.stack(images)
+            keys, images = [], []
+    if keys:
+        yield keys, torch.stack(images)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _save_npz(path: Path, keys: np.ndarray, emb: np.ndarray, **extra: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+        np.savez(fh, keys=np.asarray(keys, dtype=str), embeddings=emb.astype(np.float16), **extra)
+    os.replace(tmp, path)
+
+
+def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, ...]:
+    """Shape of one array in an ``.npz`` without loading it."""
+    with zipfile.ZipFile(path) as zf, zf.open(name + ".npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(fh)
+    return tuple(shape)
+
+
+def read_header(emb_dir: str | os.PathLike) -> dict:
+    """``header.json`` of a complete embeddings directory, with its files checked.
+
+    Raises:
+        ConfigError: no header (not embedded or not finished), a missing rank file, or
+            rank files whose embedding dimensions differ from each other or the header.
+    """
+    path = Path(emb_dir) / HEADER_NAME
+    if not path.is_file():
+        raise ConfigError(f"embeddings={emb_dir}: no {HEADER_NAME}; run 'dataeff embed' (to completion) first")
+    header = json.loads(path.read_text())
+    for name in header["files"]:
+        f = Path(emb_dir) / name
+        if not f.is_file():
+            raise ConfigError(f"embeddings={emb_dir}: {name} is missing; re-run 'dataeff embed'")
+        shape = npz_shape(f)
+        if len(shape) != 2 or shape[1] != header["dim"]:
+            raise ConfigError(
+                f"embeddings={emb_dir}: {name} holds vectors of shape {shape}, the header says dim {header['dim']}; "
+                "mismatched embedding dimensions (files from different encoders?) — re-embed into a fresh directory"
+            )
+    return header
+
+
+def load_embeddings(
+    emb_dir: str | os.PathLike, files: Optional[list[str]] = None, dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and embeddings of (some of) the rank files, sorted by key.
+
+    Shape:
+        -> keys (N,) str, embeddings (N, D) ``dtype``.
+    """
+    header = read_header(emb_dir)
+    files = header["files"] if files is None else files
+    keys, embs = [np.zeros(0, dtype=str)], [np.zeros((0, header["dim"]), dtype=np.float16)]
+    for name in files:
+        with np.load(Path(emb_dir) / name, allow_pickle=False) as z:
+            keys.append(z["keys"])
+            embs.append(z["embeddings"])
+    k, e = np.concatenate(keys), np.concatenate(embs)
+    order = np.argsort(k, kind="stable")
+    return k[order], e[order].astype(dtype, copy=False)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _device_and_amp(cfg: EmbedConfig, local_rank: int) -> tuple[torch.device, Optional[torch.dtype]]:
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or cpu")
+    device = torch.device(f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}" if use_cuda else "cpu")
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and not use_cuda):
+        return device, None
+    if cfg.precision == "fp16" or (cfg.precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return device, torch.float16
+    return device, torch.bfloat16
+
+
+def main(cfg: EmbedConfig) -> None:
+    """Embed this rank's shards (resumably), merge them, and (rank 0) write the header."""
+    env = dist.init()
+    rank, world = dist.rank(), dist.world_size()
+    out = Path(cfg.out)
+    try:
+        tars = list_shards(cfg.data.shards)
+    except ValueError as exc:
+        raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
+    keys_per_shard = shard_keys(tars)
+    total = sum(len(k) for k in keys_per_shard)
+    if total == 0:
+        raise ConfigError(f"data.shards={cfg.data.shards}: empty shard set (no ok samples in the index)")
+    enc = resolve(cfg.encoder)  # refuses to run without weights unless allow_random_init
+    set_hash = shard_set_hash(tars, keys_per_shard)
+    identity = {"encoder": {"name": enc.name, "weights": enc.weights}, "shard_set_hash": set_hash}
+    if (out / HEADER_NAME).is_file():
+        old = json.loads((out / HEADER_NAME).read_text())
+        if {"encoder": {k: old["encoder"][k] for k in ("name", "weights")}, "shard_set_hash": old["shard_set_hash"]} != identity:
+            raise ConfigError(f"out={out} holds embeddings of another encoder or shard set; choose a fresh out directory")
+        log.info("embeddings already complete in %s; nothing to do", out)
+        return
+    if rank == 0:
+        save_resolved(cfg, out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)  # same random-init weights on every rank
+    device, amp = _device_and_amp(cfg, env.local_rank)
+    model = build_encoder(cfg.encoder).eval().to(device)
+    transform = eval_transform(enc.img_size)
+    mine = owned_shards(len(tars), rank, world)
+    todo = sum(len(keys_per_shard[i]) for i in mine)
+    bar = tqdm(total=todo, unit="img", desc=f"embed rank {rank}", disable=rank != 0 or not cfg.progress_bar)
+    start, done = time.time(), 0
+    for i in mine:
+        part = out / "parts" / f"{i:06d}_{Path(tars[i]).stem}.npz"
+        expected = keys_per_shard[i]
+        if part.is_file():
+            with np.load(part, allow_pickle=False) as z:
+                if str(z["tar"]) == tars[i] and list(z["keys"]) == expected:
+                    bar.update(len(expected))
+                    continue
+        keys, embs = [], []
+        for batch_keys, images in _batches(iter_shard(tars[i], set(expected)), transform, cfg.data.batch_size):
+            keys += batch_keys
+            embs.append(embed_batch(model, images.to(device, non_blocking=True), enc.pool, amp))
+            bar.update(len(batch_keys))
+            done += len(batch_keys)
+        if keys != expected:
+            raise RuntimeError(f"{tars[i]}: read {len(keys)} samples, the index lists {len(expected)} ok samples")
+        emb = np.concatenate(embs) if embs else np.zeros((0, 0), dtype=np.float16)
+        _save_npz(part, np.array(keys, dtype=str), emb, tar=np.array(tars[i]))
+    bar.close()
+    if done:
+        log.info("rank %d embedded %d images in %.1fs (%.1f images/s)", rank, done, time.time() - start, done / max(time.time() - start, 1e-9))
+    _finish(out, tars, mine, rank, world, cfg, enc, set_hash, total)
+
+
+def _finish(out: Path, tars: list[str], mine: list[int], rank: int, world: int, cfg: EmbedConfig, enc: EncoderConfig, set_hash: str, total: int) -> None:
+    keys, embs = [np.zeros(0, dtype=str)], []
+    for i in mine:
+        with np.load(out / "parts" / f"{i:06d}_{Path(tars[i]).stem}.npz", allow_pickle=False) as z:
+            if len(z["keys"]):
+                keys.append(z["keys"])
+                embs.append(z["embeddings"])
+    dims = dist.all_gather_object(int(embs[0].shape[1]) if embs else -1)
+    dim = max(dims)
+    _save_npz(out / f"rank-{rank:05d}.npz", np.concatenate(keys), np.concatenate(embs) if embs else np.zeros((0, dim), np.float16))
+    counts = dist.all_gather_object(int(sum(len(k) for k in keys)))
+    dist.barrier()
+    if rank == 0:
+        if sum(counts) != total:
+            raise RuntimeError(f"embedded {sum(counts)} samples, the index lists {total}")
+        files = [f"rank-{r:05d}.npz" for r in range(world)]
+        for stale in out.glob("rank-*.npz"):  # left by an earlier run with more ranks
+            if stale.name not in files:
+                stale.unlink()
+        header = {
+            "format": FORMAT,
+            "encoder": {
+                "name": enc.name,
+                "weights": enc.weights,
+                "sha256": _sha256(enc.weights) if enc.weights else f"random-init(seed={cfg.seed})",
+                "config": to_dict(enc),
+            },
+            "image_size": enc.img_size,
+            "pool": enc.pool,
+            "dim": dim,
+            "count": total,
+            "shards": cfg.data.shards,
+            "shard_set_hash": set_hash,
+            "world_size": world,
+            "files": files,
+        }
+        tmp = out / (HEADER_NAME + ".tmp")
+        tmp.write_text(json.dumps(header, indent=2))
+        os.replace(tmp, out / HEADER_NAME)
+        shutil.rmtree(out / "parts", ignore_errors=True)
+    dist.barrier()

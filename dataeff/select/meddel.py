@@ -1,0 +1,273 @@
+"""MedDEL: drop invalid and disruptive samples, then redundant ones, to an exact ratio.
+
+Pure numpy over key-sorted arrays (no I/O, no collectives); the selection
+stage runs :func:`cluster_redundancy` on the clusters a rank
+owns and :func:`decide` on the gathered results. Steps follow PAPERS.md "MedDEL":
+
+1. quality (step 5, our rule): frames that are dark, blank, over-exposed or blurred
+   by the statistics the shard stage recorded (index.parquet), each switchable;
+2. embedding outliers (step 5, our rule): cosine distance to the centroid above a
+   quantile of all distances -> ``outlier``; clusters with fewer valid members than
+   a minimum -> ``small_cluster``;
+3. redundancy (step 3): inside each cluster, members visited farthest-from-centroid
+   first ("hard"; "easy" and "random" as options); member j is redundant when its
+   cosine similarity to an earlier member exceeds 1 - eps (SemDeDup's rule, so the
+   kept count is monotone in eps);
+4. eps by bisection (step 4) so that exactly round(R*N) samples are kept: the kept
+   count is a step function of each member's largest similarity to an earlier one,
+   so the bisection runs over those sorted similarities and is exact; the few extra
+   survivors a tie can leave are trimmed by cluster-balanced sampling (a fixed eps,
+   when configured, is filled or trimmed to the target the same way). A redundant
+   member records the earlier member it duplicates (``redundant_of:<key>``): with the
+   default order the member farther from the centroid of a near-duplicate pair stays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from dataeff.config import ConfigError, option
+
+QUALITY_REASONS = ("dark", "overexposed", "blank", "blurred")
+ORDERS = ("hard", "easy", "random")
+#: Similarity-matrix elements per block in :func:`max_earlier_similarity` (64 MB of float32).
+_BLOCK_ELEMS = 1 << 24
+
+
+@dataclass
+class MedDELConfig:
+    """MedDEL thresholds; every default is dataeff's choice (the paper gives none)."""
+
+    quality_checks: list = option(
+        list(QUALITY_REASONS), help="invalid-frame checks to apply: any of dark, overexposed, blank, blurred"
+    )
+    dark_mean: float = option(25.0, help="dark: mean gray level (0-255, 128-px thumbnail) below this")
+    dark_frac: float = option(0.8, help="dark: or fraction of pixels < 16 above this")
+    overexposed_mean: float = option(200.0, help="overexposed: mean gray level above this")
+    overexposed_frac: float = option(0.2, help="overexposed: or fraction of pixels > 240 above this")
+    blank_std: float = option(8.0, help="blank: gray-level standard deviation below this")
+    blur_var: float = option(80.0, help="blurred: variance of the 3x3 Laplacian below this")
+    outlier_quantile: float = option(
+        0.99, help="outlier: cosine distance to the centroid above this quantile of all distances (1.0 = off)"
+    )
+    min_cluster_size: int = option(3, help="small_cluster: clusters with fewer valid members are dropped (<=1 = off)")
+    order: str = option("hard", help="visit order inside a cluster: hard (farthest first), easy, random")
+    epsilon: Optional[float] = option(
+        None, help="fixed redundancy eps (similarity > 1-eps); null = bisection to the target ratio (paper)"
+    )
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.quality_checks if c not in QUALITY_REASONS]
+        if bad:
+            raise ConfigError(f"meddel.quality_checks: unknown check {bad[0]!r}; choose from {', '.join(QUALITY_REASONS)}")
+        if not 0.0 < self.outlier_quantile <= 1.0:
+            raise ConfigError(f"meddel.outlier_quantile={self.outlier_quantile}: must be in (0, 1]")
+        if self.order not in ORDERS:
+            raise ConfigError(f"meddel.order={self.order!r}: choose one of {', '.join(ORDERS)}")
+        if self.epsilon is not None and not 0.0 <= self.epsilon <= 2.0:
+            raise ConfigError(f"meddel.epsilon={self.epsilon}: must be in [0, 2] or null (= bisection)")
+
+
+def target_count(ratio: float, n: int) -> int:
+    """round(ratio * n), half up, at least 1 for a non-empty pool."""
+    return 0 if n == 0 else max(1, int(math.floor(ratio * n + 0.5)))
+
+
+def quality_reasons(quality: pd.DataFrame, cfg: MedDELConfig) -> np.ndarray:
+    """Invalid-frame reason per row ('' = fine), the most specific first.
+
+    Shape:
+        quality: N rows with columns mean, std, laplacian_var, dark_frac, bright_frac -> (N,) object.
+    """
+    out = np.full(len(quality), "", dtype=object)
+    rules = {
+        "dark": (quality["mean"] < cfg.dark_mean) | (quality["dark_frac"] > cfg.dark_frac),
+        "overexposed": (quality["mean"] > cfg.overexposed_mean) | (quality["bright_frac"] > cfg.overexposed_frac),
+        "blank": quality["std"] < cfg.blank_std,
+        "blurred": quality["laplacian_var"] < cfg.blur_var,
+    }
+    # Assign in reverse priority so that a black frame (also blank and blurred) reads "dark".
+    for name in reversed(QUALITY_REASONS):
+        if name in cfg.quality_checks:
+            out[np.asarray(rules[name].fillna(False), dtype=bool)] = name
+    return out
+
+
+def embedding_outliers(
+    labels: np.ndarray, sims: np.ndarray, valid: np.ndarray, k: int, quantile: float, min_cluster_size: int
+) -> np.ndarray:
+    """``small_cluster`` / ``outlier`` / '' per row, judged among the ``valid`` rows only.
+
+    Shape:
+        labels: (N,) int, sims: (N,) cosine to own centroid, valid: (N,) bool -> (N,) object.
+    """
+    out = np.full(len(labels), "", dtype=object)
+    sizes = np.bincount(labels[valid], minlength=k)
+    small = valid & (sizes[labels] < min_cluster_size)
+    out[small] = "small_cluster"
+    rest = valid & ~small
+    if quantile < 1.0 and rest.any():
+        dist = 1.0 - sims.astype(np.float64)
+        cut = np.quantile(dist[rest], quantile)
+        out[rest & (dist > cut)] = "outlier"
+    return out
+
+
+def visit_order(sims: np.ndarray, order: str, seed: int, cluster_id: int) -> np.ndarray:
+    """Positions of a cluster's members (given in ascending row order) in visiting order.
+
+    Shape:
+        sims: (s,) cosine to the centroid -> (s,) permutation.
+    """
+    idx = np.arange(len(sims))
+    if order == "hard":
+        return np.lexsort((idx, sims))  # farthest (lowest similarity) first, ties by row
+    if order == "easy":
+        return np.lexsort((idx, -sims))
+    return np.random.default_rng([seed, cluster_id]).permutation(len(sims))
+
+
+def max_earlier_similarity(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the largest cosine similarity to an earlier row and that row's position.
+
+    Computed in row blocks so a large cluster never holds its full similarity matrix.
+
+    Shape:
+        x: (s, D) float32 unit rows in visiting order -> m (s,) float32 (-inf for row 0),
+        arg (s,) int64 (-1 for row 0).
+    """
+    s = len(x)
+    m = np.full(s, -np.inf, dtype=np.float32)
+    arg = np.full(s, -1, dtype=np.int64)
+    block = max(1, _BLOCK_ELEMS // max(s, 1))
+    for a in range(1, s, block):
+        b = min(a + block, s)
+        sim = x[a:b] @ x[:b].T  # (b-a, b)
+        rows = np.arange(a, b)
+        sim[rows[:, None] <= np.arange(b)[None, :]] = -np.inf  # only strictly earlier members count
+        j = sim.argmax(axis=1)  # first maximum: ties go to the earliest member
+        m[a:b] = sim[np.arange(b - a), j]
+        arg[a:b] = j
+    return np.minimum(m, 1.0), arg
+
+
+def cluster_redundancy(
+    x: np.ndarray, sims: np.ndarray, order: str, seed: int, cluster_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One cluster's redundancy statistics, aligned to its members in row order.
+
+    Shape:
+        x: (s, D) float32 unit rows, sims: (s,) -> m (s,) largest similarity to an earlier
+        member, prev (s,) position (row order) of that member or -1, pos (s,) visit position.
+    """
+    perm = visit_order(sims, order, seed, cluster_id)
+    m_v, arg_v = max_earlier_similarity(np.ascontiguousarray(x[perm], dtype=np.float32))
+    m = np.empty(len(perm), dtype=np.float32)
+    prev = np.empty(len(perm), dtype=np.int64)
+    pos = np.empty(len(perm), dtype=np.int64)
+    m[perm] = m_v
+    prev[perm] = np.where(arg_v >= 0, perm[np.maximum(arg_v, 0)], -1)
+    pos[perm] = np.arange(len(perm))
+    return m, prev, pos
+
+
+def bisect_threshold(m: np.ndarray, target: int) -> float:
+    """Smallest similarity cut t with #{m <= t} >= target (+inf when fewer than target rows).
+
+    eps = 1 - t. kept(t) = #{m <= t} only changes at the values of ``m``, so the
+    bisection runs over the sorted values and ends on the exact cut (no tolerance).
+    """
+    if len(m) < target:
+        return np.inf
+    ms = np.sort(m)
+    lo, hi = 0, len(ms) - 1  # the answer is ms[i] for the smallest i with kept(ms[i]) >= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if np.searchsorted(ms, ms[mid], side="right") >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(ms[lo])
+
+
+def balanced_pick(labels: np.ndarray, priority: np.ndarray, candidate: np.ndarray, total: int) -> np.ndarray:
+    """Choose ``total`` candidate rows spread over clusters as evenly as their sizes allow.
+
+    Water-filling: every cluster gets min(available, level); the remainder goes one each
+    to the largest clusters still holding candidates (ties by cluster id). Inside a
+    cluster, rows with the lowest ``priority`` go first (ties by row index).
+
+    Shape:
+        labels: (N,) int >= 0, priority: (N,) float, candidate: (N,) bool -> (N,) bool.
+    """
+    rows = np.flatnonzero(candidate)
+    if total >= len(rows):
+        return candidate.copy()
+    out = np.zeros(len(labels), dtype=bool)
+    if total <= 0:
+        return out
+    lab = labels[rows]
+    uniq, avail = np.unique(lab, return_counts=True)
+    lo, hi = 0, int(avail.max())
+    while lo < hi:  # largest level with sum(min(avail, level)) <= total
+        mid = (lo + hi + 1) // 2
+        if np.minimum(avail, mid).sum() <= total:
+            lo = mid
+        else:
+            hi = mid - 1
+    quota = np.minimum(avail, lo)
+    rest = total - int(quota.sum())
+    open_ = np.flatnonzero(avail > quota)
+    extra = open_[np.lexsort((uniq[open_], -avail[open_]))][:rest]
+    quota[extra] += 1
+    order = np.lexsort((rows, priority[rows], lab))
+    sorted_lab = lab[order]
+    start = np.searchsorted(sorted_lab, sorted_lab, side="left")
+    within = np.arange(len(order)) - start
+    q = quota[np.searchsorted(uniq, sorted_lab)]
+    out[rows[order[within < q]]] = True
+    return out
+
+
+def decide(
+    labels: np.ndarray,
+    m: np.ndarray,
+    pos: np.ndarray,
+    invalid_reason: np.ndarray,
+    target: int,
+    epsilon: Optional[float],
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Kept mask and redundancy mask for the whole pool, with exactly ``target`` kept if possible.
+
+    Shape:
+        labels, m, pos: (N,) gathered from :func:`cluster_redundancy`; invalid_reason: (N,) object
+        ('' = valid) -> kept (N,) bool, redundant (N,) bool, info dict (epsilon, shortfall).
+    """
+    valid = invalid_reason == ""
+    n_valid = int(valid.sum())
+    if epsilon is None:
+        t = bisect_threshold(m[valid], target)
+    else:
+        t = 1.0 - epsilon
+    survivors = valid & (m <= t)
+    redundant = valid & ~survivors
+    info: dict = {"epsilon": float(np.clip(1.0 - t, 0.0, 2.0)) if t != np.inf else None, "valid": n_valid}
+    n_surv = int(survivors.sum())
+    if n_surv >= target:
+        kept = balanced_pick(labels, pos.astype(np.float64), survivors, target)
+    else:
+        # Fixed eps left too few: fill back the least redundant, cluster-balanced.
+        fill = balanced_pick(labels, m.astype(np.float64), redundant, target - n_surv)
+        kept = survivors | fill
+        redundant &= ~fill
+    if n_valid < target:
+        info["shortfall"] = (
+            f"only {n_valid} valid samples remain after removing invalid frames and embedding outliers; "
+            f"target round(R*N) = {target}, so all {n_valid} are kept"
+        )
+    return kept, redundant, info

@@ -1,0 +1,447 @@
+"""SAM patches for OptiDEL: build Segment Anything, turn its automatic masks into patch records.
+
+PAPERS.md, OptiDEL step 1: run SAM's automatic mask generator on each image, crop the
+bounding box of every mask ("patches with potential lesions"), drop tiny and near-full
+masks. Each crop is resized to the scorer's input side for its hardness score, and to
+a quarter of its mosaic (half the image size per side) when composed. A patch is stored as its provenance
+(source key, box, mask area, predicted IoU, stability) plus its hardness score; its
+pixels are a deterministic function of the source image and the box
+(:func:`dataeff.select.compose.crop_patch`), so they are cropped again when mosaics are
+composed rather than stored (16 crops per image would outweigh the pool itself).
+
+The official checkpoints are never downloaded. ``sam.model=tiny`` builds a tiny randomly
+initialised SAM (tests and the CPU demo only; results made with it are labelled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from dataeff import dist
+from dataeff.config import ConfigError, option
+from dataeff.data.quality import gray_thumbnail, quality_stats
+from dataeff.data.shard import write_index, write_tar
+from dataeff.data.stream import iter_shard
+from dataeff.select.compose import compose_mosaic, crop_patch
+
+log = logging.getLogger("dataeff")
+
+#: Official checkpoints, from the segment-anything README ("Model Checkpoints").
+SAM_CHECKPOINTS = {
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_b": "sam_vit_b_01ec64.pth",
+}
+SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+SAM_MODELS = (*SAM_CHECKPOINTS, "tiny")
+
+#: Fields of one patch record; every array has one row per patch.
+RECORD_FIELDS = ("source", "index", "box", "area", "area_frac", "pred_iou", "stability", "score")
+
+
+@dataclass
+class SamConfig:
+    """Segment Anything and its automatic mask generator (generator defaults: ours, PAPERS.md)."""
+
+    checkpoint: str = option("", help="local SAM checkpoint (.pth, e.g. sam_vit_b_01ec64.pth); required unless sam.model=tiny")
+    model: str = option("vit_b", help="SAM image encoder: vit_b, vit_l, vit_h, or tiny (random 2-block SAM, tests/demo only)")
+    points_per_side: int = option(32, help="prompt grid side; points_per_side^2 point prompts per image")
+    points_per_batch: int = option(64, help="point prompts per forward pass (memory vs speed)")
+    pred_iou_thresh: float = option(0.88, help="drop masks whose predicted IoU is below this")
+    stability_score_thresh: float = option(0.92, help="drop masks whose stability score is below this")
+    box_nms_thresh: float = option(0.7, help="box IoU above which duplicate masks are suppressed")
+    min_area_frac: float = option(0.01, help="drop masks covering less than this fraction of the image (tiny)")
+    max_area_frac: float = option(0.8, help="drop masks covering more than this fraction of the image (near-full)")
+    min_box_side: int = option(8, help="drop masks whose bounding box is narrower or shorter than this, px")
+    max_masks_per_image: int = option(16, help="keep at most this many masks per image, highest predicted IoU first")
+    seed: int = option(0, help="initialisation seed of the tiny SAM")
+    device: str = option("auto", help="'auto' (cuda when present), 'cpu' or 'cuda'")
+
+    def __post_init__(self) -> None:
+        if self.model not in SAM_MODELS:
+            raise ConfigError(f"sam.model={self.model!r}: choose one of {', '.join(SAM_MODELS)}")
+        if self.points_per_side < 1 or self.points_per_batch < 1:
+            raise ConfigError("sam.points_per_side and sam.points_per_batch must be at least 1")
+        if not 0.0 <= self.min_area_frac < self.max_area_frac <= 1.0:
+            raise ConfigError(
+                f"sam.min_area_frac={self.min_area_frac}, sam.max_area_frac={self.max_area_frac}: "
+                "need 0 <= min_area_frac < max_area_frac <= 1"
+            )
+        if self.max_masks_per_image < 1:
+            raise ConfigError(f"sam.max_masks_per_image={self.max_masks_per_image}: must be at least 1")
+
+
+def check_checkpoint(cfg: SamConfig) -> None:
+    """Fail before any work when a real SAM is asked for without a local checkpoint.
+
+    Raises:
+        ConfigError: naming the file to download and where to put it.
+    """
+    if cfg.model == "tiny":
+        return
+    name = SAM_CHECKPOINTS[cfg.model]
+    if not cfg.checkpoint:
+        raise ConfigError(
+            f"method=optidel needs a Segment Anything checkpoint and none is given (nothing is downloaded). "
+            f"Download the official {cfg.model} checkpoint {name} from {SAM_URL}{name} "
+            f"(listed in the segment-anything README), put it anywhere local, e.g. checkpoints/{name}, and pass "
+            f"sam.checkpoint=checkpoints/{name} (sam.model=vit_l/vit_h take sam_vit_l_0b3195.pth/sam_vit_h_4b8939.pth). "
+            "sam.model=tiny runs a tiny random SAM for tests and the CPU demo only."
+        )
+    if not Path(cfg.checkpoint).is_file():
+        raise ConfigError(f"sam.checkpoint={cfg.checkpoint}: no such file (expected the official {name})")
+
+
+def build_tiny_sam(seed: int = 0) -> torch.nn.Module:
+    """A tiny randomly initialised SAM: image encoder 2 blocks x 64 wide at 256 px (~0.2M params).
+
+    Its masks are meaningless; it exists so the whole OptiDEL path runs in seconds on CPU.
+    """
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    side, patch, dim = 256, 16, 32
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        sam = Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=side, patch_size=patch, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0,
+                out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True, window_size=4, global_attn_indexes=(1,),
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=dim, image_embedding_size=(side // patch, side // patch),
+                input_image_size=(side, side), mask_in_chans=4,
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
+    finally:
+        # Building a test model must not shift the caller's global random stream.
+        torch.random.set_rng_state(generator_state)
+    return sam.eval()
+
+
+def build_sam(cfg: SamConfig, device: torch.device, allow_random_init: bool = False) -> torch.nn.Module:
+    """The SAM named by ``cfg.model``, weights from ``cfg.checkpoint``, in eval mode on ``device``.
+
+    ``allow_random_init`` (benchmarks only) builds a real-size SAM without weights. The tiny
+    SAM is seeded by ``cfg.seed``, or loads ``cfg.checkpoint`` when one is given.
+    """
+    from segment_anything import sam_model_registry
+
+    if cfg.model == "tiny":
+        sam = build_tiny_sam(cfg.seed)
+    else:
+        if not (allow_random_init and not cfg.checkpoint):
+            check_checkpoint(cfg)
+        sam = sam_model_registry[cfg.model](checkpoint=None)
+    if cfg.checkpoint:
+        if not Path(cfg.checkpoint).is_file():
+            raise ConfigError(f"sam.checkpoint={cfg.checkpoint}: no such file")
+        # weights_only: a checkpoint is data, never code (SAM's own loader unpickles freely).
+        sam.load_state_dict(torch.load(cfg.checkpoint, map_location="cpu", weights_only=True))
+    return sam.eval().to(device)
+
+
+def mask_generator(sam: torch.nn.Module, cfg: SamConfig) -> Any:
+    """SAM's automatic mask generator with the configured thresholds."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    return SamAutomaticMaskGenerator(
+        sam,
+        points_per_side=cfg.points_per_side,
+        points_per_batch=cfg.points_per_batch,
+        pred_iou_thresh=cfg.pred_iou_thresh,
+        stability_score_thresh=cfg.stability_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+    )
+
+
+def filter_masks(masks: list[dict], height: int, width: int, cfg: SamConfig) -> dict[str, np.ndarray]:
+    """Usable masks of one image as arrays, best predicted IoU first.
+
+    Boxes become end-exclusive ``(x0, y0, x1, y1)`` (SAM's XYWH box has inclusive ends).
+
+    Returns:
+        ``box`` (K, 4) int32, ``area`` (K,) int64, ``area_frac``, ``pred_iou``, ``stability`` (K,) float32.
+    """
+    rows = []
+    for m in masks:
+        x, y, w, h = (int(round(v)) for v in m["bbox"])
+        box = (max(0, x), max(0, y), min(width, x + w + 1), min(height, y + h + 1))
+        frac = float(m["area"]) / float(height * width)
+        if not cfg.min_area_frac <= frac <= cfg.max_area_frac:
+            continue
+        if min(box[2] - box[0], box[3] - box[1]) < cfg.min_box_side:
+            continue
+        rows.append((-float(m["predicted_iou"]), -float(m["stability_score"]), box, int(m["area"]), frac))
+    rows.sort()  # deterministic: by IoU, then stability, then box
+    rows = rows[: cfg.max_masks_per_image]
+    return {
+        "box": np.array([r[2] for r in rows], dtype=np.int32).reshape(-1, 4),
+        "area": np.array([r[3] for r in rows], dtype=np.int64),
+        "area_frac": np.array([r[4] for r in rows], dtype=np.float32),
+        "pred_iou": np.array([-r[0] for r in rows], dtype=np.float32),
+        "stability": np.array([-r[1] for r in rows], dtype=np.float32),
+    }
+
+
+ScoreFn = Callable[[np.ndarray], np.ndarray]
+
+
+class _BatchScorer:
+    """Scores arrays in consecutive fixed-size batches as they arrive (bounded memory)."""
+
+    def __init__(self, score_fn: ScoreFn, batch_size: int) -> None:
+        self.score_fn, self.batch_size = score_fn, batch_size
+        self.pending: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        self.seconds = 0.0
+
+    def add(self, array: np.ndarray) -> None:
+        self.pending.append(array)
+        if len(self.pending) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        t0 = time.perf_counter()
+        self.scores.append(np.asarray(self.score_fn(np.stack(self.pending)), dtype=np.float32).reshape(-1))
+        self.seconds += time.perf_counter() - t0
+        self.pending = []
+
+    def finish(self) -> np.ndarray:
+        if self.pending:
+            self._flush()
+        return np.concatenate(self.scores) if self.scores else np.zeros(0, np.float32)
+
+
+def extract_and_score(
+    samples: Iterable[tuple[str, np.ndarray]],
+    generator: Any,
+    cfg: SamConfig,
+    score_size: int,
+    score_fn: ScoreFn,
+    batch_size: int,
+    on_image: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """SAM patches of a sequence of images (one shard) with their hardness scores.
+
+    Patches are scored in consecutive batches of ``batch_size`` in sample order, so the
+    scores depend only on the shard, never on the number of ranks. Every image also gets
+    a whole-image score (the hardness of the original, for ``include_originals``).
+
+    Args:
+        samples: ``(key, image)`` pairs, image (H, W, 3) uint8.
+        score_size: side S the scorer takes; each crop (and each whole image) is resized to it.
+        score_fn: (B, S, S, 3) uint8 -> (B,) float32 hardness (higher = harder).
+
+    Returns:
+        the patch record arrays (:data:`RECORD_FIELDS`), ``image_keys``/``image_scores``,
+        ``skipped_keys``/``skipped_reasons`` and ``sam_s``/``score_s`` timings.
+    """
+    parts: list[dict[str, np.ndarray]] = []
+    patch_scorer, image_scorer = _BatchScorer(score_fn, batch_size), _BatchScorer(score_fn, batch_size)
+    image_keys, skipped, reasons = [], [], []
+    sam_s = 0.0
+    for key, image in samples:
+        h, w = image.shape[:2]
+        image_keys.append(key)
+        image_scorer.add(crop_patch(image, (0, 0, w, h), score_size))
+        t0 = time.perf_counter()
+        try:
+            masks = generator.generate(image)
+        except (RuntimeError, ValueError) as exc:  # one bad image must not end the job
+            log.warning("SAM failed on %s: %s", key, exc)
+            masks, reason = [], f"sam_error:{type(exc).__name__}"
+        else:
+            reason = "sam_no_mask"
+        sam_s += time.perf_counter() - t0
+        found = filter_masks(masks, h, w, cfg)
+        on_image()
+        if len(found["box"]) == 0:
+            skipped.append(key)
+            reasons.append(reason if not masks else "sam_masks_filtered")
+            continue
+        found["source"] = np.array([key] * len(found["box"]))
+        found["index"] = np.arange(len(found["box"]), dtype=np.int32)
+        parts.append(found)
+        for box in found["box"]:
+            patch_scorer.add(crop_patch(image, box, score_size))
+    out = concat_records(parts)
+    out["score"] = patch_scorer.finish()
+    assert len(out["score"]) == len(out["source"])
+    out.update(
+        image_keys=np.array(image_keys, dtype=str),
+        image_scores=image_scorer.finish(),
+        skipped_keys=np.array(skipped, dtype=str),
+        skipped_reasons=np.array(reasons, dtype=str),
+        sam_s=np.float64(sam_s),
+        score_s=np.float64(patch_scorer.seconds + image_scorer.seconds),
+    )
+    return out
+
+
+def concat_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Join patch record arrays (fields missing from a part are skipped); empty parts give empty arrays."""
+    empty = {
+        "source": np.zeros(0, dtype=str), "index": np.zeros(0, np.int32), "box": np.zeros((0, 4), np.int32),
+        "area": np.zeros(0, np.int64), "area_frac": np.zeros(0, np.float32), "pred_iou": np.zeros(0, np.float32),
+        "stability": np.zeros(0, np.float32), "score": np.zeros(0, np.float32),
+    }
+    out = {}
+    for name, default in empty.items():
+        arrays = [p[name] for p in parts if name in p]
+        out[name] = np.concatenate(arrays) if arrays else default
+    if not any("score" in p for p in parts):
+        del out["score"]
+    return out
+
+
+# --------------------------------------------------------------------------- generated shards
+
+GENERATED_FORMAT = "dataeff-shards/1"
+
+
+def mosaic_key(run: str, index: int) -> str:
+    """Key of mosaic ``index`` of a run: ``<run>_mosaic<k>`` (k zero-padded so keys sort by k)."""
+    return f"{run}_mosaic{index:06d}"
+
+
+def read_crops(needed: dict[str, set[tuple[int, ...]]], tar_of: dict[str, str]) -> tuple[dict, dict]:
+    """The box crops of the needed source images, reading each source tar once.
+
+    Returns:
+        ``({(key, box): (h, w, 3) uint8 crop}, {key: (width, height)})``.
+    """
+    by_tar: dict[str, set[str]] = {}
+    for key in needed:
+        by_tar.setdefault(tar_of[key], set()).add(key)
+    crops, sizes = {}, {}
+    for tar in sorted(by_tar):
+        for sample in iter_shard(tar, by_tar[tar]):
+            image = np.asarray(sample["image"], dtype=np.uint8)
+            sizes[sample["key"]] = (image.shape[1], image.shape[0])
+            for box in needed[sample["key"]]:
+                x0, y0, x1, y1 = box
+                crops[(sample["key"], box)] = image[y0:y1, x0:x1].copy()
+    missing = set(needed) - set(sizes)
+    if missing:
+        raise RuntimeError(f"{len(missing)} source image(s) of selected patches not found in their shards, e.g. {min(missing)}")
+    return crops, sizes
+
+
+def mosaic_sample(
+    key: str, run: str, rows: np.ndarray, rec: dict, clusters: np.ndarray, crops: dict, sizes: dict
+) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    """Tar members (PNG + JSON) and the index row of one mosaic; deterministic bytes.
+
+    The mosaic takes the size of its top-left patch's source image ("at the original
+    image size"); each quadrant is its crop resized to half that size per side.
+    """
+    boxes = [tuple(int(v) for v in rec["box"][r]) for r in rows]
+    sources = [str(rec["source"][r]) for r in rows]
+    width, height = sizes[sources[0]]
+    pieces = [(crops[(s, b)], (0, 0, b[2] - b[0], b[3] - b[1])) for s, b in zip(sources, boxes)]
+    mosaic = Image.fromarray(compose_mosaic(pieces, width, height), "RGB")
+    buf = io.BytesIO()
+    mosaic.save(buf, format="PNG", optimize=False, compress_level=6)
+    png = buf.getvalue()
+    stats = quality_stats(gray_thumbnail(mosaic))
+    digest = hashlib.sha256(png).hexdigest()
+    meta = {
+        "key": key, "source": f"optidel:{run}", "site": "generated", "width": width, "height": height,
+        "sha256": digest, "mode": "RGB", "quality": stats, "generated": True, "method": "optidel",
+        "patches": [
+            {"quadrant": q, "source": s, "box": list(b), "score": round(float(rec["score"][r]), 6), "cluster": int(clusters[r])}
+            for q, (s, b, r) in enumerate(zip(sources, boxes, rows))
+        ],
+    }
+    blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    row = {"key": key, "source": f"optidel:{run}", "site": "generated", "status": "ok", "reason": "",
+           "size": len(png), "sha256": digest, "width": width, "height": height, **stats}
+    return [(f"{key}.png", png), (f"{key}.json", blob)], row
+
+
+def write_generated(
+    gen_dir: Path, run: str, groups: np.ndarray, rec: dict, clusters: np.ndarray, tar_of: dict[str, str],
+    per_shard: int, rank: int, world: int,
+) -> pd.DataFrame:
+    """Write the mosaics as a shard directory (tars + index.parquet + summary.json).
+
+    Mosaic shard j is written by rank j % world; its bytes depend only on the plan and
+    the source images, so any world size gives the same files. Finished shards are
+    journalled in ``.parts/`` and skipped on a re-run with the same plan.
+
+    Shape:
+        groups: (M, 4) rows of ``rec`` -> selection rows for the M mosaics
+        (key, kept, reason, cluster, score).
+    """
+    keys = [mosaic_key(run, i) for i in range(len(groups))]
+    plan = [[keys[i]] + [[str(rec["source"][r]), rec["box"][r].tolist()] for r in g] for i, g in enumerate(groups)]
+    signature = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+    parts = gen_dir / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-len(groups) // per_shard)
+    mine: list[dict] = []
+    for j in range(rank, n_shards, world):
+        name = f"mosaic-{j:06d}.tar"
+        journal = parts / f"{name}.json"
+        if journal.is_file() and (gen_dir / name).is_file():
+            done = json.loads(journal.read_text())
+            if done.get("signature") == signature:
+                mine += done["rows"]
+                continue
+        ids = range(j * per_shard, min(len(groups), (j + 1) * per_shard))
+        needed: dict[str, set] = {}
+        for i in ids:
+            for r in groups[i]:
+                needed.setdefault(str(rec["source"][r]), set()).add(tuple(int(v) for v in rec["box"][r]))
+        crops, sizes = read_crops(needed, tar_of)
+        members, rows = [], []
+        for i in ids:
+            sample, row = mosaic_sample(keys[i], run, groups[i], rec, clusters, crops, sizes)
+            members += sample
+            rows.append({**row, "shard": name})
+        write_tar(gen_dir / name, members)
+        tmp = journal.with_name(journal.name + ".tmp")
+        tmp.write_text(json.dumps({"signature": signature, "rows": rows}))
+        tmp.replace(journal)
+        mine += rows
+    rows = sorted((r for rank_rows in dist.all_gather_object(mine) for r in rank_rows), key=lambda r: r["key"])
+    if rank == 0:
+        for stale in sorted(gen_dir.glob("mosaic-*.tar")):
+            if int(stale.stem.split("-")[-1]) >= n_shards:
+                stale.unlink()  # left by an earlier, larger plan
+        write_index(gen_dir / "index.parquet", rows)
+        summary = {
+            "format": GENERATED_FORMAT, "name": "generated", "method": "optidel", "run": run,
+            "num_files": len(rows), "num_samples": len(rows), "num_shards": n_shards,
+            "counts_by_status": {"ok": len(rows)}, "counts_by_reason": {}, "signature": signature,
+        }
+        tmp = gen_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
+        tmp.replace(gen_dir / "summary.json")
+    dist.barrier()
+    score = np.array([rec["score"][g].mean() for g in groups], dtype=np.float32).reshape(-1)
+    return pd.DataFrame({"key": keys, "kept": True, "reason": "kept", "cluster": -1, "score": score}).astype(
+        {"cluster": np.int64, "kept": bool}
+    )

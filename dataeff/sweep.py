@@ -1,0 +1,450 @@
+"""``dataeff sweep``: select -> pretrain -> finetune for every (method, ratio) cell, then report.
+
+The stage configs are sections of :class:`SweepConfig` and act as per-cell templates:
+the sweep fills the keys it owns (method, ratio, paths, seeds, W&B group) and calls each
+stage's ``main`` in this process, so under ``torchrun`` every stage runs in the same
+process group. The pool is embedded once for all cells; with no encoder weights given,
+a short MAE pre-training on the whole pool (``bootstrap``) provides the embedding
+encoder (and OptiDEL's hardness scorer).
+
+Layout under ``out``::
+
+    sweep.json                      plan: cells, skipped cells and why, seed, budget
+    bootstrap/  embed/              shared by every cell
+    cells/<method>-r<ratio>/        selection/, pretrain/, finetune/<dataset>/, cell.json
+    report.md  report.csv  plots/   written by ``dataeff report`` at the end
+
+``cell.json`` (format ``dataeff-cell/1``) records each stage's wall time, the kept count,
+the pre-training images seen and ``done``. A done cell is skipped on a rerun; an
+unfinished one resumes from its first unfinished stage (the stages resume themselves too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dataeff import dist
+from dataeff.config import ConfigError, WandbConfig, option, save_resolved, section, to_dict, to_yaml
+from dataeff.finetune import FinetuneConfig
+from dataeff.pretrain import PretrainConfig
+from dataeff.select.embed import EmbedConfig
+from dataeff.select.stage import METHODS, SelectConfig
+
+log = logging.getLogger("dataeff")
+T = TypeVar("T")
+
+CELL_FORMAT = "dataeff-cell/1"
+SWEEP_FORMAT = "dataeff-sweep/1"
+#: Keys the sweep sets in every cell; a template that sets them is a config error.
+OWNED = {
+    "embed": ("out", "data.shards", "seed"),
+    "select": ("embeddings", "method", "ratio", "out", "seed", "data.shards"),
+    "pretrain": ("out", "data.shards", "data.selection", "seed", "run_name"),
+    "finetune": ("out", "encoder.weights", "seed", "run_name"),
+}
+
+
+@dataclass
+class EmbedTemplate(EmbedConfig):
+    """``dataeff embed`` settings for the sweep's one embedding pass (out and shards are filled)."""
+
+    def __post_init__(self) -> None:
+        # The checks run on the filled EmbedConfig, before any work (see plan()).
+        pass
+
+
+@dataclass
+class SelectTemplate(SelectConfig):
+    """``dataeff select`` settings shared by every cell (method, ratio, paths are filled per cell)."""
+
+    def __post_init__(self) -> None:
+        # The checks run on each filled SelectConfig, before any work (see plan()).
+        pass
+
+
+@dataclass
+class BootstrapConfig:
+    """A short MAE run on the whole pool, used as the embedding encoder when none is given."""
+
+    steps: int = option(200, help="MAE steps (0 = no bootstrap: then embed.encoder.weights is required)")
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"bootstrap.steps={self.steps}: must be >= 0")
+
+
+@dataclass
+class SweepConfig:
+    """Every (method, ratio) cell through select -> pretrain -> finetune, then ``report``."""
+
+    out: str = option("runs/sweep", help="sweep directory (cells/, embed/, bootstrap/, report.md)")
+    name: str = option("", help="sweep name: W&B group and report title (default: the name of out)")
+    shards: str = option("", help="pre-training pool: shard directory written by 'dataeff shard' (required)")
+    methods: list = option(["full", "random", "meddel", "optidel"], help="selection methods to compare")
+    ratios: list = option([0.05, 0.2, 0.5, 1.0], help="kept fractions R of the pool; 'full' runs at 1.0 only")
+    datasets: dict = option({}, help="downstream name -> finetune keys for it, e.g. {kvasir: {data: {root: ...}}}")
+    seed: int = option(0, help="the one seed of every stage of every cell (comparison protocol)")
+    alpha: float = option(1.0, help="NormDEL alpha of the final report")
+    bootstrap: BootstrapConfig = section(BootstrapConfig, help="embedding encoder when embed.encoder.weights is empty")
+    embed: EmbedTemplate = section(EmbedTemplate, help="embedding of the pool (once per sweep)")
+    select: SelectTemplate = section(SelectTemplate, help="selection template (audit.truth, cluster, meddel, sam, ...)")
+    pretrain: PretrainConfig = section(PretrainConfig, help="pre-training template: one step budget for every cell")
+    finetune: FinetuneConfig = section(FinetuneConfig, help="fine-tuning template, per dataset completed by datasets.<name>")
+    wandb: WandbConfig = section(WandbConfig, help="W&B for every stage: group = name, tags method/ratio")
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ConfigError("shards is empty: set shards=<pool shard directory written by 'dataeff shard'>")
+        if not self.datasets:
+            raise ConfigError("datasets is empty: set datasets.<name>.data.root=<downstream folder> (one or more)")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"methods={list(self.methods)}: choose from {', '.join(METHODS)}")
+        for r in self.ratios:
+            if not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+                raise ConfigError(f"ratios: {r!r} is not a fraction in (0, 1] (e.g. 0.05 for 5%)")
+        if not self.ratios:
+            raise ConfigError("ratios is empty: give kept fractions, e.g. ratios=[0.05,0.2,0.5,1.0]")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha={self.alpha}: must be >= 0")
+
+    @property
+    def sweep_name(self) -> str:
+        return self.name or Path(self.out).name
+
+
+# --------------------------------------------------------------------------- pure planning
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    ratio: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-r{self.ratio:g}"
+
+
+def plan_cells(methods: list[str], ratios: list[float], unavailable: dict[str, str]) -> tuple[list[Cell], list[dict]]:
+    """The cells to run, and the ones left out with the reason.
+
+    ``full`` runs once, at 1.0 (``full`` at 0.05 would be the same 100% run again);
+    ``random`` at 1.0 keeps every sample, i.e. it *is* ``full``, so it is left out when
+    ``full`` is in the sweep. A method in ``unavailable`` is left out with its reason.
+    """
+    cells, skipped = [], []
+    ratios = sorted({float(r) for r in ratios})
+    for method in dict.fromkeys(methods):
+        if method in unavailable:
+            skipped.append({"cell": method, "why": unavailable[method]})
+            continue
+        for ratio in ([1.0] if method == "full" else ratios):
+            cell = Cell(method, ratio)
+            if method == "random" and ratio == 1.0 and "full" in methods:
+                skipped.append({"cell": cell.name, "why": "random at 1.0 keeps every sample: identical to full-r1"})
+                continue
+            cells.append(cell)
+    return cells, skipped
+
+
+def fill(schema: type[T], template: Any, *patches: dict) -> T:
+    """A ``schema`` instance from a template's values with ``patches`` merged on top.
+
+    Types are checked and ``schema``'s ``__post_init__`` runs, as in ``load_config``.
+
+    Raises:
+        ConfigError: naming the key, for a wrong key, type or value.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(OmegaConf.structured(template)), *patches)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{schema.__name__}: bad key '{getattr(exc, 'full_key', '?')}': {str(exc).splitlines()[0]}") from None
+
+
+def check_owned(cfg: SweepConfig) -> None:
+    """Fail when a template sets a key that the sweep fills per cell (it would be silently replaced)."""
+    schemas = {"embed": EmbedConfig, "select": SelectConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+    for name, keys in OWNED.items():
+        given = OmegaConf.structured(getattr(cfg, name))
+        default = OmegaConf.structured(schemas[name])
+        for key in keys:
+            if OmegaConf.select(given, key) != OmegaConf.select(default, key):
+                raise ConfigError(
+                    f"{name}.{key} is set by the sweep for every cell; remove it from the sweep config "
+                    "(use the sweep's out, shards, seed keys)"
+                )
+
+
+def _nested(dotted: dict[str, Any]) -> dict:
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={_scalar(v)}" for k, v in dotted.items()]))  # type: ignore[return-value]
+
+
+def _scalar(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _wandb(cfg: SweepConfig, tags: list[str]) -> dict:
+    w = cfg.wandb
+    return {"wandb": {"enabled": w.enabled, "project": w.project, "group": w.group or cfg.sweep_name, "tags": [*w.tags, *tags]}}
+
+
+def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = False) -> dict[str, Any]:
+    """Every stage config of the sweep, filled and checked, before any work.
+
+    Args:
+        embed_weights: encoder weights of the embedding pass (the bootstrap output or the
+            user's ``embed.encoder.weights``).
+        scorer: OptiDEL hardness model (MAE checkpoint) when the select template has
+            ``scorer`` empty; '' when none.
+        precheck: check the templates before the bootstrap exists: OptiDEL cells are
+            then checked for their SAM only (their scorer is not written yet).
+
+    Returns:
+        ``{"embed": EmbedConfig, "cells": [(Cell, {"select", "pretrain", "finetune": {ds: cfg}})],
+        "skipped": [{"cell", "why"}]}``.
+    """
+    out = Path(cfg.out)
+    embed_patch = {"out": str(out / "embed"), "data": {"shards": cfg.shards}, "seed": cfg.seed}
+    if embed_weights:
+        embed_patch["encoder"] = {"weights": embed_weights}
+    if embed_weights and embed_weights == str(out / "bootstrap"):
+        # The bootstrap encoder is built for the pre-training crop size.
+        embed_patch["data"]["image_size"] = cfg.pretrain.encoder.img_size
+    embed = fill(EmbedConfig, cfg.embed, embed_patch)
+    cells, skipped = plan_cells(list(cfg.methods), list(cfg.ratios), unavailable_methods(cfg))
+    planned = []
+    for cell in cells:
+        root = out / "cells" / cell.name
+        tags = [f"method={cell.method}", f"ratio={cell.ratio:g}"]
+        sel_patch: dict[str, Any] = {
+            "embeddings": embed.out, "method": cell.method, "ratio": cell.ratio, "out": str(root / "selection"),
+            "seed": cfg.seed, "data": {"shards": cfg.shards},
+        }
+        if cell.method == "optidel" and not cfg.select.scorer:
+            sel_patch["scorer"] = scorer
+            if precheck and not Path(scorer).exists():
+                from dataeff.select.sam_hard import check_checkpoint
+
+                check_checkpoint(cfg.select.sam)
+                sel_patch["method"] = "random"  # every other key of the template is still checked
+        select = fill(SelectConfig, cfg.select, sel_patch)
+        pretrain = fill(PretrainConfig, cfg.pretrain, {
+            "out": str(root / "pretrain"), "seed": cfg.seed, "run_name": f"{cfg.sweep_name}/{cell.name}/pretrain",
+            "data": {"shards": cfg.shards, "selection": select.out},
+        }, _wandb(cfg, []))  # pretrain adds method/ratio tags itself, from the selection
+        finetune = {}
+        for ds, overrides in cfg.datasets.items():
+            try:
+                finetune[ds] = fill(FinetuneConfig, cfg.finetune, dict(overrides or {}), {
+                    "out": str(root / "finetune" / ds), "seed": cfg.seed, "encoder": {"weights": pretrain.out},
+                    "run_name": f"{cfg.sweep_name}/{cell.name}/finetune/{ds}",
+                }, _wandb(cfg, [*tags, f"dataset={ds}"]))
+            except ConfigError as exc:
+                raise ConfigError(f"datasets.{ds} (finetune keys): {exc}") from None
+        planned.append((cell, {"select": select, "pretrain": pretrain, "finetune": finetune}))
+    return {"embed": embed, "cells": planned, "skipped": skipped}
+
+
+def unavailable_methods(cfg: SweepConfig) -> dict[str, str]:
+    """Methods of the sweep that cannot run here, with the reason (they are skipped, not faked)."""
+    why: dict[str, str] = {}
+    if "optidel" in cfg.methods:
+        sam = cfg.select.sam
+        if not sam.checkpoint and sam.model != "tiny":
+            why["optidel"] = (
+                "no SAM checkpoint configured: set select.sam.checkpoint=<sam_vit_b.pth>, "
+                "or select.sam.model=tiny for a pipeline demonstration with a random tiny SAM"
+            )
+    return why
+
+
+def config_digest(stage_cfgs: dict[str, Any]) -> str:
+    """sha256 of a cell's resolved stage configs: a rerun with other settings is detected."""
+    text = "".join(to_yaml(stage_cfgs[k]) for k in ("select", "pretrain"))
+    text += "".join(to_yaml(c) for _, c in sorted(stage_cfgs["finetune"].items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- shell
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def _job_type(name: str) -> Iterator[None]:
+    """W&B job_type of the runs a stage opens (wandb reads WANDB_JOB_TYPE at init)."""
+    old = os.environ.get("WANDB_JOB_TYPE")
+    os.environ["WANDB_JOB_TYPE"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WANDB_JOB_TYPE", None)
+        else:
+            os.environ["WANDB_JOB_TYPE"] = old
+
+
+def _timed(name: str, fn: Callable[[Any], Any], stage_cfg: Any) -> dict[str, Any]:
+    started = _now()
+    t0 = time.perf_counter()
+    with _job_type(name.split("/")[0]):
+        fn(stage_cfg)
+    return {"done": True, "wall_s": round(time.perf_counter() - t0, 3), "started": started, "finished": _now()}
+
+
+def bootstrap_encoder(cfg: SweepConfig) -> tuple[str, str]:
+    """(embedding encoder weights, OptiDEL scorer checkpoint), bootstrapping them if needed."""
+    from dataeff import pretrain as pretrain_stage
+
+    if cfg.embed.encoder.weights:
+        return cfg.embed.encoder.weights, cfg.select.scorer
+    if cfg.bootstrap.steps == 0:
+        if cfg.embed.encoder.allow_random_init:
+            return "", ""
+        raise ConfigError(
+            "no embedding encoder: set embed.encoder.weights=<local checkpoint>, or bootstrap.steps>0 to pre-train "
+            "one on the pool first"
+        )
+    out = Path(cfg.out) / "bootstrap"
+    boot = fill(PretrainConfig, cfg.pretrain, {
+        "out": str(out), "seed": cfg.seed, "run_name": f"{cfg.sweep_name}/bootstrap",
+        "data": {"shards": cfg.shards, "selection": ""}, "trainer": {"max_steps": cfg.bootstrap.steps},
+    }, _wandb(cfg, ["bootstrap"]))
+    log.info("sweep: bootstrap MAE encoder, %d steps on the whole pool -> %s", cfg.bootstrap.steps, out)
+    record = _timed("bootstrap", pretrain_stage.main, boot)
+    if dist.is_main() and not (out / "stage.json").is_file():
+        _write_json(out / "stage.json", record)
+    return str(out), str(out / "mae.ckpt")
+
+
+def check_digest(record: dict[str, Any] | None, digest: str, root: Path) -> None:
+    """Refuse to resume or skip a cell that was run with other settings (results would mix)."""
+    if record and record.get("config_digest") != digest:
+        raise ConfigError(
+            f"{root} was run with other settings (config digest {record.get('config_digest')} != {digest}); "
+            "use a new sweep out= or delete that cell directory to recompute it"
+        )
+
+
+def run_cell(cell: Cell, stage_cfgs: dict[str, Any], digest: str, sweep_name: str) -> dict[str, Any]:
+    """Run the unfinished stages of one cell; returns its cell.json record.
+
+    Every rank calls this; rank 0 alone reads and writes ``cell.json`` and broadcasts
+    what it read, so all ranks take the same branch.
+    """
+    from dataeff import finetune as finetune_stage
+    from dataeff import pretrain as pretrain_stage
+    from dataeff.select import stage as select_stage
+
+    root = Path(stage_cfgs["pretrain"].out).parent
+    path = root / "cell.json"
+    record = dist.broadcast_object(_read_json(path) if dist.is_main() else None)
+    check_digest(record, digest, root)
+    if record and record.get("done"):
+        log.info("sweep: cell %s is done (finished %s), skipping", cell.name, record.get("finished"))
+        return record
+    record = record or {
+        "format": CELL_FORMAT, "cell": cell.name, "method": cell.method, "ratio": cell.ratio, "sweep": sweep_name,
+        "config_digest": digest, "stages": {}, "done": False, "started": _now(),
+    }
+    record["datasets"] = sorted(stage_cfgs["finetune"])
+    steps: list[tuple[str, Callable[[Any], Any], Any]] = [
+        ("select", select_stage.main, stage_cfgs["select"]),
+        ("pretrain", pretrain_stage.main, stage_cfgs["pretrain"]),
+    ]
+    steps += [(f"finetune/{ds}", finetune_stage.main, c) for ds, c in sorted(stage_cfgs["finetune"].items())]
+    for name, fn, stage_cfg in steps:
+        if record["stages"].get(name, {}).get("done"):
+            continue
+        log.info("sweep: cell %s: %s", cell.name, name)
+        record["stages"][name] = _timed(name, fn, stage_cfg)
+        if dist.is_main():
+            _write_json(path, record)
+        dist.barrier()
+    selection = _read_json(Path(stage_cfgs["select"].out) / "summary.json") or {}
+    summary = _read_json(Path(stage_cfgs["pretrain"].out) / "summary.json") or {}
+    record.update(
+        kept=selection.get("kept"), pool_size=selection.get("pool_size"), kept_fraction=selection.get("kept_fraction"),
+        images_seen=summary.get("images_seen"), pretrain_steps=summary.get("steps"),
+        wall_s=round(sum(s["wall_s"] for s in record["stages"].values()), 3), done=True, finished=_now(),
+    )
+    if dist.is_main():
+        _write_json(path, record)
+    dist.barrier()
+    return record
+
+
+def main(cfg: SweepConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep and write its report; returns the report's paths."""
+    from dataeff import report as report_stage
+    from dataeff.select import embed as embed_stage
+
+    dist.init()
+    check_owned(cfg)
+    out = Path(cfg.out)
+    if not Path(cfg.shards).is_dir():
+        raise ConfigError(f"shards={cfg.shards}: no such shard directory; run 'dataeff shard' first")
+    for ds, overrides in cfg.datasets.items():
+        root = ((overrides or {}).get("data") or {}).get("root") or cfg.finetune.data.root
+        if not root or not Path(root).is_dir():
+            raise ConfigError(f"datasets.{ds}.data.root={root!r}: no such downstream folder")
+    # Checked once with stand-in paths so that a bad template fails before the bootstrap runs.
+    plan(cfg, cfg.embed.encoder.weights or str(out / "bootstrap"), str(out / "bootstrap" / "mae.ckpt"), precheck=True)
+    if dist.is_main():
+        save_resolved(cfg, out)
+    weights, scorer = bootstrap_encoder(cfg)
+    full = plan(cfg, weights, scorer)
+    for cell, stage_cfgs in full["cells"]:
+        root = Path(cfg.out) / "cells" / cell.name
+        check_digest(dist.broadcast_object(_read_json(root / "cell.json") if dist.is_main() else None), config_digest(stage_cfgs), root)
+    t0 = time.perf_counter()
+    with _job_type("embed"):
+        embed_stage.main(full["embed"])
+    if dist.is_main():
+        _write_json(out / "sweep.json", {
+            "format": SWEEP_FORMAT, "name": cfg.sweep_name, "seed": cfg.seed, "methods": list(cfg.methods),
+            "ratios": list(cfg.ratios), "datasets": sorted(cfg.datasets), "embed_encoder": weights,
+            "pretrain_steps": cfg.pretrain.trainer.max_steps, "batch_size": cfg.pretrain.data.batch_size,
+            "cells": [c.name for c, _ in full["cells"]], "skipped": full["skipped"],
+        })
+    for skipped in full["skipped"]:
+        log.warning("sweep: skipping %s: %s", skipped["cell"], skipped["why"])
+    for cell, stage_cfgs in full["cells"]:
+        run_cell(cell, stage_cfgs, config_digest(stage_cfgs), cfg.sweep_name)
+    log.info("sweep: %d cells done in %.1f s", len(full["cells"]), time.perf_counter() - t0)
+    paths: dict[str, Any] = {}
+    if dist.is_main():
+        report_cfg = report_stage.ReportConfig(run=str(out), alpha=cfg.alpha, wandb=dataclasses.replace(
+            cfg.wandb, group=cfg.wandb.group or cfg.sweep_name))
+        paths = report_stage.main(report_cfg)
+        # The one thing a user of `make demo` looks for at the end.
+        print(f"report: {paths['md']}\ntable:  {paths['csv']}\nplots:  {', '.join(paths['plots'])}", flush=True)
+    dist.barrier()
+    return dist.broadcast_object(paths)

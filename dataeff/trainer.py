@@ -1,0 +1,398 @@
+"""The Lightning shell shared by pre-training and fine-tuning.
+
+``build_trainer`` turns a :class:`~dataeff.config.TrainerConfig` into a
+``pytorch_lightning.Trainer``: it resolves ``strategy``/``precision``/``devices``/
+``num_nodes`` from the hardware and the launcher environment (torchrun or SLURM,
+read through :func:`dataeff.dist.env_from`), attaches a CSV logger (always) and a
+W&B logger (offline unless ``WANDB_MODE`` is set), periodic + last + on-exception
+checkpoints, and a throughput callback whose images/s also shows in the progress bar.
+
+Pre-emption: Lightning's own signal connector turns SIGTERM into a
+``SIGTERMException`` at the end of the running batch; ``ModelCheckpoint(
+save_on_exception=True)`` then writes a checkpoint at the current step before the
+process exits, and ``find_resume_checkpoint`` picks it up on restart. Under SLURM,
+Lightning's ``SLURMEnvironment`` (auto-detected) also handles ``SIGUSR1``
+(``#SBATCH --signal=SIGUSR1@90``): it saves ``<out>/hpc_ckpt_<n>.ckpt`` and requeues
+the job; ``find_resume_checkpoint`` considers those too.
+
+Model code never sees any of this: strategies live here and in configs only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from dataeff import dist
+from dataeff.config import ConfigError, TrainerConfig, WandbConfig
+
+log = logging.getLogger("dataeff")
+
+CHECKPOINT_DIR = "checkpoints"
+_CKPT_RE = re.compile(r"step=(\d+)")
+_HPC_RE = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
+
+
+# --------------------------------------------------------------------------- pure resolution
+
+
+def resolve_layout(cfg: TrainerConfig, environ: Mapping[str, str], cuda_devices: int) -> dict[str, Any]:
+    """Resolve accelerator, strategy, precision, devices and nodes without touching hardware.
+
+    Args:
+        cfg: the trainer section of a stage config.
+        environ: the process environment (torchrun/SLURM variables are read from it).
+        cuda_devices: CUDA devices visible to this process (``torch.cuda.device_count()``).
+
+    Returns:
+        ``{"accelerator", "strategy", "precision", "devices", "num_nodes", "world_size"}``
+        with ``strategy``/``precision`` as Lightning names (``"deepspeed_stage_2"``,
+        ``"ddp"``, ``"auto"``; ``"bf16-mixed"``, ``"32-true"``).
+
+    Raises:
+        ConfigError: for a GPU accelerator without GPUs, or a device count that does not
+            match the launcher's world size.
+    """
+    env = dist.env_from(environ)
+    accelerator = cfg.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if cuda_devices > 0 else "cpu"
+    if accelerator not in ("cpu", "gpu"):
+        raise ConfigError(f"trainer.accelerator={cfg.accelerator!r}: choose 'auto', 'cpu' or 'gpu'")
+    if accelerator == "gpu" and cuda_devices == 0:
+        raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
+
+    num_nodes = cfg.num_nodes
+    if cfg.devices != "auto":
+        try:
+            devices = int(cfg.devices)
+        except ValueError:
+            raise ConfigError(f"trainer.devices={cfg.devices!r}: 'auto' or a number of devices per node") from None
+    elif env.world_size > 1:
+        # One process per device was started by torchrun/srun: the launcher says how many per node.
+        per_node = environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        if per_node:
+            devices = int(per_node)
+        elif env.launcher == "slurm" and environ.get("SLURM_NNODES"):
+            devices = env.world_size // int(environ["SLURM_NNODES"])
+        else:
+            devices = max(env.world_size // max(num_nodes, 1), 1)
+    else:
+        devices = cuda_devices if accelerator == "gpu" else 1
+    if env.world_size > 1 and num_nodes == 1 and devices < env.world_size:
+        num_nodes = env.world_size // devices
+    world = devices * num_nodes
+    if env.world_size > 1 and world != env.world_size:
+        raise ConfigError(
+            f"trainer.devices={devices} x trainer.num_nodes={num_nodes} = {world} processes, but the launcher "
+            f"started {env.world_size}; set trainer.devices/num_nodes to match (or leave them 'auto'/1)"
+        )
+
+    strategy = cfg.strategy
+    if strategy == "auto":
+        if accelerator == "gpu":
+            strategy = "deepspeed_stage_2"
+        else:
+            strategy = "ddp" if world > 1 else "auto"
+    if strategy.startswith("deepspeed") and accelerator != "gpu":
+        raise ConfigError(f"trainer.strategy={strategy}: DeepSpeed needs CUDA GPUs; use trainer.strategy=ddp on CPU")
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
+    return {
+        "accelerator": accelerator,
+        "strategy": strategy,
+        "precision": precision,
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "world_size": world,
+    }
+
+
+def scaled_lr(base_lr: float, batch_size: int, accumulate: int, world_size: int) -> float:
+    """The MAE linear scaling rule: ``base_lr x global batch / 256`` (MAE paper, Sec. A.1)."""
+    return base_lr * batch_size * accumulate * world_size / 256.0
+
+
+def make_adamw(params: Iterable[Any], lr: float, betas: tuple[float, float], weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where the hardware allows.
+
+    On CUDA: DeepSpeed's ``FusedAdam`` (AdamW mode) when its op is pre-built in the
+    installed DeepSpeed (building it just-in-time needs nvcc and can fail on a cluster
+    node), else PyTorch's own fused AdamW kernel. On CPU: plain AdamW.
+    """
+    params = list(params)
+    if device.type == "cuda":
+        try:
+            from deepspeed.git_version_info import installed_ops  # type: ignore[import-not-found]
+
+            if installed_ops.get("fused_adam"):
+                from deepspeed.ops.adam import FusedAdam
+
+                return FusedAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True)
+        except ImportError:
+            pass
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class ThroughputCallback(Callback):
+    """Logs ``images_per_s`` (all ranks together) and, on GPU, ``gpu_mem_gb`` (peak, this rank).
+
+    The images of a step are read from ``batch["image"]``; a moving average over the last
+    steps is shown in the progress bar.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._t0: float | None = None
+        self._times: list[tuple[float, int]] = []
+        self.images_seen = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        n = int(batch["image"].shape[0]) * trainer.world_size
+        self.images_seen += n
+        assert self._t0 is not None
+        self._times.append((now - self._t0, n))
+        self._t0 = now
+        self._times = self._times[-self.window :]
+        seconds = sum(t for t, _ in self._times)
+        rate = sum(k for _, k in self._times) / max(seconds, 1e-9)
+        pl_module.log("images_per_s", rate, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        if pl_module.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            pl_module.log("gpu_mem_gb", mem, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+
+
+class _StepProgressBar(TQDMProgressBar):
+    """TQDM bar counting optimiser steps against ``max_steps`` (streams have no epoch length)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        metrics["step"] = f"{trainer.global_step}/{trainer.max_steps}"
+        return metrics
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_step(path: Path) -> int:
+    match = _CKPT_RE.search(path.name) or _HPC_RE.search(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def find_resume_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of a run directory, or None when there is none.
+
+    Considers ``<out>/checkpoints/*.ckpt`` (periodic, last and on-exception saves; files,
+    or directories when written by DeepSpeed) and SLURM requeue saves
+    ``<out>/hpc_ckpt_<n>.ckpt``. Newest = latest modification time (a checkpoint is only
+    renamed into place when complete), ties broken by the step in the file name.
+    """
+    out = Path(out_dir)
+    candidates = [p for p in (out / CHECKPOINT_DIR).glob("*.ckpt") if not p.name.endswith(".tmp.ckpt")]
+    candidates += list(out.glob("hpc_ckpt_*.ckpt"))
+    candidates = [p for p in candidates if p.exists()]  # drops dangling 'last' links
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (p.stat().st_mtime, _checkpoint_step(p)))
+
+
+# --------------------------------------------------------------------------- loggers
+
+
+def _stable_run_id(out_dir: Path, run_name: str) -> str:
+    """A W&B run id derived from the run directory, so a resumed run continues the same W&B run."""
+    digest = hashlib.sha1(f"{out_dir.resolve()}|{run_name}".encode()).hexdigest()[:12]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{run_name[:40]}-{digest}")
+
+
+class _ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` writing ``<out>/metrics.csv`` that keeps the rows of earlier, interrupted runs.
+
+    Lightning's writer deletes an existing metrics file when it starts; a resumed run must
+    append to it instead, so the old rows are put back and their header adopted.
+    """
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None or rank_zero_only.rank != 0:
+            return super().experiment
+        path = Path(self.log_dir) / "metrics.csv"
+        old = path.read_text() if path.is_file() else ""
+        experiment = super().experiment
+        if old.strip():
+            path.write_text(old)
+            experiment.metrics_keys = sorted(old.splitlines()[0].split(","))
+        return experiment
+
+
+def _build_loggers(out_dir: Path, wandb: WandbConfig, run_name: str, run_config: dict, flush_every: int) -> list[Logger]:
+    # metrics.csv directly in the run directory, flushed at every logging step so a killed
+    # run keeps its rows; Lightning's "directory exists" warning is about versioned dirs.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    loggers: list[Logger] = [
+        _ResumableCSVLogger(save_dir=os.fspath(out_dir), name="", version="", flush_logs_every_n_steps=flush_every)
+    ]
+    if wandb.enabled:
+        # Offline files unless the user set WANDB_MODE; the API key, if any, comes from the
+        # environment only (WANDB_API_KEY) and is never passed or logged here.
+        loggers.append(
+            WandbLogger(
+                name=run_name,
+                project=wandb.project,
+                group=wandb.group or None,
+                tags=list(wandb.tags) or None,
+                save_dir=os.fspath(out_dir),
+                id=_stable_run_id(out_dir, run_name),
+                resume="allow",
+                mode=wandb.mode,
+                config=run_config,
+            )
+        )
+    return loggers
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+def build_trainer(
+    cfg: TrainerConfig,
+    out_dir: str | os.PathLike,
+    wandb: WandbConfig,
+    run_name: str,
+    run_config: dict,
+    extra_callbacks: Iterable[Callback] = (),
+    *,
+    micro_batch_size: int | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[pl.Trainer, dict[str, Any]]:
+    """A Lightning Trainer for one stage run.
+
+    Args:
+        cfg: trainer settings (strategy/precision/devices 'auto' are resolved here).
+        out_dir: the run directory: ``checkpoints/``, ``metrics.csv`` and ``wandb/``
+            go under it; it is also Lightning's ``default_root_dir``.
+        wandb: W&B settings; ``enabled=false`` leaves only the CSV log.
+        run_name: run name in W&B (and part of its stable id, so resumes continue it).
+        run_config: flat or nested dict logged as the W&B run config.
+        extra_callbacks: more callbacks (e.g. a stage's image panel).
+        micro_batch_size: samples per device per forward pass. DeepSpeed needs it
+            (``train_micro_batch_size_per_gpu``); Lightning can only infer it from a
+            DataLoader with a batch sampler, which a streaming loader does not have.
+        **trainer_kwargs: passed to ``pl.Trainer`` last, overriding the defaults here
+            (e.g. ``use_distributed_sampler=False``, ``limit_val_batches=0``).
+
+    Returns:
+        ``(trainer, info)`` where ``info`` holds the resolved ``accelerator``, ``strategy``,
+        ``precision``, ``devices``, ``num_nodes``, ``world_size`` and the ``throughput``
+        callback (its ``images_seen`` counts images of this process's run).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layout = resolve_layout(cfg, os.environ, torch.cuda.device_count())
+    strategy: Any = layout["strategy"]
+    if strategy == "ddp" and layout["accelerator"] == "cpu":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo", timeout=_dist_timeout())
+    elif strategy == "deepspeed_stage_2":
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        # ZeRO-2: optimiser state and gradients sharded, parameters replicated; the
+        # client optimiser (fused AdamW from the module) is wrapped by DeepSpeed.
+        strategy = DeepSpeedStrategy(
+            stage=2,
+            zero_allow_untested_optimizer=True,
+            logging_batch_size_per_gpu=micro_batch_size if micro_batch_size else "auto",
+        )
+
+    throughput = ThroughputCallback()
+    checkpoint = ModelCheckpoint(
+        dirpath=os.fspath(out / CHECKPOINT_DIR),
+        filename="step={step:08d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.checkpoint_every_n_steps,
+        save_top_k=1,  # with no monitor: keep only the newest periodic checkpoint
+        save_last="link",  # a symlink to the newest save, not a second copy
+        save_on_exception=True,  # SIGTERM -> SIGTERMException -> checkpoint at this step
+        save_on_train_epoch_end=False,
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [throughput, checkpoint, *extra_callbacks]
+    if cfg.progress_bar:
+        callbacks.append(_StepProgressBar(refresh_rate=1))
+    kwargs: dict[str, Any] = dict(
+        accelerator=layout["accelerator"],
+        devices=layout["devices"],
+        num_nodes=layout["num_nodes"],
+        strategy=strategy,
+        precision=layout["precision"],
+        max_steps=cfg.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.gradient_clip_val or None,
+        log_every_n_steps=cfg.log_every_n_steps,
+        default_root_dir=os.fspath(out),
+        logger=_build_loggers(out, wandb, run_name, run_config, cfg.log_every_n_steps),
+        callbacks=callbacks,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(**kwargs)
+    info = dict(layout, throughput=throughput, checkpoint=checkpoint)
+    log.info(
+        "trainer: %s, %s, %s x %d device(s) x %d node(s)",
+        layout["strategy"], layout["precision"], layout["accelerator"], layout["devices"], layout["num_nodes"],
+    )
+    return trainer, info
+
+
+def save_final_checkpoint(trainer: pl.Trainer, out_dir: str | os.PathLike) -> Path:
+    """Checkpoint the current step (unless the periodic callback just did) and point ``last.ckpt`` at it.
+
+    Call on every rank after ``trainer.fit`` (saving is collective under DeepSpeed).
+    """
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
+    path = ckpt_dir / f"step={trainer.global_step:08d}.ckpt"
+    # Decided once on rank 0: a rank that looked later would see rank 0's file and skip a collective.
+    if not trainer.strategy.broadcast(path.exists()):
+        trainer.save_checkpoint(os.fspath(path))
+    if trainer.is_global_zero:
+        last = ckpt_dir / "last.ckpt"
+        if last.is_symlink() or last.is_file():
+            last.unlink()
+        os.symlink(path.name, last)
+    trainer.strategy.barrier("final-checkpoint")
+    return path
+
+
+def _dist_timeout():
+    import datetime
+
+    return datetime.timedelta(seconds=float(os.environ.get("DATAEFF_DIST_TIMEOUT", dist.DEFAULT_TIMEOUT_S)))

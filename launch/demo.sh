@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# `make demo`: the whole pipeline on the demo data shipped in data/kvasir-seg, on CPU.
+#
+#   demo data (demo/) -> shards (shards/demo-pool) -> sweep: bootstrap MAE encoder, embed,
+#   select (full / random / MedDEL / OptiDEL), pre-train, fine-tune per cell -> report
+#
+# usage: bash launch/demo.sh [key=value ...]   (extra keys go to the sweep, e.g.
+#        select.sam.model=tiny to add OptiDEL with a tiny random SAM, labelled as such)
+# Every step skips what is already done, so a rerun resumes. The sweep prints where
+# runs/demo/report.md, report.csv and plots/ are. W&B stays offline unless WANDB_MODE is set.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export WANDB_MODE="${WANDB_MODE:-offline}"
+
+dataeff demo-data --config configs/demo-data.yaml
+dataeff shard --config configs/shard/tiny.yaml src=demo/pool out=shards/demo-pool
+dataeff sweep --config configs/sweep/demo.yaml "$@"

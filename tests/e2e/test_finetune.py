@@ -1,0 +1,193 @@
+"""End-to-end ``dataeff finetune`` on 24 real Kvasir-SEG pairs at 64 px with a tiny random ViT.
+
+One run through the CLI (module-scoped), then: the head learns (beats the untrained model
+on the same test split), results.json has the documented fields, the outputs exist, and a
+second run is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dataeff import cli
+from dataeff.config import ConfigError, load_config
+from dataeff.data import downstream
+from dataeff.finetune import FinetuneConfig, build_model, evaluate_share, main
+from dataeff.metrics import segmentation_scores
+
+REPO = Path(__file__).resolve().parents[2]
+KVASIR = REPO / "data" / "kvasir-seg"
+TINY = REPO / "configs" / "finetune" / "tiny.yaml"
+N_PAIRS, SIZE = 24, 64
+
+
+def make_kvasir_pairs(root: Path, n: int = N_PAIRS, size: int = SIZE) -> Path:
+    """The first ``n`` Kvasir-SEG pairs, long side ``size`` px, in the Kvasir layout, with a split.json."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    stems = []
+    for path in sorted((KVASIR / "images").glob("*.jpg"))[:n]:
+        image = Image.open(path).convert("RGB")
+        mask = Image.open(KVASIR / "masks" / f"{path.stem}.png").convert("L")
+        scale = size / max(image.size)
+        wh = (round(image.width * scale), round(image.height * scale))
+        image.resize(wh, Image.Resampling.BICUBIC).save(root / "images" / f"{path.stem}.jpg", quality=90)
+        mask.resize(wh, Image.Resampling.NEAREST).save(root / "masks" / f"{path.stem}.png")
+        stems.append(path.stem)
+    # Fixed split: 14 train / 4 val / 6 test.
+    split = {"format": downstream.SPLIT_FORMAT, "seed": 0, "train": stems[:14], "val": stems[14:18], "test": stems[18:]}
+    (root / "split.json").write_text(json.dumps(split))
+    return root
+
+
+def overrides(data: Path, out: Path) -> list[str]:
+    return [f"data.root={data}", f"out={out}", "encoder.allow_random_init=true", "trainer.max_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: thread hand-offs cost more than they save on a busy CPU
+    try:
+        tmp = tmp_path_factory.mktemp("finetune")
+        data = make_kvasir_pairs(tmp / "kvasir")
+        out = tmp / "run"
+        assert cli.main(["finetune", "--config", str(TINY), *overrides(data, out)]) == 0
+        yield data, out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_results_json_fields(finished_run):
+    _, out = finished_run
+    results = json.loads((out / "results.json").read_text())
+    for key in ("miou", "dice", "fg_iou", "per_class_iou", "n_test", "dataset", "best_val_miou", "confusion_matrix"):
+        assert key in results, key
+    assert 0.0 <= results["miou"] <= 1.0  # a fraction, not a percentage
+    assert len(results["per_class_iou"]) == 2
+    assert results["n_test"] == 6 and results["dataset"] == "kvasir"
+    cm = results["confusion_matrix"]
+    assert sum(map(sum, cm)) == 6 * SIZE * SIZE  # every test pixel counted exactly once
+    assert results["miou"] == pytest.approx(segmentation_scores(torch.tensor(cm))["miou"])
+    assert results["miou"] == pytest.approx(sum(results["per_class_iou"]) / 2)
+    for name in ("predictions.png", "config.yaml", "model.safetensors", "metrics.csv"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()  # keep_checkpoints=false
+    with Image.open(out / "predictions.png") as png:
+        assert png.width > 200 and png.height > 200
+
+
+def test_head_learns(finished_run):
+    data, out = finished_run
+    results = json.loads((out / "results.json").read_text())
+    cfg = load_config(FinetuneConfig, str(TINY), overrides(data, out))
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg)
+    test_pairs = downstream.find_pairs(data, "kvasir")[18:]
+    cm = evaluate_share(untrained, test_pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
+    baseline = segmentation_scores(cm)
+    miou0 = 0.0 if math.isnan(baseline["miou"]) else baseline["miou"]
+    assert results["miou"] > miou0 + 0.05, (results["miou"], miou0)
+    assert results["fg_iou"] > 0.05
+
+
+def test_second_run_skips(finished_run):
+    data, out = finished_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    cfg = load_config(FinetuneConfig, str(TINY), overrides(data, out))
+    results = main(cfg)
+    assert results == json.loads((out / "results.json").read_text())
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert after == before  # nothing rewritten, not even config.yaml
+
+
+def test_bad_config_fails_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="warmup"):
+        load_config(FinetuneConfig, str(TINY), ["optim.warmup_steps=100", "trainer.max_steps=10"])
+    with pytest.raises(ConfigError, match="class_names"):
+        load_config(FinetuneConfig, str(TINY), ["class_names=[a,b,c]"])
+    cfg = load_config(FinetuneConfig, str(TINY), [f"data.root={tmp_path}", f"out={tmp_path / 'o'}"])
+    with pytest.raises(ConfigError, match="encoder"):
+        main(cfg)  # no weights and random init not allowed
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = make_kvasir_pairs(tmp_path / "kvasir")
+        out = tmp_path / "run"
+        common = overrides(data, out) + ["optim.warmup_steps=1", "val_every_n_steps=3", "n_predictions=1"]
+        first = main(load_config(FinetuneConfig, str(TINY), common + ["trainer.max_steps=6", "keep_checkpoints=true"]))
+        # Play "killed before the end": drop the completion marker, keep checkpoints + best weights.
+        (out / "results.json").unlink()
+        assert (out / "model.safetensors").is_file()
+        ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
+        assert ckpts and all(torch.load(c, map_location="cpu", weights_only=False)["global_step"] == 6 for c in ckpts)
+        second = main(load_config(FinetuneConfig, str(TINY), common + ["trainer.max_steps=12"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert first["steps"] == 6 and second["steps"] == 12
+    assert first["resumed_from"] is None
+    assert second["resumed_from"] is not None and Path(second["resumed_from"]) in ckpts
+    # The resumed run kept the earlier best score as its bar (restored from the checkpoint).
+    assert second["best_val_miou"] >= first["best_val_miou"]
+
+
+@pytest.mark.gpu
+def test_finetune_on_gpu_with_deepspeed(tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: exercises strategy=deepspeed_stage_2 with bf16-mixed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data = make_kvasir_pairs(tmp_path / "kvasir")
+    out = tmp_path / "run"
+    cfg = load_config(
+        FinetuneConfig, str(TINY), overrides(data, out) + ["trainer.accelerator=gpu", "trainer.devices=1"]
+    )
+    results = main(cfg)
+    assert results["strategy"] == "deepspeed_stage_2"
+    assert 0.0 <= results["miou"] <= 1.0 and (out / "predictions.png").is_file()
+
+
+def test_rank_shares_of_the_test_set_sum_to_the_whole(tmp_path):
+    data = make_kvasir_pairs(tmp_path / "kvasir", n=7, size=32)
+    cfg = load_config(
+        FinetuneConfig, str(TINY), [f"data.root={data}", "encoder.allow_random_init=true", "data.image_size=32", "data.batch_size=2"]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    pairs = downstream.find_pairs(data, "kvasir")
+    whole = evaluate_share(model, pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
+    shares = [evaluate_share(model, pairs, cfg.data, rank=r, world_size=3, device=torch.device("cpu")) for r in range(3)]
+    assert (sum(shares) == whole).all()  # 7 pairs over 3 ranks: 3 + 2 + 2, none repeated
+    assert whole.sum() == 7 * 32 * 32
+
+
+def test_build_model_from_a_pretrain_export_at_another_size(tmp_path):
+    from dataeff.config import EncoderConfig
+    from dataeff.models.encoder import build_encoder, export_encoder
+
+    enc_cfg = EncoderConfig(
+        name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, allow_random_init=True
+    )
+    torch.manual_seed(3)
+    pretrained = build_encoder(enc_cfg)
+    export_encoder(pretrained, enc_cfg, tmp_path / "pretrain")
+    # encoder=<pretrain dir> shorthand; name and shape come from encoder.json; fine-tune at 64 px.
+    cfg = load_config(FinetuneConfig, str(TINY), [f"encoder={tmp_path / 'pretrain'}", "data.image_size=64"])
+    model = build_model(cfg)
+    assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, pretrained.blocks[1].attn.qkv.weight)
+    assert model.encoder.pos_embed.shape[1] == 1 + (64 // 8) ** 2  # positions resized 4x4 -> 8x8
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2, 64, 64)

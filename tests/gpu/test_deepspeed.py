@@ -1,0 +1,114 @@
+"""The GPU path of ``dataeff pretrain``: DeepSpeed ZeRO-2, bf16, fused AdamW, sharded checkpoints.
+
+Runs on one CUDA device (DeepSpeed with a world of 1 still exercises ZeRO-2 partitioning,
+bf16 master weights and directory checkpoints); skipped with a reason on CPU machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU: DeepSpeed ZeRO-2 + bf16 is the GPU-only path", allow_module_level=True)
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+
+import timm  # noqa: E402
+
+from dataeff import pretrain  # noqa: E402
+from dataeff.config import load_config  # noqa: E402
+from dataeff.models.encoder import pooled_features  # noqa: E402
+from dataeff.models.mae import MAE  # noqa: E402
+from dataeff.trainer import find_resume_checkpoint  # noqa: E402
+from tests.fixtures import REPO, make_shards  # noqa: E402
+
+TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("pool"), n=24, size=40, samples_per_shard=7)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
+    return load_config(
+        pretrain.PretrainConfig,
+        TINY,
+        [f"data.shards={shards}", f"out={out}", "trainer.accelerator=gpu", "trainer.devices=1",
+         f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=3", "trainer.progress_bar=false",
+         "data.batch_size=6", "panel_every_n_steps=4", *extra],
+    )
+
+
+class _SigtermAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_deepspeed_bf16_pretraining_export_and_resume(shards, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = pretrain.build_trainer
+    monkeypatch.setattr(
+        pretrain, "build_trainer",
+        lambda *a, extra_callbacks=(), **k: original(*a, extra_callbacks=[*extra_callbacks, _SigtermAt(5)], **k),
+    )
+    with pytest.raises(SystemExit):
+        pretrain.main(config(shards, out))
+    monkeypatch.setattr(pretrain, "build_trainer", original)
+
+    ckpt = find_resume_checkpoint(out)
+    assert ckpt is not None and ckpt.resolve().is_dir(), "DeepSpeed writes a checkpoint directory"
+    assert "step=00000005" in os.path.realpath(ckpt)
+
+    summary = pretrain.main(config(shards, out))
+    assert summary["strategy"] == "deepspeed_stage_2" and summary["precision"] == "bf16-mixed"
+    assert summary["steps"] == STEPS and summary["images_seen"] == STEPS * 6
+    assert summary["resumed_from"] is not None
+
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["images_per_s"].dropna().gt(0).all()
+    assert metrics["gpu_mem_gb"].dropna().gt(0).all()
+    steps = metrics.dropna(subset=["loss"]).drop_duplicates("step", keep="last")
+    assert list(steps["step"]) == list(range(STEPS)), "the resumed run continues the step count"
+    lr = steps.set_index("step")["lr"]
+    assert lr[5] != lr[0] and lr[7] < lr[5], "the warm-up/cosine schedule continued after resume"
+
+    # the export holds the fp32 master weights and loads in timm with the module's features
+    meta = json.loads((out / "encoder.json").read_text())
+    model = timm.create_model(meta["model"], pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=str(out / "encoder.safetensors")), **meta["kwargs"]).eval()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    mae = MAE.load_for_scoring(out, device="cuda")
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(model, images, "cls"), pooled_features(mae.encoder.cpu(), images, "cls"))
+    assert torch.isfinite(MAE.load_for_scoring(out, device="cuda").reconstruction_loss(images, 0)).all()
+
+
+def test_fused_adamw_is_used_on_cuda():
+    from dataeff.trainer import make_adamw
+
+    p = torch.nn.Parameter(torch.zeros(4, device="cuda"))
+    opt = make_adamw([p], 1e-3, (0.9, 0.95), 0.05, torch.device("cuda"))
+    fused = type(opt).__name__ == "FusedAdam" or opt.defaults.get("fused") is True
+    assert fused, f"expected a fused AdamW on CUDA, got {type(opt).__name__} {opt.defaults}"

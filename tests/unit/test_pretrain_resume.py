@@ -1,0 +1,234 @@
+"""``dataeff pretrain`` end to end on tiny shards: resume after SIGTERM / a hard kill, export, skip.
+
+Also the pure trainer layout resolution (strategy, precision, devices per launcher).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+from safetensors.torch import load_file
+
+from dataeff import pretrain
+from dataeff.config import ConfigError, TrainerConfig, load_config
+from dataeff.models.encoder import pooled_features
+from dataeff.models.mae import MAE
+from dataeff.trainer import find_resume_checkpoint, resolve_layout
+from tests.fixtures import REPO, make_shards
+
+TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("pool"), n=24, size=40, samples_per_shard=7)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
+    overrides = [f"data.shards={shards}", f"out={out}", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=3",
+                 "trainer.progress_bar=false", "data.batch_size=6", "panel_every_n_steps=4", *extra]
+    return load_config(pretrain.PretrainConfig, TINY, overrides)
+
+
+class _SigtermAt(pl.Callback):
+    """Sends this process SIGTERM after optimiser step ``step``, as SLURM does before pre-emption."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _with_callback(monkeypatch, callback: pl.Callback) -> None:
+    original = pretrain.build_trainer
+
+    def patched(*args, extra_callbacks=(), **kwargs):
+        return original(*args, extra_callbacks=[*extra_callbacks, callback], **kwargs)
+
+    monkeypatch.setattr(pretrain, "build_trainer", patched)
+
+
+def _metrics(out: Path) -> pd.DataFrame:
+    table = pd.read_csv(out / "metrics.csv")
+    return table.dropna(subset=["loss"]).drop_duplicates("step", keep="last").set_index("step")
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """An uninterrupted run of STEPS steps."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    try:
+        summary = pretrain.main(config(shards, out))
+    finally:
+        mp.undo()
+    assert summary["steps"] == STEPS and summary["images_seen"] == STEPS * 6
+    return out
+
+
+def _assert_same_result(resumed: Path, reference: Path) -> None:
+    a, b = load_file(resumed / "encoder.safetensors"), load_file(reference / "encoder.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=f"encoder weight {key} differs")
+    ma, mb = _metrics(resumed), _metrics(reference)
+    assert list(ma.index) == list(range(STEPS))
+    # same learning rate and loss at every step, and the same images counted
+    torch.testing.assert_close(torch.tensor(ma["lr"].values), torch.tensor(mb["lr"].values), rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(ma["loss"].values), torch.tensor(mb["loss"].values), atol=1e-5, rtol=1e-4)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (resumed, reference))
+    assert sa["steps"] == sb["steps"] == STEPS and sa["images_seen"] == sb["images_seen"]
+
+
+def test_reference_run_outputs(reference):
+    for name in ("config.yaml", "encoder.safetensors", "encoder.json", "mae.ckpt", "summary.json", "metrics.csv"):
+        assert (reference / name).is_file(), name
+    assert (reference / "panels" / "step=00000004.png").is_file()
+    assert find_resume_checkpoint(reference).name in ("step=00000008.ckpt", "last.ckpt")
+    losses = _metrics(reference)["loss"]
+    assert losses.iloc[-3:].mean() < losses.iloc[:3].mean(), "loss did not go down"
+
+
+def test_sigterm_saves_checkpoint_and_resume_matches_uninterrupted(shards, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _with_callback(monkeypatch, _SigtermAt(5))
+    with pytest.raises(SystemExit):
+        pretrain.main(config(shards, out))
+    monkeypatch.undo()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ckpt = find_resume_checkpoint(out)
+    assert ckpt is not None and "step=00000005" in os.path.realpath(ckpt), ckpt
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+    assert all(int(s["step"]) == 5 for s in state["optimizer_states"][0]["state"].values())
+    assert not (out / "summary.json").exists()
+
+    summary = pretrain.main(config(shards, out))
+    assert summary["resumed_from"].endswith(".ckpt")
+    _assert_same_result(out, reference)
+
+
+def test_hard_kill_resumes_from_periodic_checkpoint(shards, reference, tmp_path):
+    """A process killed without warning (os._exit) after step 4 resumes from the step-3 checkpoint."""
+    out = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import pytorch_lightning as pl
+        from tests.unit.test_pretrain_resume import config
+        from dataeff import pretrain
+        from pathlib import Path
+
+        class Die(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == 4:
+                    os._exit(17)
+
+        original = pretrain.build_trainer
+        pretrain.build_trainer = lambda *a, extra_callbacks=(), **k: original(*a, extra_callbacks=[*extra_callbacks, Die()], **k)
+        pretrain.main(config(Path({str(shards)!r}), Path({str(out)!r})))
+        """
+    )
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    ckpt = find_resume_checkpoint(out)
+    assert ckpt is not None and "step=00000003" in os.path.realpath(ckpt)
+    summary = pretrain.main(config(shards, out))
+    assert summary["steps"] == STEPS
+    _assert_same_result(out, reference)
+
+
+def test_exported_encoder_loads_in_timm_with_same_features(reference):
+    meta = json.loads((reference / "encoder.json").read_text())
+    model = timm.create_model(
+        meta["model"], pretrained=True, num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(reference / "encoder.safetensors")), **meta["kwargs"],
+    ).eval()
+    mae = MAE.load_for_scoring(reference / "mae.ckpt")
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled_features(model, images, "cls"), pooled_features(mae.encoder, images, "cls"))
+        torch.testing.assert_close(model.forward_features(images), mae.encoder.forward_features(images))
+    assert mae.reconstruction_loss(images, 0).shape == (3,)
+
+
+def test_complete_run_is_skipped(shards, reference):
+    before = (reference / "encoder.safetensors").stat().st_mtime_ns
+    summary = pretrain.main(config(shards, reference))
+    assert summary["steps"] == STEPS
+    assert (reference / "encoder.safetensors").stat().st_mtime_ns == before
+
+
+def test_selection_recorded_in_summary_and_tags(shards, tmp_path):
+    index = pd.read_parquet(shards / "index.parquet")
+    keys = sorted(index.loc[index["status"] == "ok", "key"])
+    sel = tmp_path / "sel"
+    sel.mkdir()
+    kept = set(keys[:8])
+    pd.DataFrame({"key": keys, "kept": [k in kept for k in keys], "reason": "kept", "cluster": -1, "score": 0.0,
+                  "generated": False}).to_parquet(sel / "selection.parquet")
+    (sel / "summary.json").write_text(json.dumps({"method": "random", "ratio": 0.4, "kept": 8, "kept_fraction": 0.4}))
+    out = tmp_path / "run"
+    summary = pretrain.main(config(shards, out, f"data.selection={sel}", "trainer.max_steps=3", "data.batch_size=4"))
+    assert summary["selection"]["method"] == "random" and summary["selection"]["ratio"] == 0.4
+    # only selected samples are streamed: 3 steps x 4 = 12 images over 8 kept samples
+    assert summary["images_seen"] == 12
+
+
+def test_config_errors(shards, tmp_path):
+    with pytest.raises(ConfigError, match="image_size"):
+        config(shards, tmp_path, "data.image_size=64")
+    with pytest.raises(ConfigError, match="resume"):
+        config(shards, tmp_path, "resume=/nonexistent.ckpt")
+
+
+# --------------------------------------------------------------------------- layout (pure)
+
+
+def test_layout_cpu_single_and_ddp():
+    one = resolve_layout(TrainerConfig(), {}, cuda_devices=0)
+    assert (one["strategy"], one["precision"], one["devices"], one["world_size"]) == ("auto", "32-true", 1, 1)
+    two = resolve_layout(TrainerConfig(), {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_devices=0)
+    assert (two["strategy"], two["devices"], two["num_nodes"]) == ("ddp", 2, 1)
+
+
+def test_layout_gpu_torchrun_and_slurm_multinode():
+    torchrun = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    lay = resolve_layout(TrainerConfig(), torchrun, cuda_devices=4)
+    assert (lay["strategy"], lay["precision"], lay["devices"], lay["num_nodes"]) == ("deepspeed_stage_2", "bf16-mixed", 4, 2)
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NODELIST": "gpu[01-02]"}
+    assert resolve_layout(TrainerConfig(), slurm, cuda_devices=4)["num_nodes"] == 2
+    single = resolve_layout(TrainerConfig(), {}, cuda_devices=2)
+    assert (single["devices"], single["strategy"]) == (2, "deepspeed_stage_2")
+
+
+def test_layout_errors():
+    with pytest.raises(ConfigError, match="DeepSpeed needs CUDA"):
+        resolve_layout(TrainerConfig(strategy="deepspeed_stage_2"), {}, cuda_devices=0)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_layout(TrainerConfig(accelerator="gpu"), {}, cuda_devices=0)
+    with pytest.raises(ConfigError, match="launcher started 4"):
+        resolve_layout(TrainerConfig(devices="3"), {"RANK": "0", "WORLD_SIZE": "4"}, cuda_devices=0)
