@@ -151,10 +151,17 @@ def _guarded(name: str, fn: Callable[[], T]) -> T:
         ) from exc
 
 
+def _device() -> torch.device:
+    """Where collective buffers live: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if is_initialized():
         # A barrier as an all-reduce, so it honours the group's timeout on gloo too.
-        _guarded("barrier", lambda: torch_dist.all_reduce(torch.zeros(1)))
+        _guarded("barrier", lambda: torch_dist.all_reduce(torch.zeros(1, device=_device())))
 
 
 def all_gather_object(obj: T) -> list[T]:
@@ -187,10 +194,11 @@ def all_gather_array(array: np.ndarray) -> list[np.ndarray]:
     sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in metas]
     buf = torch.zeros(max(max(sizes), 1), dtype=torch.uint8)
     buf[: sizes[rank()]] = torch.from_numpy(array.view(np.uint8).reshape(-1).copy())
+    buf = buf.to(_device())
     gathered = [torch.empty_like(buf) for _ in metas]
     _guarded("all_gather", lambda: torch_dist.all_gather(gathered, buf))
     return [
-        g[:n].numpy().view(np.dtype(dt)).reshape(shape).copy()
+        g[:n].cpu().numpy().view(np.dtype(dt)).reshape(shape).copy()
         for g, n, (shape, dt) in zip(gathered, sizes, metas)
     ]
 
@@ -212,8 +220,9 @@ def broadcast_array(array: np.ndarray | None, src: int = 0) -> np.ndarray:
     buf = torch.zeros(max(n, 1), dtype=torch.uint8)
     if rank() == src:
         buf[:n] = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).reshape(-1).copy())
+    buf = buf.to(_device())
     _guarded("broadcast", lambda: torch_dist.broadcast(buf, src=src))
-    return buf[:n].numpy().view(np.dtype(dt)).reshape(shape).copy()
+    return buf[:n].cpu().numpy().view(np.dtype(dt)).reshape(shape).copy()
 
 
 class _RankZeroFilter(logging.Filter):

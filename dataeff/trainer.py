@@ -11,9 +11,10 @@ Pre-emption: Lightning's own signal connector turns SIGTERM into a
 ``SIGTERMException`` at the end of the running batch; ``ModelCheckpoint(
 save_on_exception=True)`` then writes a checkpoint at the current step before the
 process exits, and ``find_resume_checkpoint`` picks it up on restart. Under SLURM,
-Lightning's ``SLURMEnvironment`` (auto-detected) also handles ``SIGUSR1``
-(``#SBATCH --signal=SIGUSR1@90``): it saves ``<out>/hpc_ckpt_<n>.ckpt`` and requeues
-the job; ``find_resume_checkpoint`` considers those too.
+``launch/slurm`` sends ``USR1`` to the batch shell only (``--signal=B:USR1@300``),
+which requeues the job; SLURM then stops the ranks with SIGTERM, the path above
+saves the step, and the requeued job resumes (``resume=auto``). Lightning's own
+``hpc_ckpt_<n>.ckpt`` files are considered too.
 
 Model code never sees any of this: strategies live here and in configs only.
 """

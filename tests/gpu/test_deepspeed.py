@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import pytorch_lightning as pl
 import torch
 
 pytestmark = pytest.mark.gpu
@@ -25,44 +23,15 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed"
 import timm  # noqa: E402
 
 from dataeff import pretrain  # noqa: E402
-from dataeff.config import load_config  # noqa: E402
 from dataeff.models.encoder import pooled_features  # noqa: E402
 from dataeff.models.mae import MAE  # noqa: E402
 from dataeff.trainer import find_resume_checkpoint  # noqa: E402
-from tests.fixtures import REPO, make_shards  # noqa: E402
-
-TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
-STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("pool"), n=24, size=40, samples_per_shard=7)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+from tests.unit.test_pretrain_resume import STEPS, _offline, _SigtermAt, shards  # noqa: E402,F401  (fixtures)
+from tests.unit.test_pretrain_resume import config as cpu_config  # noqa: E402
 
 
 def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
-    return load_config(
-        pretrain.PretrainConfig,
-        TINY,
-        [f"data.shards={shards}", f"out={out}", "trainer.accelerator=gpu", "trainer.devices=1",
-         f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=3", "trainer.progress_bar=false",
-         "data.batch_size=6", "panel_every_n_steps=4", *extra],
-    )
-
-
-class _SigtermAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+    return cpu_config(shards, out, "trainer.accelerator=gpu", "trainer.devices=1", *extra)
 
 
 def test_deepspeed_bf16_pretraining_export_and_resume(shards, tmp_path, monkeypatch):
