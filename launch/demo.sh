@@ -5,7 +5,7 @@
 #   select (full / random / MedDEL / OptiDEL), pre-train, fine-tune per cell -> report
 #
 # usage: bash launch/demo.sh [key=value ...]   (extra keys go to the sweep, e.g.
-#        select.sam.model=tiny to add OptiDEL with a tiny random SAM, labelled as such)
+#        select.sam.checkpoint=<sam_vit_b.pth> select.sam.model=vit_b for OptiDEL with a real SAM)
 # Every step skips what is already done, so a rerun resumes. The sweep prints where
 # runs/demo/report.md, report.csv and plots/ are. W&B stays offline unless WANDB_MODE is set.
 set -euo pipefail

@@ -2,7 +2,7 @@
 
 1. SAM + hardness: pool shard i is processed by rank i % W (SAM on the GPU when present,
    MAE scoring with a fixed mask seed); each shard's patch records land in
-   ``<out>/sam/<shard>.npz`` (resume unit; a fingerprint of the settings guards reuse).
+   ``<out>/sam/<shard>.npz`` or ``sam.cache_dir`` (resume unit; a fingerprint of the settings guards reuse).
 2. The records of all ranks are all-gathered and sorted by (source key, patch index);
    selection and mosaic assignment are pure functions of that table (``optidel.py``),
    so every rank computes the same plan.
@@ -83,7 +83,7 @@ def pool_tars(quality: pd.DataFrame) -> list[str]:
 
 def fingerprint(cfg: Any, scorer_path: str) -> str:
     """What a cached per-shard result depends on: SAM settings, scorer file, mask seed."""
-    sam = {k: v for k, v in vars(cfg.sam).items() if k != "device"}
+    sam = {k: v for k, v in vars(cfg.sam).items() if k not in ("device", "cache_dir")}
     ckpt = Path(scorer_path)
     ckpt = ckpt / "mae.ckpt" if ckpt.is_dir() else ckpt
     stat = ckpt.stat()
@@ -94,7 +94,7 @@ def fingerprint(cfg: Any, scorer_path: str) -> str:
 def extract_owned(tars: list[str], counts: dict[str, int], cfg: Any, rank: int, world: int) -> list[dict]:
     """SAM patches + hardness of the shards this rank owns (i % W == rank), resuming finished ones."""
     owned = tars[rank::world]
-    work = Path(cfg.out) / "sam"
+    work = Path(cfg.sam.cache_dir) if cfg.sam.cache_dir else Path(cfg.out) / "sam"
     work.mkdir(parents=True, exist_ok=True)
     stamp = fingerprint(cfg, cfg.scorer)
     parts, todo = [], []

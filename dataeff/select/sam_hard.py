@@ -69,6 +69,11 @@ class SamConfig:
     max_masks_per_image: int = option(16, help="keep at most this many masks per image, highest predicted IoU first")
     seed: int = option(0, help="initialisation seed of the tiny SAM")
     device: str = option("auto", help="'auto' (cuda when present), 'cpu' or 'cuda'")
+    cache_dir: str = option(
+        "",
+        help="per-shard SAM + hardness cache ('' = <out>/sam); a sweep's cells can share one, "
+        "entries made with other settings are redone",
+    )
 
     def __post_init__(self) -> None:
         if self.model not in SAM_MODELS:

@@ -248,6 +248,19 @@ def test_rerun_is_a_no_op_and_cached_shards_are_reused(tiny_run, tmp_path):
     assert {p.name: p.read_bytes() for p in (fresh / "generated").glob("*.tar")} == before
 
 
+def test_cells_share_a_sam_cache_dir_and_never_rerun_sam(tiny_run, tmp_path, monkeypatch):
+    from dataeff.select import optidel_run
+
+    inputs, out = tiny_run
+    cache = tmp_path / "sam-cache"
+    shutil.copytree(out / "sam", cache)
+    # Every shard is cached: building SAM at all would mean the shared cache was ignored.
+    monkeypatch.setattr(optidel_run, "build_sam", lambda *a, **k: pytest.fail("SAM rebuilt despite sam.cache_dir"))
+    for ratio in ("0.25", "0.5"):
+        cell = run_select(inputs, tmp_path / f"cell-{ratio}", f"sam.cache_dir={cache}", f"ratio={ratio}")
+        assert (cell / "selection.parquet").is_file() and not (cell / "sam").exists()
+
+
 def test_planted_hard_patch_wins_through_the_real_mae_scorer(tmp_path):
     from dataeff.select.optidel_run import mae_scorer
     from dataeff.select.sam_hard import SamConfig, extract_and_score
