@@ -17,6 +17,8 @@ Layout under ``out``::
 ``cell.json`` (format ``dataeff-cell/1``) records each stage's wall time, the kept count,
 the pre-training images seen and ``done``. A done cell is skipped on a rerun; an
 unfinished one resumes from its first unfinished stage (the stages resume themselves too).
+``stages=[...]`` limits a run to some of ``embed``, ``select``, ``pretrain``, ``finetune``
+(``launch/slurm/sweep.sh`` submits one job per stage of each cell this way).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -46,6 +48,9 @@ log = logging.getLogger("dataeff")
 T = TypeVar("T")
 
 CELL_FORMAT = "dataeff-cell/1"
+#: What one sweep run can do, in order: ``embed`` (bootstrap encoder + pool embedding, shared
+#: by every cell), then each cell's ``select``, ``pretrain`` and ``finetune``.
+STAGES = ("embed", "select", "pretrain", "finetune")
 SWEEP_FORMAT = "dataeff-sweep/1"
 #: Keys the sweep sets in every cell; a template that sets them is a config error.
 OWNED = {
@@ -97,6 +102,10 @@ class SweepConfig:
     datasets: dict = option({}, help="downstream name -> finetune keys for it, e.g. {kvasir: {data: {root: ...}}}")
     seed: int = option(0, help="the one seed of every stage of every cell (comparison protocol)")
     alpha: float = option(1.0, help="NormDEL alpha of the final report")
+    stages: list = option(
+        list(STAGES), help="what this run does (a SLURM job per stage runs one); a cell is done after all three"
+    )
+    report: bool = option(True, help="write report.md, report.csv and the plots at the end")
     bootstrap: BootstrapConfig = section(BootstrapConfig, help="embedding encoder when embed.encoder.weights is empty")
     embed: EmbedTemplate = section(EmbedTemplate, help="embedding of the pool (once per sweep)")
     select: SelectTemplate = section(SelectTemplate, help="selection template (audit.truth, cluster, meddel, sam, ...)")
@@ -119,6 +128,8 @@ class SweepConfig:
             raise ConfigError("ratios is empty: give kept fractions, e.g. ratios=[0.05,0.2,0.5,1.0]")
         if self.alpha < 0:
             raise ConfigError(f"alpha={self.alpha}: must be >= 0")
+        if not self.stages or any(st not in STAGES for st in self.stages):
+            raise ConfigError(f"stages={list(self.stages)}: choose one or more of {', '.join(STAGES)}")
 
     @property
     def sweep_name(self) -> str:
@@ -319,10 +330,8 @@ def _timed(name: str, fn: Callable[[Any], Any], stage_cfg: Any) -> dict[str, Any
     return {"done": True, "wall_s": round(time.perf_counter() - t0, 3), "started": started, "finished": _now()}
 
 
-def bootstrap_encoder(cfg: SweepConfig) -> tuple[str, str]:
-    """(embedding encoder weights, OptiDEL scorer checkpoint), bootstrapping them if needed."""
-    from dataeff import pretrain as pretrain_stage
-
+def encoder_paths(cfg: SweepConfig) -> tuple[str, str]:
+    """(embedding encoder weights, OptiDEL scorer checkpoint): the user's, or the bootstrap's."""
     if cfg.embed.encoder.weights:
         return cfg.embed.encoder.weights, cfg.select.scorer
     if cfg.bootstrap.steps == 0:
@@ -333,6 +342,17 @@ def bootstrap_encoder(cfg: SweepConfig) -> tuple[str, str]:
             "one on the pool first"
         )
     out = Path(cfg.out) / "bootstrap"
+    return str(out), str(out / "mae.ckpt")
+
+
+def bootstrap_encoder(cfg: SweepConfig) -> tuple[str, str]:
+    """:func:`encoder_paths`, running the bootstrap pre-training first when they point at it."""
+    from dataeff import pretrain as pretrain_stage
+
+    weights, scorer = encoder_paths(cfg)
+    out = Path(cfg.out) / "bootstrap"
+    if weights != str(out):
+        return weights, scorer
     boot = fill(PretrainConfig, cfg.pretrain, {
         "out": str(out), "seed": cfg.seed, "run_name": f"{cfg.sweep_name}/bootstrap",
         "data": {"shards": cfg.shards, "selection": ""}, "trainer": {"max_steps": cfg.bootstrap.steps},
@@ -341,7 +361,7 @@ def bootstrap_encoder(cfg: SweepConfig) -> tuple[str, str]:
     record = _timed("bootstrap", pretrain_stage.main, boot)
     if dist.is_main() and not (out / "stage.json").is_file():
         _write_json(out / "stage.json", record)
-    return str(out), str(out / "mae.ckpt")
+    return weights, scorer
 
 
 def check_digest(record: dict[str, Any] | None, digest: str, root: Path) -> None:
@@ -353,8 +373,30 @@ def check_digest(record: dict[str, Any] | None, digest: str, root: Path) -> None
         )
 
 
-def run_cell(cell: Cell, stage_cfgs: dict[str, Any], digest: str, sweep_name: str) -> dict[str, Any]:
-    """Run the unfinished stages of one cell; returns its cell.json record.
+def runnable(cell: str, todo: list[str], stages: Sequence[str]) -> list[str]:
+    """The unfinished steps of a cell that this run does: those of ``stages``, in order.
+
+    Args:
+        todo: the cell's unfinished steps in order (``select``, ``pretrain``, ``finetune/<ds>``).
+        stages: the stages this run does.
+
+    Raises:
+        ConfigError: a requested step would run before an earlier one has finished.
+    """
+    wanted = [step for step in todo if step.split("/")[0] in stages]
+    if wanted and wanted[0] != todo[0]:
+        raise ConfigError(
+            f"cell {cell}: {wanted[0]} needs {todo[0]}, which has not finished; "
+            f"run stages=[{todo[0].split('/')[0]}] for it first"
+        )
+    gap = next((i for i, step in enumerate(todo) if step not in wanted), len(todo))
+    return todo[:gap]
+
+
+def run_cell(
+    cell: Cell, stage_cfgs: dict[str, Any], digest: str, sweep_name: str, stages: Sequence[str] = STAGES
+) -> dict[str, Any]:
+    """Run the unfinished steps of one cell that belong to ``stages``; returns its cell.json record.
 
     Every rank calls this; rank 0 alone reads and writes ``cell.json`` and broadcasts
     what it read, so all ranks take the same branch.
@@ -380,14 +422,18 @@ def run_cell(cell: Cell, stage_cfgs: dict[str, Any], digest: str, sweep_name: st
         ("pretrain", pretrain_stage.main, stage_cfgs["pretrain"]),
     ]
     steps += [(f"finetune/{ds}", finetune_stage.main, c) for ds, c in sorted(stage_cfgs["finetune"].items())]
+    todo = [name for name, _, _ in steps if not record["stages"].get(name, {}).get("done")]
+    run = runnable(cell.name, todo, stages)
     for name, fn, stage_cfg in steps:
-        if record["stages"].get(name, {}).get("done"):
+        if name not in run:
             continue
         log.info("sweep: cell %s: %s", cell.name, name)
         record["stages"][name] = _timed(name, fn, stage_cfg)
         if dist.is_main():
             _write_json(path, record)
         dist.barrier()
+    if len(run) < len(todo):
+        return record
     selection = _read_json(Path(stage_cfgs["select"].out) / "summary.json") or {}
     summary = _read_json(Path(stage_cfgs["pretrain"].out) / "summary.json") or {}
     record.update(
@@ -419,14 +465,25 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
     plan(cfg, cfg.embed.encoder.weights or str(out / "bootstrap"), str(out / "bootstrap" / "mae.ckpt"), precheck=True)
     if dist.is_main():
         save_resolved(cfg, out)
-    weights, scorer = bootstrap_encoder(cfg)
-    full = plan(cfg, weights, scorer)
+    stages = list(cfg.stages)
+    if "embed" in stages:
+        weights, scorer = bootstrap_encoder(cfg)
+        full = plan(cfg, weights, scorer)
+    else:
+        weights, scorer = encoder_paths(cfg)
+        full = plan(cfg, weights, scorer, precheck=True)  # the bootstrap may not exist if no cell needs it yet
+        if "select" in stages and not (Path(full["embed"].out) / embed_stage.HEADER_NAME).is_file():
+            raise ConfigError(
+                f"stages={stages}: select needs the pool embeddings in {full['embed'].out}, which are not "
+                "finished; run stages=[embed] first"
+            )
     for cell, stage_cfgs in full["cells"]:
         root = Path(cfg.out) / "cells" / cell.name
         check_digest(dist.broadcast_object(_read_json(root / "cell.json") if dist.is_main() else None), config_digest(stage_cfgs), root)
     t0 = time.perf_counter()
-    with _job_type("embed"):
-        embed_stage.main(full["embed"])
+    if "embed" in stages:
+        with _job_type("embed"):
+            embed_stage.main(full["embed"])
     if dist.is_main():
         _write_json(out / "sweep.json", {
             "format": SWEEP_FORMAT, "name": cfg.sweep_name, "seed": cfg.seed, "methods": list(cfg.methods),
@@ -436,11 +493,13 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
         })
     for skipped in full["skipped"]:
         log.warning("sweep: skipping %s: %s", skipped["cell"], skipped["why"])
-    for cell, stage_cfgs in full["cells"]:
-        run_cell(cell, stage_cfgs, config_digest(stage_cfgs), cfg.sweep_name)
-    log.info("sweep: %d cells done in %.1f s", len(full["cells"]), time.perf_counter() - t0)
+    records = [run_cell(cell, c, config_digest(c), cfg.sweep_name, stages) for cell, c in full["cells"]]
+    log.info(
+        "sweep: %s: %d of %d cells done, in %.1f s",
+        ",".join(stages), sum(bool(r.get("done")) for r in records), len(records), time.perf_counter() - t0,
+    )
     paths: dict[str, Any] = {}
-    if dist.is_main():
+    if cfg.report and dist.is_main():
         report_cfg = report_stage.ReportConfig(run=str(out), alpha=cfg.alpha, wandb=dataclasses.replace(
             cfg.wandb, group=cfg.wandb.group or cfg.sweep_name))
         paths = report_stage.main(report_cfg)

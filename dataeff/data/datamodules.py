@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, option
 from dataeff.data import downstream
-from dataeff.data.stream import StreamDataset, list_shards, read_selection, shard_keys, train_transform
+from dataeff.data.stream import StreamDataset, list_shards, read_selection, shard_samples, train_transform
 
 log = logging.getLogger("dataeff")
 _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
@@ -107,27 +108,28 @@ class PretrainDataModule(pl.LightningDataModule):
         if not cfg.shards:
             raise ConfigError("data.shards is empty: give a shard directory written by 'dataeff shard'")
         tars = list_shards(cfg.shards)
-        keys = shard_keys(tars)
+        samples = shard_samples(tars)
         extra = list(cfg.extra_shards)
         if cfg.selection:
             kept, generated = read_selection(cfg.selection)
             extra += generated
-            keys = [[k for k in ks if k in kept] for ks in keys]
+            samples = [s[s["key"].isin(kept)] for s in samples]
         extra_tars = [t for spec in extra for t in list_shards(spec)]
-        tars, keys = tars + extra_tars, keys + shard_keys(extra_tars)
+        tars, samples = tars + extra_tars, samples + shard_samples(extra_tars)
         if cfg.selection:
-            missing = kept - {k for ks in keys for k in ks}
+            missing = kept - {k for s in samples for k in s["key"]}
             if missing:
                 raise ValueError(
                     f"selection {cfg.selection} keeps {len(missing)} key(s) found in no shard of "
                     f"data.shards={cfg.shards} (e.g. {sorted(missing)[0]}): was it made from these shards?"
                 )
-        pairs = [(t, k) for t, k in zip(tars, keys) if k]
+        pairs = [(t, s) for t, s in zip(tars, samples) if len(s)]
         if not pairs:
             raise ValueError(f"empty shard set: no kept samples in {cfg.shards} (selection={cfg.selection!r})")
         self._dataset = StreamDataset(
             [t for t, _ in pairs],
-            [k for _, k in pairs],
+            [list(s["key"]) for _, s in pairs],
+            [s[["offset", "length"]].to_numpy(dtype=np.int64) for _, s in pairs],
             train_transform(cfg),
             batch_size=cfg.batch_size,
             seed=self.seed,

@@ -1,14 +1,15 @@
 """``dataeff shard``: a tree of raw images -> WebDataset tar shards + ``index.parquet``.
 
-Format: docs/architecture.md, "Shard directory" (``dataeff-shards/1``).
+Format: docs/architecture.md, "Shard directory" (``dataeff-shards/2``).
 
 Design:
 - every input file is inspected by a pure function of its bytes
   (:func:`dataeff.data.quality.inspect_bytes`): checksum, full decode, mode conversion,
   optional resize, quality statistics, and the bytes to store or a rejection reason;
-- worker processes inspect files in parallel; results come back *in input order*
-  (``Pool.imap``) and one writer packs them into shards, so keys, shard boundaries
-  and tar bytes never depend on the number of workers;
+- worker processes inspect files in parallel and also build each sample's tar members
+  (the writer only appends bytes); results come back *in input order* (``Pool.imap``)
+  and one writer packs them into shards, so keys, shard boundaries and tar bytes never
+  depend on the number of workers;
 - tar headers are fixed (mtime 0, uid/gid 0, no user names, mode 0444);
 - each finished shard is renamed into place, then journalled in ``.parts/`` with the
   index rows it covers; a re-run after a kill keeps journalled shards, redoes the rest
@@ -41,16 +42,18 @@ from dataeff.data.quality import QUALITY_KEYS, InspectOptions, Inspected, inspec
 
 __all__ = [
     "FORMAT", "ShardConfig", "main", "inspect_file", "plan_shards", "scan_files", "list_files",
-    "shard_name", "write_tar", "write_index", "TarSink",
+    "shard_name", "tar_member", "write_tar", "write_index", "TarSink",
 ]  # fmt: skip
 
 log = logging.getLogger("dataeff")
 
-FORMAT = "dataeff-shards/1"
+FORMAT = "dataeff-shards/2"
 _PARTS = ".parts"
 #: Config keys that change how the job runs but not what it writes.
 _RUN_ONLY = ("workers", "chunksize", "progress", "overwrite")
 _BLOCK = 512  # tar block size
+#: An index row and, for a sample to store, its tar members (see :func:`tar_member`).
+Packed = tuple[dict[str, Any], bytes | None]
 
 
 @dataclass
@@ -110,11 +113,6 @@ class ShardConfig:
 
 def shard_name(name: str, number: int) -> str:
     return f"{name}-{number:06d}.tar"
-
-
-def sample_tar_bytes(payload_len: int, json_len: int) -> int:
-    """Bytes two tar members (image + JSON) take: a header block each plus padded data."""
-    return sum(_BLOCK + -(-n // _BLOCK) * _BLOCK for n in (payload_len, json_len))
 
 
 def starts_new_shard(count: int, nbytes: int, sample_bytes: int, max_count: int, max_bytes: int) -> bool:
@@ -206,20 +204,36 @@ def _inspect_path(path: str, rel: str, opts: InspectOptions) -> Inspected:
     return inspect_bytes(data, rel, opts)
 
 
-def _work(item: tuple[str, str]) -> Inspected:
+def _packed(item: Inspected) -> Packed:
+    """An inspected file as its index row and, when ok, its tar members (image + JSON) as bytes.
+
+    The row's ``offset`` is where the image data starts inside these bytes (the packer
+    adds the sample's position in its tar) and ``length`` its size in bytes.
+    """
+    if item.payload is None:
+        item.row.update(offset=0, length=0)
+        return item.row, None
+    assert item.meta is not None
+    key = item.row["key"]
+    image = tar_member(f"{key}.{item.ext}", item.payload)
+    item.row.update(offset=len(image) - _padded(len(item.payload)), length=len(item.payload))
+    return item.row, image + tar_member(f"{key}.json", _sample_json(item.meta))
+
+
+def _work(item: tuple[str, str]) -> Packed:
     assert _WORKER_OPTS is not None
-    return _inspect_path(item[0], item[1], _WORKER_OPTS)
+    return _packed(_inspect_path(item[0], item[1], _WORKER_OPTS))
 
 
-def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Iterator[Inspected]:
-    """Inspect ``rels`` in order, in ``cfg.workers`` processes."""
+def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Iterator[Packed]:
+    """Inspect and pack ``rels`` in order, in ``cfg.workers`` processes."""
     opts = cfg.inspect_options()
     root = str(src)
     items = [(os.path.join(root, rel), rel) for rel in rels]
     if cfg.workers == 1 or len(items) <= cfg.chunksize:
         with pil_limits(opts.max_pixels):
             for path, rel in items:
-                yield _inspect_path(path, rel, opts)
+                yield _packed(_inspect_path(path, rel, opts))
         return
     # fork: workers need no re-import, and `python -m dataeff` has no __main__ guard for spawn.
     ctx = mp.get_context("fork")
@@ -234,13 +248,44 @@ def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Iterator[Ins
 # --------------------------------------------------------------------------- writing
 
 
-def _header(name: str, size: int) -> bytes:
+def _tarfile_header(name: str, size: int) -> bytes:
     """A fixed tar header (GNU format: keys of deep paths exceed ustar's 100-character names)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o444
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+_TEMPLATE = _tarfile_header("", 0)
+_NAME_FIELD, _SIZE_FIELD, _CHKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
+
+
+def _header(name: str, size: int) -> bytes:
+    """:func:`_tarfile_header`, byte for byte, filled into a template when the name fits one block.
+
+    Building a header through ``tarfile`` costs as much as decoding a thumbnail; the
+    template only needs the name, the size and the checksum (the header's byte sum
+    with the checksum field read as spaces).
+    """
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > _NAME_FIELD.stop or size >= 8**11:  # GNU long-name record / base-256 size
+        return _tarfile_header(name, size)
+    buf = bytearray(_TEMPLATE)
+    buf[: len(raw)] = raw
+    buf[_SIZE_FIELD] = b"%011o\0" % size
+    buf[_CHKSUM_FIELD] = b" " * 8
+    buf[_CHKSUM_FIELD.start : _CHKSUM_FIELD.stop - 1] = b"%06o\0" % sum(buf)
+    return bytes(buf)
+
+
+def _padded(n: int) -> int:
+    return n + -n % _BLOCK
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One tar member: its header, then ``data`` padded to whole 512-byte blocks."""
+    return b"".join((_header(name, len(data)), data, b"\0" * (-len(data) % _BLOCK)))
 
 
 class TarSink:
@@ -255,11 +300,10 @@ class TarSink:
         self.fh = open(self.tmp, "wb")
         self.offset = 0
 
-    def add(self, name: str, data: bytes) -> None:
-        pad = -len(data) % _BLOCK
-        chunk = b"".join((_header(name, len(data)), data, b"\0" * pad))
-        self.fh.write(chunk)
-        self.offset += len(chunk)
+    def append(self, members: bytes) -> None:
+        """Append whole members built by :func:`tar_member`."""
+        self.fh.write(members)
+        self.offset += len(members)
 
     def commit(self) -> int:
         """Finish the tar, move it into place, return its size in bytes."""
@@ -270,12 +314,20 @@ class TarSink:
         return self.path.stat().st_size
 
 
-def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> int:
-    """Write ``(name, bytes)`` members to ``path`` via a temp name; return the file size."""
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> list[tuple[int, int]]:
+    """Write ``(name, bytes)`` members to ``path`` via a temp name.
+
+    Returns:
+        ``(offset, length)`` of each member's data in the tar, for the index.
+    """
     sink = TarSink(path)
+    spans = []
     for name, data in members:
-        sink.add(name, data)
-    return sink.commit()
+        member = tar_member(name, data)
+        spans.append((sink.offset + len(member) - _padded(len(data)), len(data)))
+        sink.append(member)
+    sink.commit()
+    return spans
 
 
 def _sample_json(meta: dict[str, Any]) -> bytes:
@@ -292,7 +344,7 @@ def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
 _INDEX_COLUMNS = (
     ("key", "string"), ("source", "string"), ("site", "string"), ("status", "string"),
     ("reason", "string"), ("shard", "string"), ("size", "int64"), ("sha256", "string"),
-    ("width", "int64"), ("height", "int64"),
+    ("width", "int64"), ("height", "int64"), ("offset", "int64"), ("length", "int64"),
 ) + tuple((k, "float64") for k in QUALITY_KEYS)  # fmt: skip
 
 
@@ -325,26 +377,25 @@ class _Packer:
             if r["status"] == "ok":
                 self.first_of.setdefault(r["sha256"], r["key"])
 
-    def add(self, item: Inspected) -> None:
-        row = item.row
+    def add(self, row: dict[str, Any], members: bytes | None) -> None:
         store = row["status"] == "ok"
         if store:
             first = self.first_of.setdefault(row["sha256"], row["key"])
             if first != row["key"]:
                 row["reason"] = f"exact_duplicate_of:{first}"
                 if not self.cfg.keep_duplicates:
-                    row["status"], store = "duplicate", False
+                    row.update(status="duplicate", offset=0, length=0)
+                    store = False
         if store:
-            assert item.payload is not None and item.meta is not None
-            meta = _sample_json(item.meta)
-            size = sample_tar_bytes(len(item.payload), len(meta))
+            assert members is not None
+            size = len(members)
             if starts_new_shard(self.count, self.nbytes, size, self.cfg.samples_per_shard, self.max_bytes):
                 self.close()
             row["shard"] = shard_name(self.name, len(self.shards))
             if self.sink is None:
                 self.sink = TarSink(self.out / row["shard"])
-            self.sink.add(f"{row['key']}.{item.ext}", item.payload)
-            self.sink.add(f"{row['key']}.json", meta)
+            row["offset"] += self.sink.offset
+            self.sink.append(members)
             self.count, self.nbytes = self.count + 1, self.nbytes + size
         self.pending.append(row)
         self.pos += 1
@@ -370,6 +421,7 @@ class _Packer:
 def _signature(files: Sequence[str], sizes: Sequence[int], cfg: ShardConfig) -> str:
     """Hash of the input listing and of every setting that changes the output."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY + ("src", "out")}
+    settings["format"] = FORMAT  # output of an older layout is not resumed into this one
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for rel, size in zip(files, sizes):
         h.update(os.fsencode(rel) + b"\0" + str(size).encode() + b"\n")
@@ -498,8 +550,8 @@ def main(cfg: ShardConfig) -> dict:
     bar = tqdm(total=len(files), initial=start, unit="img", desc="shard", disable=not cfg.progress, smoothing=0.1)
     try:
         with contextlib.closing(_inspected(src, files[start:], cfg)) as items:  # closing ends the pool
-            for item in items:
-                packer.add(item)
+            for row, members in items:
+                packer.add(row, members)
                 bar.update(1)
         rows = packer.finish()
     finally:

@@ -19,14 +19,14 @@ import logging
 import os
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from braceexpand import braceexpand
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchvision import transforms as T
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
@@ -41,6 +41,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png")
 DECODED_EXTS = frozenset(IMAGE_EXTS + ("json",))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TAR_BLOCK = 512
 
 
 # --------------------------------------------------------------------------- shard sets
@@ -100,22 +101,59 @@ def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def shard_keys(tars: list[str]) -> list[list[str]]:
-    """For each tar, the keys of its ``ok`` samples in tar order, from the index beside it.
+def shard_samples(tars: list[str]) -> list[pd.DataFrame]:
+    """For each tar, its ``ok`` samples in tar order, from the index beside it.
 
     The index is the source of truth for counts, which is what lets every rank agree on
-    the epoch plan without opening a single tar.
+    the epoch plan without opening a single tar, and for where each image is stored.
+
+    Returns:
+        one frame per tar with columns ``key``, ``offset``, ``length`` (the image bytes
+        in the tar).
     """
-    by_dir: dict[Path, dict[str, list[str]]] = {}
+    by_dir: dict[Path, dict[str, pd.DataFrame]] = {}
     out = []
     for tar in tars:
         directory = Path(tar).parent
         if directory not in by_dir:
             index = read_index(directory)
-            ok = index[index["status"] == "ok"]
-            by_dir[directory] = {name: list(group["key"]) for name, group in ok.groupby("shard", sort=False)}
-        out.append(by_dir[directory].get(Path(tar).name, []))
+            missing = sorted({"offset", "length"} - set(index.columns))
+            if missing:
+                raise ValueError(
+                    f"{directory / INDEX_NAME} has no {' or '.join(missing)} column (written by an older "
+                    "dataeff): re-run 'dataeff shard' on the raw images with overwrite=true"
+                )
+            ok = index.loc[index["status"] == "ok", ["key", "shard", "offset", "length"]]
+            by_dir[directory] = {name: g.drop(columns="shard") for name, g in ok.groupby("shard", sort=False)}
+        empty = pd.DataFrame({"key": [], "offset": [], "length": []})
+        out.append(by_dir[directory].get(Path(tar).name, empty).reset_index(drop=True))
     return out
+
+
+def shard_keys(tars: list[str]) -> list[list[str]]:
+    """For each tar, the keys of its ``ok`` samples in tar order (see :func:`shard_samples`)."""
+    return [list(samples["key"]) for samples in shard_samples(tars)]
+
+
+def read_member(fh: BinaryIO, path: str, key: str, offset: int, length: int) -> bytes:
+    """The image bytes of sample ``key`` at ``offset`` of an open tar, checked against their header.
+
+    Raises:
+        ValueError: the tar holds something else there (the shard and its index disagree).
+    """
+    fh.seek(offset - TAR_BLOCK)
+    block = fh.read(TAR_BLOCK + length)
+    name = f"{key}.".encode()[:100]  # a long name's header keeps its first 100 bytes
+    try:
+        size = int(block[124:136].strip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        size = -1
+    if len(block) != TAR_BLOCK + length or not block.startswith(name) or size != length:
+        raise ValueError(
+            f"{path}: no image of sample {key} at byte {offset}; the shard and its index disagree, "
+            "re-run 'dataeff shard'"
+        )
+    return block[TAR_BLOCK:]
 
 
 # --------------------------------------------------------------------------- samples
@@ -320,13 +358,14 @@ class StreamDataset(IterableDataset):
     The rank's stream (``plan_epoch``) is put through a seeded shuffle buffer
     (``shuffle_order``) and cut into batches; batch ``i`` is then a fixed list of stream
     positions, dealt to dataloader workers round-robin (``worker_batches``). A worker
-    reads the tars of the stream in order, keeps the undecoded bytes of the samples its
-    batches need and decodes + transforms a batch once it is complete. The augmentation
+    reads the images its batches need in stream order (one seek each, at the offsets of
+    the index), keeps them undecoded and decodes + transforms a batch once it is complete. The augmentation
     of a sample is seeded by (seed, epoch, rank, position), so an epoch's batches are the
     same on every run, for any worker count, and after a mid-epoch resume.
 
     Args:
         tars: shard paths; ``keys[i]`` the kept keys of ``tars[i]`` in tar order.
+        spans: ``spans[i][j]`` = (offset, length) of the image of ``keys[i][j]`` in ``tars[i]``.
         num_workers: the DataLoader's worker count.
     """
 
@@ -334,6 +373,7 @@ class StreamDataset(IterableDataset):
         self,
         tars: list[str],
         keys: list[list[str]],
+        spans: list[np.ndarray],
         transform: Callable[[Image.Image], torch.Tensor],
         batch_size: int,
         seed: int,
@@ -343,7 +383,7 @@ class StreamDataset(IterableDataset):
         shuffle_buffer: int,
     ) -> None:
         super().__init__()
-        self.tars, self.keys, self.transform = tars, keys, transform
+        self.tars, self.keys, self.spans, self.transform = tars, keys, spans, transform
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         total = sum(len(k) for k in keys)
@@ -382,7 +422,9 @@ class StreamDataset(IterableDataset):
             while mine and all(int(p) in pending for p in mine[0]):
                 samples = [(int(p), *pending.pop(int(p))) for p in mine.popleft()]
                 yield {
-                    "image": torch.stack([self._sample(data, key, p) for p, key, data in samples]),
+                    # default_collate stacks straight into shared memory inside a worker, which
+                    # saves a copy of every batch on its way to the main process.
+                    "image": default_collate([self._sample(data, key, p) for p, key, data in samples]),
                     "key": [key for _, key, _ in samples],
                 }
             if not mine:
@@ -402,24 +444,15 @@ class StreamDataset(IterableDataset):
             generator.set_state(saved)
 
     def _read(self, shard: np.ndarray, local: np.ndarray, needed: np.ndarray) -> Iterator[tuple[int, str, bytes]]:
-        """``(position, key, image bytes)`` of the needed positions, one pass per run of a tar."""
+        """``(position, key, image bytes)`` of the needed positions: a seek and a read each, in tar order."""
         breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) <= 0)) + 1
         for run in np.split(np.arange(len(shard)), breaks):
             run = run[needed[run]]
             if len(run) == 0:
                 continue
-            tar, names = self.tars[int(shard[run[0]])], self.keys[int(shard[run[0]])]
-            wanted = {names[int(local[p])]: int(p) for p in run}
-            for key, fields in _iter_members(tar, set(wanted)):
-                data = image_bytes(fields)
-                if data is None:
-                    raise ValueError(f"{tar}: sample {key} listed in the index has no image member")
-                yield wanted.pop(key), key, data
-                if not wanted:
-                    break
-            if wanted:
-                raise ValueError(
-                    f"{tar}: {len(wanted)} sample(s) listed as ok in its index are missing "
-                    f"(first {next(iter(wanted))}); the shard and its index disagree, re-run 'dataeff shard'"
-                )
-
+            t = int(shard[run[0]])
+            tar, names, spans = self.tars[t], self.keys[t], self.spans[t]
+            with open(tar, "rb") as fh:
+                for p in run:
+                    j = int(local[p])
+                    yield int(p), names[j], read_member(fh, tar, names[j], int(spans[j, 0]), int(spans[j, 1]))

@@ -323,7 +323,7 @@ def concat_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- generated shards
 
-GENERATED_FORMAT = "dataeff-shards/1"
+GENERATED_FORMAT = "dataeff-shards/2"
 
 
 def mosaic_key(run: str, index: int) -> str:
@@ -426,7 +426,9 @@ def write_generated(
             sample, row = mosaic_sample(keys[i], run, groups[i], rec, clusters, crops, sizes)
             members += sample
             rows.append({**row, "shard": name})
-        write_tar(gen_dir / name, members)
+        spans = write_tar(gen_dir / name, members)
+        for row, (offset, length) in zip(rows, spans[::2]):  # each sample: image, then JSON
+            row.update(offset=offset, length=length)
         tmp = journal.with_name(journal.name + ".tmp")
         tmp.write_text(json.dumps({"signature": signature, "rows": rows}))
         tmp.replace(journal)

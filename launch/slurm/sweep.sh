@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Submit a sweep as one SLURM job per (method, ratio) cell, then a report job.
+# Submit a sweep as SLURM jobs: one per stage of each (method, ratio) cell, then a report.
 #
 # usage: launch/slurm/sweep.sh [--sbatch-option=value ...] <sweep.yaml> [key=value ...]
 #
-# Each cell job runs 'dataeff sweep' restricted to its cell (methods=[m] ratios=[r]):
-# select -> pretrain -> finetune in order, resuming from cell.json when requeued. The
-# first cell's job also bootstraps and embeds the pool, which every cell shares, so the
-# other cells depend on it (afterok) and then run side by side; 'dataeff report' runs
-# when all cells have ended (afterany: a failed cell leaves a gap in the table, not no
-# table). Cells come from the sweep's own planner (full at 1.0 only, unavailable methods
-# left out), so this script submits exactly what 'dataeff sweep' would run. Prints one
+# Every job runs 'dataeff sweep' restricted to one stage of one cell
+# (methods=[m] ratios=[r] stages=[s] report=false), with that stage's resources and time
+# limit from config.sh, and resumes where it left off when requeued:
+#   dataeff-sweep-embed                 bootstrap encoder + pool embedding, shared by all cells
+#   dataeff-sweep-<cell>-select         afterok: embed
+#   dataeff-sweep-<cell>-pretrain       afterok: the cell's select
+#   dataeff-sweep-<cell>-finetune       afterok: the cell's pretrain
+#   dataeff-sweep-report                afterany: every finetune job (a failed cell leaves a
+#                                       gap in the table, not no table)
+# Cells come from the sweep's own planner (full at 1.0 only, unavailable methods left out),
+# so this script submits exactly what 'dataeff sweep' would run. Prints one
 # "<job id> <job name>" line per job. Settings: launch/slurm/config.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -46,23 +50,29 @@ print("report", f"run={cfg.out}", f"alpha={cfg.alpha}", f"wandb.enabled={w.enabl
 ' "$config" "$@")"
 
 mkdir -p "$LOG_DIR"
-submit() {  # submit <job name> <dependency or ""> <stage> [args ...]: prints the job id
-  local name="$1" after="$2" stage="$3"
-  shift 3
-  local options="SBATCH_${stage^^}[@]"
+submit() {  # submit <job name> <dependency or ""> <resources: a stage of config.sh> <stage> [args ...]
+  local name="$1" after="$2" options="SBATCH_${3^^}[@]" stage="$4"
+  shift 4
   sbatch --parsable --chdir="$PWD" "${SBATCH_COMMON[@]}" "${!options}" --job-name="$name" \
     ${after:+"--dependency=$after"} "${sbatch_args[@]}" "launch/slurm/$stage.sbatch" "$@"
 }
 
-first="" cell_ids=""
-while read -r kind a b c; do
+# The bootstrap is a short pre-training run: it gets the pretrain resources.
+embed_id="$(submit dataeff-sweep-embed "" pretrain sweep "$config" "$@" "stages=[embed]" report=false)"
+echo "$embed_id dataeff-sweep-embed"
+finetune_ids=""
+while read -r kind method ratio cell; do
   [[ "$kind" == cell ]] || continue
-  id="$(submit "dataeff-sweep-$c" "${first:+afterok:$first}" sweep "$config" "$@" "methods=[$a]" "ratios=[$b]")"
-  echo "$id dataeff-sweep-$c"
-  first="${first:-$id}"
-  cell_ids+=":$id"
+  after="afterok:$embed_id"
+  for stage in select pretrain finetune; do
+    id="$(submit "dataeff-sweep-$cell-$stage" "$after" "$stage" sweep "$config" "$@" \
+      "methods=[$method]" "ratios=[$ratio]" "stages=[$stage]" report=false)"
+    echo "$id dataeff-sweep-$cell-$stage"
+    after="afterok:$id"
+  done
+  finetune_ids+=":$id"
 done <<< "$plan"
 
 read -r -a report_args <<< "$(grep '^report ' <<< "$plan")"
-id="$(submit "dataeff-sweep-report" "afterany$cell_ids" report "${report_args[@]:1}")"
+id="$(submit dataeff-sweep-report "afterany$finetune_ids" report report "${report_args[@]:1}")"
 echo "$id dataeff-sweep-report"

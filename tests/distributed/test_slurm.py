@@ -170,9 +170,9 @@ def test_submit_report_is_one_cpu_task_and_unknown_stage_fails(tmp_path):
     assert bad.returncode == 2 and "stages:" in bad.stderr
 
 
-def test_sweep_submits_one_job_per_cell_then_report(tmp_path):
+def test_sweep_submits_a_job_per_stage_of_each_cell_then_report(tmp_path):
     bin_dir = _fake_bin(tmp_path, sbatch=FAKE_SBATCH)
-    env = _clean_env(tmp_path, bin_dir, LOG_DIR=str(tmp_path / "logs"))
+    env = _clean_env(tmp_path, bin_dir, LOG_DIR=str(tmp_path / "logs"), TIME_SELECT="01:00:00", TIME_FINETUNE="03:00:00")
     overrides = ["shards=shards/pool", "datasets.tiny.data.root=data/kvasir-seg", "methods=[full,random,meddel]",
                  "ratios=[0.5,1.0]", "out=runs/s1"]
     out = subprocess.run(
@@ -181,20 +181,36 @@ def test_sweep_submits_one_job_per_cell_then_report(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = _read_submissions(tmp_path)
-    names = [next(a for a in job if a.startswith("--job-name=")).split("=", 1)[1] for job in jobs]
+    ids = {next(a for a in job if a.startswith("--job-name=")).split("=", 1)[1]: str(101 + i) for i, job in enumerate(jobs)}
+    by_name = dict(zip(ids, jobs))
     # The sweep's planner: full only at 1.0; random at 1.0 is full again, so left out.
-    assert names == ["dataeff-sweep-full-r1", "dataeff-sweep-random-r0.5", "dataeff-sweep-meddel-r0.5",
-                     "dataeff-sweep-meddel-r1", "dataeff-sweep-report"]
-    first, *others, report = jobs
-    assert not any(a.startswith("--dependency") for a in first)  # it embeds the shared pool
-    for job in others:
-        assert "--dependency=afterok:101" in job
-        assert job[job.index("launch/slurm/sweep.sbatch") + 1:][:len(overrides) + 1] == ["configs/sweep/tiny.yaml", *overrides]
-    assert any(a == "methods=[meddel]" for a in jobs[3]) and any(a == "ratios=[1.0]" for a in jobs[3])
-    assert "--dependency=afterany:101:102:103:104" in report
+    cells = ["full-r1", "random-r0.5", "meddel-r0.5", "meddel-r1"]
+    stages = ("select", "pretrain", "finetune")
+    assert list(ids) == ["dataeff-sweep-embed", *[f"dataeff-sweep-{c}-{s}" for c in cells for s in stages],
+                         "dataeff-sweep-report"]
+    embed = by_name["dataeff-sweep-embed"]
+    assert not any(a.startswith("--dependency") for a in embed)
+    assert embed[-2:] == ["stages=[embed]", "report=false"] and "--time=24:00:00" in embed  # bootstrap = pretraining
+    for cell in cells:
+        method, ratio = cell.split("-r")
+        after = "dataeff-sweep-embed"
+        for stage in stages:
+            job = by_name[f"dataeff-sweep-{cell}-{stage}"]
+            assert f"--dependency=afterok:{ids[after]}" in job
+            args = job[job.index("launch/slurm/sweep.sbatch") + 1 :]
+            assert args == ["configs/sweep/tiny.yaml", *overrides, f"methods=[{method}]",
+                            f"ratios=[{float(ratio)!r}]", f"stages=[{stage}]", "report=false"]
+            after = f"dataeff-sweep-{cell}-{stage}"
+    # Each stage gets its own resources and time limit from config.sh.
+    assert "--time=01:00:00" in by_name["dataeff-sweep-meddel-r1-select"]
+    assert "--time=03:00:00" in by_name["dataeff-sweep-meddel-r1-finetune"]
+    assert "--nodes=1" in by_name["dataeff-sweep-meddel-r1-finetune"]
+    report = by_name["dataeff-sweep-report"]
+    finetunes = ":".join(ids[f"dataeff-sweep-{c}-finetune"] for c in cells)
+    assert f"--dependency=afterany:{finetunes}" in report
     assert "launch/slurm/report.sbatch" in report and "run=runs/s1" in report
     assert all("--qos=low" in job for job in jobs)
-    assert out.stdout.split() == [x for i, n in zip(range(101, 106), names) for x in (str(i), n)]
+    assert out.stdout.split() == [x for name, i in ids.items() for x in (i, name)]
 
 
 # --------------------------------------------------------------------------- requeue

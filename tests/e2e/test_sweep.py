@@ -35,19 +35,58 @@ def make_downstream(root: Path, n: int = 16, size: int = 48) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SweepConfig, dict]:
+def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SweepConfig, dict, dict]:
+    """The tiny sweep run one stage at a time, as launch/slurm/sweep.sh's jobs run it.
+
+    Returns the config, the report paths of the last run, and what each earlier run
+    left: the error of a stage run too early, or the cells' finished steps.
+    """
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     tmp = tmp_path_factory.mktemp("sweep")
     shards = make_shards(tmp, n=24, size=48, samples_per_shard=8)
     down = make_downstream(tmp / "down")
-    cfg = load_config(SweepConfig, str(TINY), [f"out={tmp / 'run'}", f"shards={shards}", f"datasets.tiny.data.root={down}"])
-    return cfg, main(cfg)
+    base = [f"out={tmp / 'run'}", f"shards={shards}", f"datasets.tiny.data.root={down}"]
+    cfg = load_config(SweepConfig, str(TINY), base)
+
+    def run_stage(stage: str, report: bool = False) -> dict:
+        return main(load_config(SweepConfig, str(TINY), [*base, f"stages=[{stage}]", f"report={report}"]))
+
+    def finished() -> dict[str, list[str]]:
+        records = (json.loads(p.read_text()) for p in sorted(Path(cfg.out).glob("cells/*/cell.json")))
+        return {r["cell"]: sorted(r["stages"]) + (["done"] if r["done"] else []) for r in records}
+
+    seen: dict = {}
+    with pytest.raises(ConfigError) as too_early:
+        run_stage("select")
+    seen["select before embed"] = str(too_early.value)
+    run_stage("embed")
+    with pytest.raises(ConfigError) as too_early:
+        run_stage("pretrain")
+    seen["pretrain before select"] = str(too_early.value)
+    run_stage("select")
+    seen["after select"] = finished()
+    run_stage("pretrain")
+    seen["after pretrain"] = finished()
+    return cfg, run_stage("finetune", report=True), seen
+
+
+def test_stage_runs_check_their_order(sweep_run: tuple[SweepConfig, dict, dict]) -> None:
+    cfg, _, seen = sweep_run
+    assert "select needs the pool embeddings" in seen["select before embed"]
+    assert "run stages=[embed] first" in seen["select before embed"]
+    assert seen["pretrain before select"].startswith("cell random-r0.25: pretrain needs select")
+    cells = ["meddel-r0.25", "meddel-r0.5", "random-r0.25", "random-r0.5"]
+    assert seen["after select"] == {c: ["select"] for c in cells}
+    assert seen["after pretrain"] == {c: ["pretrain", "select"] for c in cells}
+    bad = [f"shards={cfg.shards}", f"datasets.tiny.data.root={cfg.shards}", "stages=[pretrain,report]"]
+    with pytest.raises(ConfigError, match=r"stages=\['pretrain', 'report'\]: choose"):
+        load_config(SweepConfig, str(TINY), bad)
 
 
 @pytest.mark.timeout(600)
-def test_tiny_sweep_writes_report(sweep_run: tuple[SweepConfig, dict]) -> None:
-    cfg, paths = sweep_run
+def test_tiny_sweep_writes_report(sweep_run: tuple[SweepConfig, dict, dict]) -> None:
+    cfg, paths, _ = sweep_run
     run = Path(cfg.out)
     df = pd.read_csv(run / "report.csv")
     assert sorted(zip(df["method"], df["ratio"])) == [("meddel", 0.25), ("meddel", 0.5), ("random", 0.25), ("random", 0.5)]
@@ -78,8 +117,8 @@ def test_tiny_sweep_writes_report(sweep_run: tuple[SweepConfig, dict]) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_rerun_skips_finished_cells(sweep_run: tuple[SweepConfig, dict], caplog: pytest.LogCaptureFixture) -> None:
-    cfg, _ = sweep_run
+def test_rerun_skips_finished_cells(sweep_run: tuple[SweepConfig, dict, dict], caplog: pytest.LogCaptureFixture) -> None:
+    cfg, _, _ = sweep_run
     run = Path(cfg.out)
     cells = sorted((run / "cells").iterdir())
     before = {c.name: (c / "cell.json").read_text() for c in cells}
@@ -98,8 +137,8 @@ def test_rerun_skips_finished_cells(sweep_run: tuple[SweepConfig, dict], caplog:
     assert {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()} == mtimes
 
 
-def test_changed_settings_are_not_mixed_into_finished_cells(sweep_run: tuple[SweepConfig, dict]) -> None:
-    cfg, _ = sweep_run
+def test_changed_settings_are_not_mixed_into_finished_cells(sweep_run: tuple[SweepConfig, dict, dict]) -> None:
+    cfg, _, _ = sweep_run
     changed = load_config(SweepConfig, str(TINY), [
         f"out={cfg.out}", f"shards={cfg.shards}", f"datasets.tiny.data.root={cfg.datasets['tiny']['data']['root']}",
         "pretrain.trainer.max_steps=7",

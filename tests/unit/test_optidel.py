@@ -179,7 +179,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_sam_end_to_end_writes_a_streamable_selection(tiny_run):
-    from dataeff.data.stream import iter_shard, list_shards, read_index, read_selection
+    from dataeff.data.stream import iter_shard, list_shards, read_index, read_member, read_selection
     from dataeff.select.compose import crop_patch, quadrant
 
     inputs, out = tiny_run
@@ -221,6 +221,10 @@ def test_tiny_sam_end_to_end_writes_a_streamable_selection(tiny_run):
                 assert len(row) == 1 and bool(row["selected"].iloc[0]) and int(row["quadrant"].iloc[0]) == q
             seen += 1
     assert seen == summary["mosaics"]
+    # The index locates each mosaic's PNG, as PretrainDataModule reads it.
+    for row in index.itertuples():
+        with open(gen / row.shard, "rb") as fh:
+            assert read_member(fh, row.shard, row.key, row.offset, row.length).startswith(b"\x89PNG")
     # Selected patches are the hardest available under the caps (per source image: 2).
     assert patches.loc[patches["selected"]].groupby("source").size().max() <= 2
     # PretrainDataModule streams exactly the mosaics (the only kept samples) with data.selection.

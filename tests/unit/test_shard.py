@@ -17,7 +17,7 @@ from PIL import Image, ImageFile
 from dataeff.config import ConfigError
 from dataeff.data.keys import make_key, site_of
 from dataeff.data.quality import quality_stats, wide_to_uint8
-from dataeff.data.shard import ShardConfig, main, plan_shards
+from dataeff.data.shard import ShardConfig, _header, _tarfile_header, main, plan_shards, tar_member
 from tests.fixtures import REPO, kvasir_images, make_raw_tree, make_shards, small_jpeg
 
 
@@ -70,6 +70,24 @@ def test_plan_shards_by_count_and_bytes():
     # bytes: 40 + 40 > 70 opens a new shard; a sample larger than the limit gets its own
     assert plan_shards([40, 40, 20, 200, 10], max_count=100, max_bytes=70) == [[0], [1, 2], [3], [4]]
     assert plan_shards([], max_count=2, max_bytes=10) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("a.jpg", 0), ("k" * 95 + ".json", 123), ("k" * 96 + ".json", 511), ("é" * 49 + ".jpg", 70_001),
+     ("x" * 300 + ".png", 7)],
+)  # fmt: skip
+def test_tar_member_matches_tarfile(name, size):
+    """The template header equals tarfile's, including names at and past the 100-byte field."""
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    member = tar_member(name, data)
+    header = _tarfile_header(name, len(data))
+    assert member[: len(header)] == header
+    assert len(member) % 512 == 0 and member[len(header) : len(header) + len(data)] == data
+    with tarfile.open(fileobj=io.BytesIO(member + bytes(1024))) as tar:
+        (info,) = tar.getmembers()
+        assert (info.name, info.size, tar.extractfile(info).read()) == (name, len(data), data)
+    assert _header(name, 8**11) == _tarfile_header(name, 8**11)  # past the octal size field
 
 
 def test_quality_stats_detect_dark_bright_and_blur():
@@ -201,6 +219,29 @@ def test_webdataset_reads_the_shards(tmp_path):
     index = pd.read_parquet(out / "index.parquet")
     assert [s["__key__"] for s in samples] == index["key"].tolist()
     assert all(s["json"]["key"] == s["__key__"] and s["jpg"].mode == "RGB" for s in samples)
+
+
+def test_index_offsets_locate_every_stored_image(tmp_path):
+    """``offset``/``length`` point at each sample's image bytes, deep (GNU long) names included."""
+    raw = make_raw_tree(tmp_path / "raw", n=6, size=40)
+    deep = raw / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    Image.open(sorted(raw.rglob("*.jpg"))[0]).save(deep / "frame.png")
+    (raw / "site0" / "zz_copy.jpg").write_bytes(sorted(raw.rglob("*.jpg"))[1].read_bytes())
+    _shard(raw, tmp_path / "out", samples_per_shard=3)
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    stored = _tar_samples(tmp_path / "out")
+    assert len(make_key(str((deep / "frame.png").relative_to(raw))) + ".png") > 100
+    for row in index.itertuples():
+        if row.status != "ok":
+            assert (row.offset, row.length) == (0, 0) and row.reason
+            continue
+        with open(tmp_path / "out" / row.shard, "rb") as fh:
+            fh.seek(row.offset)
+            data = fh.read(row.length)
+        (image,) = [v for ext, v in stored[row.key].items() if ext != "json"]
+        assert data == image
+    assert (index["status"] == "duplicate").sum() == 1 and index["source"].str.endswith("frame.png").any()
 
 
 def test_keep_duplicates_stores_them(tmp_path):

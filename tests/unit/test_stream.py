@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -37,6 +38,10 @@ def write_shards(out: Path, sizes: list[int], name: str = "set", offset: int = 0
                     tar.addfile(info, io.BytesIO(data))
                 rows.append({"key": key, "status": "ok", "shard": tar_name})
                 k += 1
+        with tarfile.open(out / tar_name) as tar:  # where tarfile put each image, for the index
+            spans = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+        for row in rows[-n:] if n else []:
+            row["offset"], row["length"] = spans[f"{row['key']}.jpg"]
     pd.DataFrame(rows).to_parquet(out / "index.parquet")
     return out
 
@@ -119,6 +124,21 @@ def test_iter_shard_never_unpickles(tmp_path):
     assert not marker.exists()
     pickle.loads(payload)  # the payload is live: loading it does create the marker
     assert marker.exists()
+
+
+def test_index_out_of_step_with_its_shard_fails_clearly(tmp_path, shards):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    index = pd.read_parquet(bad / "index.parquet")
+    first = index.index[index["status"] == "ok"][0]
+    index.loc[first, "offset"] += 512  # the JSON member or the next sample, not this image
+    index.to_parquet(bad / "index.parquet")
+    dm = PretrainDataModule(DataConfig(shards=str(bad), image_size=32, batch_size=4, num_workers=0), seed=0, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=f"no image of sample {index.loc[first, 'key']} at byte .*disagree"):
+        epoch_batches(dm)
+    index.drop(columns=["offset"]).to_parquet(bad / "index.parquet")
+    with pytest.raises(ValueError, match="has no offset column .*overwrite=true"):
+        PretrainDataModule(DataConfig(shards=str(bad), num_workers=0), seed=0, rank=0, world_size=1).setup()
 
 
 def test_transforms_shape_and_normalisation():
