@@ -52,6 +52,8 @@ CELL_FORMAT = "dataeff-cell/1"
 #: by every cell), then each cell's ``select``, ``pretrain`` and ``finetune``.
 STAGES = ("embed", "select", "pretrain", "finetune")
 SWEEP_FORMAT = "dataeff-sweep/1"
+#: Select keys that only one method reads.
+METHOD_KEYS = {"meddel": ("meddel",), "semdedup": ("semdedup",), "optidel": ("scorer", "sam", "optidel")}
 #: Keys the sweep sets in every cell; a template that sets them is a config error.
 OWNED = {
     "embed": ("out", "data.shards", "seed"),
@@ -284,8 +286,17 @@ def unavailable_methods(cfg: SweepConfig) -> dict[str, str]:
 
 
 def config_digest(stage_cfgs: dict[str, Any]) -> str:
-    """sha256 of a cell's resolved stage configs: a rerun with other settings is detected."""
-    text = "".join(to_yaml(stage_cfgs[k]) for k in ("select", "pretrain"))
+    """sha256 of a cell's resolved stage configs: a rerun with other settings is detected.
+
+    The select keys that only other methods read are left out, so that, say, configuring a
+    SAM checkpoint for new OptiDEL cells leaves the finished MedDEL and random cells valid.
+    """
+    select = to_dict(stage_cfgs["select"])
+    for method, keys in METHOD_KEYS.items():
+        if method != select["method"]:
+            for key in keys:
+                select.pop(key)
+    text = json.dumps(select, sort_keys=True) + to_yaml(stage_cfgs["pretrain"])
     text += "".join(to_yaml(c) for _, c in sorted(stage_cfgs["finetune"].items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -147,6 +147,23 @@ def test_changed_settings_are_not_mixed_into_finished_cells(sweep_run: tuple[Swe
         main(changed)
 
 
+def test_keys_of_other_methods_leave_finished_cells_valid(sweep_run: tuple[SweepConfig, dict, dict]) -> None:
+    """Configuring OptiDEL's SAM (or SemDeDup) later must not invalidate the random/MedDEL cells."""
+    cfg, _, _ = sweep_run
+    cells = sorted(Path(cfg.out).glob("cells/*/cell.json"))
+    before = [c.read_text() for c in cells]
+    main(load_config(SweepConfig, str(TINY), [
+        f"out={cfg.out}", f"shards={cfg.shards}", f"datasets.tiny.data.root={cfg.datasets['tiny']['data']['root']}",
+        "select.sam.points_per_side=3", "select.semdedup.epsilon=0.2",
+    ]))
+    assert [c.read_text() for c in cells] == before
+    with pytest.raises(ConfigError, match="other settings"):  # MedDEL's own keys still count for its cells
+        main(load_config(SweepConfig, str(TINY), [
+            f"out={cfg.out}", f"shards={cfg.shards}", f"datasets.tiny.data.root={cfg.datasets['tiny']['data']['root']}",
+            "select.meddel.blur_var=81.0",
+        ]))
+
+
 def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="shards is empty"):
         load_config(SweepConfig, str(TINY), [])
