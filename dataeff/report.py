@@ -160,6 +160,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _pct(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.1f}%"
+
+
 def _reasons(counts: dict[str, int]) -> str:
     """Counts by reason, with ``redundant_of:<key>`` folded into ``redundant``."""
     folded: dict[str, int] = {}
@@ -172,19 +176,26 @@ def _reasons(counts: dict[str, int]) -> str:
 def selection_lines(cells: list[dict[str, Any]]) -> list[str]:
     """Markdown table of what each selection kept and dropped, with audit and OptiDEL scores."""
     lines = [
-        "| cell | kept / pool | R | counts by reason | audit (precision / recall) | OptiDEL |",
-        "|---|---|---|---|---|---|",
+        "| cell | kept / pool | R | counts by reason | audit of drops: precision / recall | "
+        "kept originals: invalid / excess near-duplicates (pool) | OptiDEL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for cell in sorted(cells, key=lambda c: (c["method"], float(c["ratio"]))):
         sel = cell.get("selection") or {}
         audit = sel.get("audit") or {}
-        audit_txt = "–"
-        if audit:
-            audit_txt = f"{_fmt(audit.get('precision'), 2)} / {_fmt(audit.get('recall'), 2)}"
+        audit_txt = kept_txt = "–"
+        if audit.get("dropped", 1):  # methods that drop without reasons (random, OptiDEL) have nothing to score
+            audit_txt = f"{_fmt(audit.get('precision'), 2)} / {_fmt(audit.get('recall'), 2)}" if audit else "–"
             per_cat = audit.get("per_category") or {}
             recalls = [f"{cat} {_fmt(v.get('recall'), 2)}" for cat, v in sorted(per_cat.items())]
             if recalls:
                 audit_txt += f" (recall: {', '.join(recalls)})"
+        kept, pool = audit.get("kept") or {}, audit.get("pool") or {}
+        if kept.get("samples"):
+            kept_txt = (
+                f"{_pct(kept['invalid_share'])} / {_pct(kept['excess_duplicate_share'])} "
+                f"({_pct(pool.get('invalid_share'))} / {_pct(pool.get('excess_duplicate_share'))})"
+            )
         opti = "–"
         if "mean_hardness_selected" in sel:
             opti = (
@@ -197,7 +208,7 @@ def selection_lines(cells: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {cell['cell']} | {sel.get('kept', '–')} / {sel.get('pool_size', '–')} | "
             f"{_fmt(sel.get('kept_fraction', math.nan), 3)} | {_reasons(sel.get('counts_by_reason') or {})} | "
-            f"{audit_txt} | {opti} |"
+            f"{audit_txt} | {kept_txt} | {opti} |"
         )
     return lines
 

@@ -15,6 +15,11 @@ Scoring, per drop reason:
 Recall, per planted category and kind: the share of planted samples that reached
 selection and were dropped for a matching reason (a near-duplicate counts as found
 when it or its group-mate was dropped as redundant of the other).
+
+Composition, for every method (random and OptiDEL drop without reasons, so precision
+and recall say nothing about them): the share of the kept originals that are planted
+invalid frames, and of excess near-duplicates (in each planted group, every kept member
+after the first), beside the same shares in the whole pool that reached selection.
 """
 
 from __future__ import annotations
@@ -86,6 +91,13 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
         per_cat[cat] = {"reached_select": n, "found": f, "recall": _ratio(f, n),
                         "caught_at_shard": int((at_shard["planted"] == cat).sum())}
     n_drop, n_ok = int(dropped.sum()), int((dropped & correct).sum())
+
+    def composition(keys: pd.Index) -> dict:
+        invalid = int((planted_kind.reindex(keys) == "invalid").sum())
+        excess = int((grp.reindex(keys).value_counts() - 1).sum())  # value_counts: NaN (not in truth) left out
+        return {"samples": len(keys), "invalid": invalid, "invalid_share": _ratio(invalid, len(keys)),
+                "excess_duplicates": excess, "excess_duplicate_share": _ratio(excess, len(keys))}
+
     return {
         "truth_rows": len(truth),
         "truth_rows_not_in_index": int((~truth["in_index"]).sum()),
@@ -96,6 +108,8 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
         "per_reason": per_reason,
         "per_category": per_cat,
         "per_kind": per_kind,
+        "kept": composition(rows.index[family == "kept"]),
+        "pool": composition(rows.index),
     }
 
 
@@ -108,6 +122,11 @@ def format_audit(a: dict) -> str:
     lines += ["| planted kind | reached select | found | recall |", "|---|---|---|---|"]
     for k, v in a["per_kind"].items():
         lines.append(f"| {k} | {v['reached_select']} | {v['found']} | {v['recall']} |")
+    kept, pool = a["kept"], a["pool"]
+    lines.append(
+        f"kept {kept['samples']}: invalid share {kept['invalid_share']} (pool {pool['invalid_share']}), "
+        f"excess near-duplicate share {kept['excess_duplicate_share']} (pool {pool['excess_duplicate_share']})"
+    )
     if a["caught_at_shard_time"]:
         lines.append("caught at shard time (never reach select): " + ", ".join(f"{k} {v}" for k, v in a["caught_at_shard_time"].items()))
     return "\n".join(lines)

@@ -51,14 +51,22 @@ def make_cell(
             _write(cell / "finetune" / ds / "results.json", {"miou": miou, "dice": miou + 0.05, "fg_iou": miou - 0.1, "dataset": ds})
 
 
+def _composition(samples: int, invalid: float, excess: float) -> dict:
+    return {"samples": samples, "invalid_share": invalid, "excess_duplicate_share": excess}
+
+
+POOL_SHARES = _composition(200, 0.08, 0.25)
+
+
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     run = tmp_path / "sweep"
     make_cell(run, "full", 1.0, {"a": 0.72, "b": 0.70})
     for r, (ma, mb) in {0.05: (0.70, 0.66), 0.2: (0.71, 0.69)}.items():
-        make_cell(run, "random", r, {"a": ma - 0.02, "b": mb - 0.02})
-        make_cell(run, "meddel", r, {"a": ma, "b": mb},
-                  extra_selection={"audit": {"precision": 0.8, "recall": 0.5}})
+        make_cell(run, "random", r, {"a": ma - 0.02, "b": mb - 0.02}, extra_selection={"audit": {
+            "dropped": 0, "precision": None, "recall": 0.0, "kept": _composition(40, 0.075, 0.3), "pool": POOL_SHARES}})
+        make_cell(run, "meddel", r, {"a": ma, "b": mb}, extra_selection={"audit": {
+            "dropped": 30, "precision": 0.8, "recall": 0.5, "kept": _composition(40, 0.0, 0.05), "pool": POOL_SHARES}})
     make_cell(run, "optidel", 0.05, {"a": 0.73, "b": 0.71}, extra_selection={
         "mean_hardness_selected": 0.9, "mean_hardness_all": 0.5, "cluster_coverage": 1.0, "sam_model": "tiny (random init; not a real SAM)"})
     _write(run / "sweep.json", {"name": "unit", "seed": 7, "skipped": [{"cell": "random-r1", "why": "identical to full-r1"}]})
@@ -96,6 +104,8 @@ def test_markdown_and_plots(run: Path) -> None:
     assert "Pipeline demonstration, not a paper reproduction" in md
     assert "tiny random-init SAM" in md
     assert "0.80 / 0.50" in md  # audit precision / recall of the meddel cells
+    # Every method gets the composition of what it kept, beside the pool's; random has no drops to score.
+    assert "| 0.0% / 5.0% (8.0% / 25.0%) |" in md and "| – | 7.5% / 30.0% (8.0% / 25.0%) |" in md
     assert "redundant 2" in md  # redundant_of:<key> folded into one count
     assert "Skipped random-r1" in md and "Seed 7" in md
     assert "20 steps" in md

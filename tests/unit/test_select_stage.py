@@ -146,3 +146,9 @@ def test_audit_scores_planted_defects():
     assert a["per_reason"]["outlier"]["precision"] == 0.0
     assert a["per_category"]["invalid"]["recall"] == 0.5 and a["per_category"]["near_duplicate"]["recall"] == 1.0
     assert a["precision"] == pytest.approx(2 / 3, abs=1e-4) and a["recall"] == pytest.approx(2 / 3, abs=1e-4)
+    # Kept: a (original) and d (planted blur): 1 invalid of 2, no excess copy (b was dropped).
+    assert a["kept"] == {"samples": 2, "invalid": 1, "invalid_share": 0.5, "excess_duplicates": 0, "excess_duplicate_share": 0.0}
+    # The pool that reached selection (a-e): c and d invalid; a and its copy b are one group, one excess.
+    assert a["pool"] == {"samples": 5, "invalid": 2, "invalid_share": 0.4, "excess_duplicates": 1, "excess_duplicate_share": 0.2}
+    random_like = frame.assign(kept=[True, True, False, False, False], reason=["kept", "kept"] + ["not_selected"] * 3)
+    assert audit_selection(random_like, index, truth)["kept"]["excess_duplicate_share"] == 0.5
