@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dataeff.files import write_atomic
+
 T = TypeVar("T")
 
 
@@ -214,12 +216,9 @@ def to_dict(cfg: Any) -> dict:
 
 def save_resolved(cfg: Any, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config beside a stage's output (atomically) and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
+    path = Path(out_dir) / name
+    text = to_yaml(cfg)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
     return path
 
 

@@ -35,6 +35,7 @@ from dataeff.data import downstream
 from dataeff.data.datamodules import SegmentationDataConfig, SegmentationDataModule
 from dataeff.metrics import confusion_matrix, json_safe, segmentation_scores
 from dataeff.data.stream import IMAGENET_MEAN, IMAGENET_STD
+from dataeff.files import write_json_atomic
 from dataeff.models.encoder import build_encoder, resolve
 from dataeff.models.segment import SegmentationModel, SegmentationModule, predict_batches
 from dataeff.trainer import CHECKPOINT_DIR, build_trainer, find_resume_checkpoint
@@ -200,12 +201,6 @@ def render_predictions(model: torch.nn.Module, pairs: list, cfg: SegmentationDat
     return path
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(json_safe(payload), indent=2))
-    os.replace(tmp, path)
-
-
 def _load_best(module: SegmentationModule, out: Path) -> str:
     """Put the best-val-mIoU weights into the model; returns which weights were used."""
     if module.best_state is not None:
@@ -298,7 +293,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.log_metrics({f"test/{k}": results[k] for k in ("miou", "dice", "fg_iou")}, step=trainer.global_step)
         # results.json last: its presence marks the run complete.
-        _write_json(out / RESULTS, results)
+        write_json_atomic(out / RESULTS, json_safe(results), indent=2)
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         log.info("finetune: test mIoU %.4f, Dice %.4f, fg IoU %.4f (%s)", results["miou"], results["dice"], results["fg_iou"], chosen)

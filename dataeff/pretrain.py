@@ -30,6 +30,7 @@ from PIL import Image
 
 from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, EncoderConfig, TrainerConfig, WandbConfig, option, save_resolved, section, to_dict
+from dataeff.files import write_atomic, write_json_atomic
 from dataeff.models.encoder import EXPORT_WEIGHTS, build_encoder, export_encoder, resolve
 from dataeff.models.mae import MAE, MAE_CKPT, MAEConfig, OptimConfig
 from dataeff.trainer import build_trainer, find_resume_checkpoint, save_final_checkpoint, scaled_lr
@@ -104,12 +105,6 @@ def selection_info(selection_dir: str) -> dict[str, Any]:
     return {k: summary.get(k) for k in ("method", "ratio", "kept", "kept_fraction", "pool_size")}
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def is_complete(out: str | os.PathLike) -> bool:
     """True when a run directory holds a finished pre-training (summary, encoder and MAE)."""
     out = Path(out)
@@ -169,9 +164,7 @@ def _final_state(trainer: pl.Trainer, model: MAE, ckpt: Path) -> dict[str, torch
 def _export(cfg: PretrainConfig, model: MAE, state: dict[str, torch.Tensor], out: Path) -> None:
     """Write ``mae.ckpt`` and the timm-loadable encoder export (rank 0)."""
     blob = model.scoring_state(state)
-    tmp = out / (MAE_CKPT + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, out / MAE_CKPT)
+    write_atomic(out / MAE_CKPT, lambda tmp: torch.save(blob, tmp))
     enc_cfg = dataclasses.replace(resolve(cfg.encoder), weights="", allow_random_init=True)
     encoder = build_encoder(enc_cfg)
     encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")})
@@ -247,7 +240,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
             "lr": lr,
             "selection": selection,
         }
-        _write_json(out / SUMMARY, summary)
+        write_json_atomic(out / SUMMARY, summary, indent=2, sort_keys=True)
         log.info("pretrain: %d steps, %d images, encoder at %s", summary["steps"], summary["images_seen"], out / EXPORT_WEIGHTS)
     trainer.strategy.barrier("pretrain-export")
     for logger in trainer.loggers:

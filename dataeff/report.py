@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from dataeff.config import ConfigError, WandbConfig, option, save_resolved, section
+from dataeff.files import write_atomic
 from dataeff.metrics import del_score, normdel
 
 log = logging.getLogger("dataeff")
@@ -184,8 +185,8 @@ def selection_lines(cells: list[dict[str, Any]]) -> list[str]:
         sel = cell.get("selection") or {}
         audit = sel.get("audit") or {}
         audit_txt = kept_txt = "–"
-        if audit.get("dropped", 1):  # methods that drop without reasons (random, OptiDEL) have nothing to score
-            audit_txt = f"{_fmt(audit.get('precision'), 2)} / {_fmt(audit.get('recall'), 2)}" if audit else "–"
+        if audit and audit.get("dropped", 1):  # methods that drop without reasons (random, OptiDEL): nothing to score
+            audit_txt = f"{_fmt(audit.get('precision'), 2)} / {_fmt(audit.get('recall'), 2)}"
             per_cat = audit.get("per_category") or {}
             recalls = [f"{cat} {_fmt(v.get('recall'), 2)}" for cat, v in sorted(per_cat.items())]
             if recalls:
@@ -383,12 +384,6 @@ def load_cells(run: Path) -> list[dict[str, Any]]:
     return cells
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_plots(df: pd.DataFrame, run: Path) -> list[str]:
     """PNGs under ``<run>/plots``; returns their paths relative to ``run``."""
     plot_dir = run / "plots"
@@ -434,8 +429,9 @@ def main(cfg: ReportConfig) -> dict[str, Any]:
     meta = _read_json(run / "sweep.json") or {"name": run.name}
     df = build_table(cells, cfg.alpha)
     plots = write_plots(df, run) if cfg.plots else []
-    _atomic_write(run / "report.csv", df.to_csv(index=False, float_format="%.6g"))
-    _atomic_write(run / "report.md", markdown_report(df, cells, meta, cfg.alpha, plots))
+    csv, md = df.to_csv(index=False, float_format="%.6g"), markdown_report(df, cells, meta, cfg.alpha, plots)
+    write_atomic(run / "report.csv", lambda tmp: tmp.write_text(csv))
+    write_atomic(run / "report.md", lambda tmp: tmp.write_text(md))
     if cfg.wandb.enabled:
         _log_wandb(cfg, df, run, meta, plots)
     unfinished = int((~df["done"]).sum())

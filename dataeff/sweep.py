@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dataeff import dist
 from dataeff.config import ConfigError, WandbConfig, option, save_resolved, section, to_dict, to_yaml
+from dataeff.files import write_json_atomic
 from dataeff.finetune import FinetuneConfig
 from dataeff.pretrain import PretrainConfig
 from dataeff.select.embed import EmbedConfig
@@ -309,10 +310,7 @@ def _now() -> str:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=2, sort_keys=True)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -356,14 +354,13 @@ def encoder_paths(cfg: SweepConfig) -> tuple[str, str]:
     return str(out), str(out / "mae.ckpt")
 
 
-def bootstrap_encoder(cfg: SweepConfig) -> tuple[str, str]:
-    """:func:`encoder_paths`, running the bootstrap pre-training first when they point at it."""
+def bootstrap_encoder(cfg: SweepConfig) -> None:
+    """Run the bootstrap pre-training when :func:`encoder_paths` points at it (a done one is skipped)."""
     from dataeff import pretrain as pretrain_stage
 
-    weights, scorer = encoder_paths(cfg)
     out = Path(cfg.out) / "bootstrap"
-    if weights != str(out):
-        return weights, scorer
+    if encoder_paths(cfg)[0] != str(out):
+        return
     boot = fill(PretrainConfig, cfg.pretrain, {
         "out": str(out), "seed": cfg.seed, "run_name": f"{cfg.sweep_name}/bootstrap",
         "data": {"shards": cfg.shards, "selection": ""}, "trainer": {"max_steps": cfg.bootstrap.steps},
@@ -372,7 +369,6 @@ def bootstrap_encoder(cfg: SweepConfig) -> tuple[str, str]:
     record = _timed("bootstrap", pretrain_stage.main, boot)
     if dist.is_main() and not (out / "stage.json").is_file():
         _write_json(out / "stage.json", record)
-    return weights, scorer
 
 
 def check_digest(record: dict[str, Any] | None, digest: str, root: Path) -> None:
@@ -472,22 +468,20 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
         root = ((overrides or {}).get("data") or {}).get("root") or cfg.finetune.data.root
         if not root or not Path(root).is_dir():
             raise ConfigError(f"datasets.{ds}.data.root={root!r}: no such downstream folder")
-    # Checked once with stand-in paths so that a bad template fails before the bootstrap runs.
-    plan(cfg, cfg.embed.encoder.weights or str(out / "bootstrap"), str(out / "bootstrap" / "mae.ckpt"), precheck=True)
+    weights, scorer = encoder_paths(cfg)
+    # Every config is checked before any work; OptiDEL's scorer (the bootstrap) may not exist yet.
+    full = plan(cfg, weights, scorer, precheck=True)
     if dist.is_main():
         save_resolved(cfg, out)
     stages = list(cfg.stages)
     if "embed" in stages:
-        weights, scorer = bootstrap_encoder(cfg)
-        full = plan(cfg, weights, scorer)
-    else:
-        weights, scorer = encoder_paths(cfg)
-        full = plan(cfg, weights, scorer, precheck=True)  # the bootstrap may not exist if no cell needs it yet
-        if "select" in stages and not (Path(full["embed"].out) / embed_stage.HEADER_NAME).is_file():
-            raise ConfigError(
-                f"stages={stages}: select needs the pool embeddings in {full['embed'].out}, which are not "
-                "finished; run stages=[embed] first"
-            )
+        bootstrap_encoder(cfg)
+        full = plan(cfg, weights, scorer)  # now with the scorer checked too
+    elif "select" in stages and not (Path(full["embed"].out) / embed_stage.HEADER_NAME).is_file():
+        raise ConfigError(
+            f"stages={stages}: select needs the pool embeddings in {full['embed'].out}, which are not "
+            "finished; run stages=[embed] first"
+        )
     for cell, stage_cfgs in full["cells"]:
         root = Path(cfg.out) / "cells" / cell.name
         check_digest(dist.broadcast_object(_read_json(root / "cell.json") if dist.is_main() else None), config_digest(stage_cfgs), root)

@@ -71,3 +71,16 @@ def make_shards(tmp_path: Path, n: int = 24, size: int = 48, samples_per_shard: 
     settings.update(overrides)
     main(ShardConfig(src=str(raw), out=str(out), samples_per_shard=samples_per_shard, **settings))
     return out
+
+
+def make_embedded_pool(tmp_path: Path) -> dict[str, Path]:
+    """Tiny shards (:func:`make_shards`) embedded by ``configs/embed/tiny.yaml`` in one process.
+
+    Returns ``{"tmp", "shards", "embeddings"}``.
+    """
+    from dataeff.cli import main as cli_main
+
+    shards = make_shards(tmp_path, n=24, size=48, samples_per_shard=8)
+    emb = Path(tmp_path) / "embeddings"
+    assert cli_main(["embed", "--config", "configs/embed/tiny.yaml", f"data.shards={shards}", f"out={emb}"]) == 0
+    return {"tmp": Path(tmp_path), "shards": shards, "embeddings": emb}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from dataeff.config import ConfigError, option, save_resolved, to_dict
 from dataeff.data.keys import IMAGE_EXTENSIONS
 from dataeff.data.quality import QUALITY_KEYS, InspectOptions, Inspected, inspect_bytes, pil_limits
+from dataeff.files import write_atomic, write_json_atomic
 
 __all__ = [
     "FORMAT", "ShardConfig", "main", "inspect_file", "plan_shards", "scan_files", "list_files",
@@ -51,7 +51,7 @@ FORMAT = "dataeff-shards/2"
 _PARTS = ".parts"
 #: Config keys that change how the job runs but not what it writes.
 _RUN_ONLY = ("workers", "chunksize", "progress", "overwrite")
-_BLOCK = 512  # tar block size
+_BLOCK = tarfile.BLOCKSIZE
 #: An index row and, for a sample to store, its tar members (see :func:`tar_member`).
 Packed = tuple[dict[str, Any], bytes | None]
 
@@ -258,7 +258,7 @@ def _tarfile_header(name: str, size: int) -> bytes:
 
 
 _TEMPLATE = _tarfile_header("", 0)
-_NAME_FIELD, _SIZE_FIELD, _CHKSUM_FIELD = slice(0, 100), slice(124, 136), slice(148, 156)
+_NAME_FIELD, _SIZE_FIELD, _CHKSUM_FIELD = slice(0, tarfile.LENGTH_NAME), slice(124, 136), slice(148, 156)
 
 
 def _header(name: str, size: int) -> bytes:
@@ -336,9 +336,7 @@ def _sample_json(meta: dict[str, Any]) -> bytes:
 
 def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
     """Write JSON atomically; ``indent=None`` keeps the fast C encoder (journals are large)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, separators=None if indent else (",", ":")))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=indent, sort_keys=True, separators=None if indent else (",", ":"))
 
 
 _INDEX_COLUMNS = (
@@ -355,9 +353,7 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
 
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _INDEX_COLUMNS])
     table = pa.Table.from_pylist([{n: r[n] for n, _ in _INDEX_COLUMNS} for r in rows], schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 class _Packer:

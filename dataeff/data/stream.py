@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections import deque
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
@@ -41,7 +42,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png")
 DECODED_EXTS = frozenset(IMAGE_EXTS + ("json",))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TAR_BLOCK = 512
 
 
 # --------------------------------------------------------------------------- shard sets
@@ -112,6 +112,7 @@ def shard_samples(tars: list[str]) -> list[pd.DataFrame]:
         in the tar).
     """
     by_dir: dict[Path, dict[str, pd.DataFrame]] = {}
+    empty = pd.DataFrame({"key": [], "offset": [], "length": []})
     out = []
     for tar in tars:
         directory = Path(tar).parent
@@ -125,7 +126,6 @@ def shard_samples(tars: list[str]) -> list[pd.DataFrame]:
                 )
             ok = index.loc[index["status"] == "ok", ["key", "shard", "offset", "length"]]
             by_dir[directory] = {name: g.drop(columns="shard") for name, g in ok.groupby("shard", sort=False)}
-        empty = pd.DataFrame({"key": [], "offset": [], "length": []})
         out.append(by_dir[directory].get(Path(tar).name, empty).reset_index(drop=True))
     return out
 
@@ -141,19 +141,19 @@ def read_member(fh: BinaryIO, path: str, key: str, offset: int, length: int) -> 
     Raises:
         ValueError: the tar holds something else there (the shard and its index disagree).
     """
-    fh.seek(offset - TAR_BLOCK)
-    block = fh.read(TAR_BLOCK + length)
-    name = f"{key}.".encode()[:100]  # a long name's header keeps its first 100 bytes
+    fh.seek(offset - tarfile.BLOCKSIZE)
+    block = fh.read(tarfile.BLOCKSIZE + length)
+    name = f"{key}.".encode()[: tarfile.LENGTH_NAME]  # a long name's header keeps its first 100 bytes
     try:
         size = int(block[124:136].strip(b"\0 ") or b"-1", 8)
     except ValueError:
         size = -1
-    if len(block) != TAR_BLOCK + length or not block.startswith(name) or size != length:
+    if len(block) != tarfile.BLOCKSIZE + length or not block.startswith(name) or size != length:
         raise ValueError(
             f"{path}: no image of sample {key} at byte {offset}; the shard and its index disagree, "
             "re-run 'dataeff shard'"
         )
-    return block[TAR_BLOCK:]
+    return block[tarfile.BLOCKSIZE :]
 
 
 # --------------------------------------------------------------------------- samples

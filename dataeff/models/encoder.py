@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dataeff.config import ConfigError, EncoderConfig
+from dataeff.files import write_atomic, write_json_atomic
 
 EXPORT_WEIGHTS = "encoder.safetensors"
 EXPORT_META = "encoder.json"
@@ -87,14 +88,10 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
 def export_encoder(model: nn.Module, cfg: EncoderConfig, out_dir: str | os.PathLike) -> Path:
     """Write ``encoder.safetensors`` + ``encoder.json`` into ``out_dir`` (atomically)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    tmp = out / (EXPORT_WEIGHTS + ".tmp")
-    save_file(state, os.fspath(tmp))
-    os.replace(tmp, out / EXPORT_WEIGHTS)
+    write_atomic(out / EXPORT_WEIGHTS, lambda tmp: save_file(state, os.fspath(tmp)))
     meta = {"model": cfg.name, "kwargs": model_kwargs(cfg), "format": "dataeff-encoder/1"}
-    (out / (EXPORT_META + ".tmp")).write_text(json.dumps(meta, indent=2))
-    os.replace(out / (EXPORT_META + ".tmp"), out / EXPORT_META)
+    write_json_atomic(out / EXPORT_META, meta, indent=2)
     return out / EXPORT_WEIGHTS
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dataeff.metrics import confusion_matrix, segmentation_scores
+from dataeff.files import write_atomic
 from dataeff.trainer import make_adamw
 
 
@@ -296,9 +297,7 @@ class SegmentationModule(pl.LightningModule):
             self.best_miou, self.best_step = miou, int(self.global_step)
             self.best_state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
             if self.best_path is not None and self.trainer.is_global_zero:
-                tmp = self.best_path.with_name(self.best_path.name + ".tmp")
-                save_file(self.best_state, os.fspath(tmp))
-                os.replace(tmp, self.best_path)
+                write_atomic(self.best_path, lambda tmp: save_file(self.best_state, os.fspath(tmp)))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dataeff_best"] = {"miou": self.best_miou, "step": self.best_step, "history": self.history}

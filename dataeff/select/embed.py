@@ -30,6 +30,7 @@ from tqdm import tqdm
 from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, EncoderConfig, option, save_resolved, section, to_dict
 from dataeff.data.stream import eval_transform, iter_shard, list_shards, shard_keys
+from dataeff.files import write_atomic, write_json_atomic
 from dataeff.models.encoder import build_encoder, resolve
 
 log = logging.getLogger("dataeff")
@@ -109,10 +110,11 @@ def _batches(samples: Iterator[dict], transform, size: int) -> Iterator[tuple[li
 
 
 def _save_npz(path: Path, keys: np.ndarray, emb: np.ndarray, **extra: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-        np.savez(fh, keys=np.asarray(keys, dtype=str), embeddings=emb.astype(np.float16), **extra)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez(fh, keys=np.asarray(keys, dtype=str), embeddings=emb.astype(np.float16), **extra)
+
+    write_atomic(path, write)
 
 
 def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, ...]:
@@ -285,8 +287,6 @@ def _finish(out: Path, tars: list[str], mine: list[int], rank: int, world: int, 
             "world_size": world,
             "files": files,
         }
-        tmp = out / (HEADER_NAME + ".tmp")
-        tmp.write_text(json.dumps(header, indent=2))
-        os.replace(tmp, out / HEADER_NAME)
+        write_json_atomic(out / HEADER_NAME, header, indent=2)
         shutil.rmtree(out / "parts", ignore_errors=True)
     dist.barrier()

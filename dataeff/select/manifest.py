@@ -17,6 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from dataeff.files import write_atomic, write_json_atomic
+
 FORMAT = "dataeff-selection/1"
 SELECTION_NAME = "selection.parquet"
 SUMMARY_NAME = "summary.json"
@@ -108,18 +110,12 @@ def build_summary(
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_selection(out_dir: str | os.PathLike, frame: pd.DataFrame, summary: dict) -> Path:
     """Write ``selection.parquet`` then ``summary.json`` (each atomically) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / SELECTION_NAME, lambda p: frame.to_parquet(p, index=False))
-    _atomic_write(out / SUMMARY_NAME, lambda p: p.write_text(json.dumps(summary, indent=2, default=_jsonable)))
+    write_atomic(out / SELECTION_NAME, lambda p: frame.to_parquet(p, index=False))
+    write_json_atomic(out / SUMMARY_NAME, summary, indent=2, default=_jsonable)
     return out / SELECTION_NAME
 
 

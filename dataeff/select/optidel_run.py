@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from dataeff import dist
 from dataeff.data.stream import IMAGENET_MEAN, IMAGENET_STD, iter_shard
+from dataeff.files import write_atomic
 from dataeff.select import manifest
 from dataeff.select.compose import PATCHES_PER_MOSAIC
 from dataeff.select.optidel import assign_mosaics, budget, cluster_cap, coverage, select_hardest
@@ -240,9 +241,7 @@ def _write_patch_table(out: Path, rec: dict, cl: np.ndarray, selected: np.ndarra
             "selected": selected, "mosaic": mosaic, "quadrant": slot,
         }
     )
-    tmp = out / "patches.parquet.tmp"
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(out / "patches.parquet")
+    write_atomic(out / "patches.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def _safe(name: str) -> str:

@@ -35,6 +35,7 @@ from dataeff.config import ConfigError, option
 from dataeff.data.quality import gray_thumbnail, quality_stats
 from dataeff.data.shard import write_index, write_tar
 from dataeff.data.stream import iter_shard
+from dataeff.files import write_json_atomic
 from dataeff.select.compose import compose_mosaic, crop_patch
 
 log = logging.getLogger("dataeff")
@@ -429,9 +430,7 @@ def write_generated(
         spans = write_tar(gen_dir / name, members)
         for row, (offset, length) in zip(rows, spans[::2]):  # each sample: image, then JSON
             row.update(offset=offset, length=length)
-        tmp = journal.with_name(journal.name + ".tmp")
-        tmp.write_text(json.dumps({"signature": signature, "rows": rows}))
-        tmp.replace(journal)
+        write_json_atomic(journal, {"signature": signature, "rows": rows})
         mine += rows
     rows = sorted((r for rank_rows in dist.all_gather_object(mine) for r in rank_rows), key=lambda r: r["key"])
     if rank == 0:
@@ -444,9 +443,7 @@ def write_generated(
             "num_files": len(rows), "num_samples": len(rows), "num_shards": n_shards,
             "counts_by_status": {"ok": len(rows)}, "counts_by_reason": {}, "signature": signature,
         }
-        tmp = gen_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
-        tmp.replace(gen_dir / "summary.json")
+        write_json_atomic(gen_dir / "summary.json", summary, indent=1, sort_keys=True)
     dist.barrier()
     score = np.array([rec["score"][g].mean() for g in groups], dtype=np.float32).reshape(-1)
     return pd.DataFrame({"key": keys, "kept": True, "reason": "kept", "cluster": -1, "score": score}).astype(

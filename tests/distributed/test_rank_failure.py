@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dataeff.cli import main as cli_main
-from tests.fixtures import make_shards
+from tests.fixtures import make_embedded_pool
 from tests.multiproc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,11 +44,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("rank-failure")
-    shards = make_shards(tmp, n=24, size=48, samples_per_shard=8)
-    emb = tmp / "embeddings"
-    assert cli_main(["embed", "--config", "configs/embed/tiny.yaml", f"data.shards={shards}", f"out={emb}"]) == 0
-    return {"tmp": tmp, "shards": shards, "embeddings": emb}
+    return make_embedded_pool(tmp_path_factory.mktemp("rank-failure"))
 
 
 def _start_pair(embedded: dict[str, Path], name: str) -> tuple[subprocess.Popen, subprocess.Popen, Path]:

@@ -8,7 +8,6 @@ the ranks find each other only through ``dataeff/dist.py`` reading SLURM's envir
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -262,14 +261,9 @@ def _port_from_job_id() -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory) -> dict[str, Path]:
-    from dataeff.cli import main as cli_main
-    from tests.fixtures import make_shards
+    from tests.fixtures import make_embedded_pool
 
-    tmp = tmp_path_factory.mktemp("slurm")
-    shards = make_shards(tmp, n=24, size=48, samples_per_shard=8)
-    emb = tmp / "embeddings"
-    assert cli_main(["embed", "--config", "configs/embed/tiny.yaml", f"data.shards={shards}", f"out={emb}"]) == 0
-    return {"tmp": tmp, "shards": shards, "embeddings": emb}
+    return make_embedded_pool(tmp_path_factory.mktemp("slurm"))
 
 
 def test_select_sbatch_runs_two_ranks_in_one_group(embedded, tmp_path):
