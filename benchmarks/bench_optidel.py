@@ -36,15 +36,24 @@ def load_images(n: int, size: int) -> list[tuple[str, np.ndarray]]:
     for p in paths:
         img = Image.open(p).convert("RGB")
         scale = size / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
+        )
         out.append((p.stem, np.asarray(img)))
     return out
 
 
 def build_scorer(img_size: int, device: torch.device) -> MAE:
     torch.manual_seed(0)
-    enc = EncoderConfig(name="vit_tiny_patch16_224", img_size=img_size, patch_size=8, depth=2, embed_dim=64, num_heads=2,
-                        allow_random_init=True)
+    enc = EncoderConfig(
+        name="vit_tiny_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        allow_random_init=True,
+    )
     return MAE(enc, MAEConfig(decoder_depth=1, decoder_dim=32, decoder_heads=2)).to(device).eval()
 
 
@@ -63,19 +72,34 @@ def main() -> None:
     ap.add_argument("--points-per-side", type=int, default=4, help="SAM prompt grid side")
     ap.add_argument("--score-size", type=int, default=32, help="scorer input side, px")
     ap.add_argument("--mosaics", type=int, default=64, help="mosaics to compose")
-    ap.add_argument("--ratio", type=float, default=0.05, help="selection ratio R: R*|D| mosaics are composed per |D| images")
+    ap.add_argument(
+        "--ratio", type=float, default=0.05, help="selection ratio R: R*|D| mosaics are composed per |D| images"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.model != "tiny" and device.type != "cuda":
         print(f"note: SAM {args.model} on CPU is very slow; pass --model tiny or run on a GPU")
 
     images = load_images(args.images, args.size)
     n = len(images)
-    cfg = SamConfig(model=args.model, points_per_side=args.points_per_side, points_per_batch=64, pred_iou_thresh=0.0,
-                    stability_score_thresh=0.0, min_area_frac=0.0, max_area_frac=1.0, min_box_side=2, device=device.type)
+    cfg = SamConfig(
+        model=args.model,
+        points_per_side=args.points_per_side,
+        points_per_batch=64,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        min_area_frac=0.0,
+        max_area_frac=1.0,
+        min_box_side=2,
+        device=device.type,
+    )
     sam = build_sam(cfg, device, allow_random_init=True)
     generator = mask_generator(sam, cfg)
     scorer = build_scorer(args.score_size, device)
@@ -93,10 +117,16 @@ def main() -> None:
     # Composition: mosaics from the extracted boxes (or whole frames when SAM found too few).
     rec = {k: result[k] for k in ("source", "box", "score")}
     if patches < 4:
-        rec = {"source": np.array([k for k, _ in images]), "score": np.zeros(n, np.float32),
-               "box": np.array([[0, 0, im.shape[1], im.shape[0]] for _, im in images], dtype=np.int32)}
+        rec = {
+            "source": np.array([k for k, _ in images]),
+            "score": np.zeros(n, np.float32),
+            "box": np.array([[0, 0, im.shape[1], im.shape[0]] for _, im in images], dtype=np.int32),
+        }
     by_key = dict(images)
-    crops = {(str(s), tuple(int(v) for v in b)): by_key[str(s)][b[1]:b[3], b[0]:b[2]] for s, b in zip(rec["source"], rec["box"])}
+    crops = {
+        (str(s), tuple(int(v) for v in b)): by_key[str(s)][b[1] : b[3], b[0] : b[2]]
+        for s, b in zip(rec["source"], rec["box"], strict=False)
+    }
     sizes = {k: (im.shape[1], im.shape[0]) for k, im in images}
     rng = np.random.default_rng(0)
     groups = rng.integers(0, len(rec["source"]), size=(args.mosaics, 4))
@@ -118,20 +148,28 @@ def main() -> None:
     rows = [
         ("SAM masks", sam_s / n, f"{n / sam_s:.1f} img/s"),
         ("MAE hardness (patches + originals)", score_s / n, f"{(patches + n) / score_s:.0f} crops/s"),
-        (f"composition (crop, tile, PNG) at R={args.ratio}", compose_per_image, f"{args.mosaics / compose_s:.0f} mosaics/s"),
+        (
+            f"composition (crop, tile, PNG) at R={args.ratio}",
+            compose_per_image,
+            f"{args.mosaics / compose_s:.0f} mosaics/s",
+        ),
     ]
     optidel = sum(t for _, t, _ in rows)
-    print(f"\nOptiDEL throughput — SAM {args.model} ({sum(p.numel() for p in sam.parameters()) / 1e6:.2f}M params, "
-          f"{args.points_per_side}x{args.points_per_side} prompts), {n} frames at {args.size} px, {patches} patches "
-          f"({patches / n:.1f}/frame), scorer ViT 2x64 at {args.score_size} px, device {device}, {args.threads} thread(s)\n")
+    print(
+        f"\nOptiDEL throughput — SAM {args.model} ({sum(p.numel() for p in sam.parameters()) / 1e6:.2f}M params, "
+        f"{args.points_per_side}x{args.points_per_side} prompts), {n} frames at {args.size} px, {patches} patches "
+        f"({patches / n:.1f}/frame), scorer ViT 2x64 at {args.score_size} px, device {device}, {args.threads} thread(s)\n"
+    )
     print("| stage | own rate | pool images/s | share of OptiDEL time | time per image vs baseline |")
     print("|---|---:|---:|---:|---:|")
     for name, per, rate in rows:
         print(f"| {name} | {rate} | {1.0 / per:.1f} | {per / optidel:.1%} | {per / base_per_image:.1f}x |")
     print(f"| **OptiDEL total** | | **{1.0 / optidel:.1f}** | 100% | **{optidel / base_per_image:.1f}x** |")
     print(f"| baseline: encoder forward (embedding pass) | | {1.0 / base_per_image:.1f} | – | 1.0x |")
-    print(f"\nwall time of extract_and_score: {total:.2f} s (SAM {sam_s:.2f} s, scoring {score_s:.2f} s); "
-          f"{args.mosaics} mosaics composed in {compose_s:.2f} s")
+    print(
+        f"\nwall time of extract_and_score: {total:.2f} s (SAM {sam_s:.2f} s, scoring {score_s:.2f} s); "
+        f"{args.mosaics} mosaics composed in {compose_s:.2f} s"
+    )
 
 
 if __name__ == "__main__":

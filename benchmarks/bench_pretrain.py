@@ -30,7 +30,15 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 # Dense bf16 peak TFLOP/s by device name fragment (vendor data sheets, no sparsity).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "V100": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+    "V100": 125.0,
+}
 
 
 class _StepTimer:
@@ -90,13 +98,25 @@ def _run_cpu(mode: str, args: argparse.Namespace, shards: str, out: str, queue) 
     from dataeff.trainer import build_trainer
 
     torch.set_num_threads(args.threads)
-    data_cfg = DataConfig(shards=shards, image_size=64, batch_size=args.batch, num_workers=args.workers, shuffle_buffer=64)
+    data_cfg = DataConfig(
+        shards=shards, image_size=64, batch_size=args.batch, num_workers=args.workers, shuffle_buffer=64
+    )
     enc = EncoderConfig(name="vit_tiny_patch16_224", img_size=64, allow_random_init=True)
     model = MAE(enc, MAEConfig(), OptimConfig(warmup_steps=2), lr=1e-4, max_steps=args.steps)
     timer = _StepTimer(warmup=3)
     trainer, _ = build_trainer(
-        TrainerConfig(accelerator="cpu", max_steps=args.steps, checkpoint_every_n_steps=10**6, progress_bar=False, log_every_n_steps=50),
-        out, WandbConfig(enabled=False), "bench", {}, extra_callbacks=[timer.callback],
+        TrainerConfig(
+            accelerator="cpu",
+            max_steps=args.steps,
+            checkpoint_every_n_steps=10**6,
+            progress_bar=False,
+            log_every_n_steps=50,
+        ),
+        out,
+        WandbConfig(enabled=False),
+        "bench",
+        {},
+        extra_callbacks=[timer.callback],
         use_distributed_sampler=False,
     )
     dm = PretrainDataModule(data_cfg, seed=0, rank=0, world_size=1)
@@ -104,9 +124,11 @@ def _run_cpu(mode: str, args: argparse.Namespace, shards: str, out: str, queue) 
         trainer.fit(model, datamodule=dm)
     else:
         dm.setup()
-        first = [b for _, b in zip(range(8), iter(dm.train_dataloader()))]
+        first = [b for _, b in zip(range(8), iter(dm.train_dataloader()), strict=False)]
         trainer.fit(model, train_dataloaders=_memory_loader(first, args.steps))
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    peak_mb = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ) / 1024
     queue.put({"mode": mode, "images_per_s": timer.rate(), "peak_rss_mb": peak_mb})
 
 
@@ -131,7 +153,9 @@ def cpu_bench(args: argparse.Namespace) -> list[dict]:
             proc.start()
             proc.join()
             if proc.exitcode != 0 or queue.empty():
-                raise RuntimeError(f"benchmark mode '{mode}' failed (exit code {proc.exitcode}); see its traceback above")
+                raise RuntimeError(
+                    f"benchmark mode '{mode}' failed (exit code {proc.exitcode}); see its traceback above"
+                )
             rows.append(queue.get())
     return rows
 
@@ -165,31 +189,49 @@ def gpu_bench(args: argparse.Namespace) -> dict:
     flops = _model_flops_per_image(MAE(enc, MAEConfig()), 224)
     model = MAE(enc, MAEConfig(), OptimConfig(warmup_steps=2), lr=1e-4, max_steps=args.gpu_steps)
     gen = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.randn(args.gpu_batch, 3, 224, 224, generator=gen), "key": [""] * args.gpu_batch} for _ in range(4)]
+    batches = [
+        {"image": torch.randn(args.gpu_batch, 3, 224, 224, generator=gen), "key": [""] * args.gpu_batch}
+        for _ in range(4)
+    ]
     timer = _StepTimer(warmup=5)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, info = build_trainer(
-            TrainerConfig(max_steps=args.gpu_steps, checkpoint_every_n_steps=10**6, progress_bar=False, log_every_n_steps=50),
-            tmp, WandbConfig(enabled=False), "bench", {}, extra_callbacks=[timer.callback],
-            micro_batch_size=args.gpu_batch, use_distributed_sampler=False,
+            TrainerConfig(
+                max_steps=args.gpu_steps, checkpoint_every_n_steps=10**6, progress_bar=False, log_every_n_steps=50
+            ),
+            tmp,
+            WandbConfig(enabled=False),
+            "bench",
+            {},
+            extra_callbacks=[timer.callback],
+            micro_batch_size=args.gpu_batch,
+            use_distributed_sampler=False,
         )
         torch.cuda.reset_peak_memory_stats()
         trainer.fit(model, train_dataloaders=_memory_loader(batches, args.gpu_steps))
     rate = timer.rate()
     return {
-        "device": name, "strategy": info["strategy"], "precision": info["precision"], "images_per_s": rate,
-        "tflops": rate * flops / 1e12, "mfu": (rate * flops / 1e12 / peak) if peak else None,
+        "device": name,
+        "strategy": info["strategy"],
+        "precision": info["precision"],
+        "images_per_s": rate,
+        "tflops": rate * flops / 1e12,
+        "mfu": (rate * flops / 1e12 / peak) if peak else None,
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="CPU optimiser steps per mode (3 warm-up steps not timed)")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="CPU optimiser steps per mode (3 warm-up steps not timed)"
+    )
     parser.add_argument("--images", type=int, default=256, help="images in the benchmark shard set")
     parser.add_argument("--batch", type=int, default=32, help="CPU batch size")
     parser.add_argument("--workers", type=int, default=1, help="loader workers when streaming")
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch threads for the model")
+    parser.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch threads for the model"
+    )
     parser.add_argument("--gpu-steps", type=int, default=60)
     parser.add_argument("--gpu-batch", type=int, default=128, help="per-GPU batch for the ViT-B/16 run")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 peak, if not in the built-in table")
@@ -201,10 +243,14 @@ def main() -> None:
     print("| feed | images/s | peak RSS (MB) | vs in-memory |")
     print("|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['mode']} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['images_per_s'] / mem['images_per_s']:.2f} |")
+        print(
+            f"| {r['mode']} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['images_per_s'] / mem['images_per_s']:.2f} |"
+        )
     verdict = "meets" if stream["images_per_s"] >= 0.9 * mem["images_per_s"] else "misses"
-    print(f"\nstreaming {verdict} the >= 0.90 target ({stream['images_per_s'] / mem['images_per_s']:.2f} of in-memory; "
-          f"batch {args.batch}, {args.workers} worker(s), {args.threads} torch thread(s))")
+    print(
+        f"\nstreaming {verdict} the >= 0.90 target ({stream['images_per_s'] / mem['images_per_s']:.2f} of in-memory; "
+        f"batch {args.batch}, {args.workers} worker(s), {args.threads} torch thread(s))"
+    )
 
     import torch
 
@@ -217,7 +263,9 @@ def main() -> None:
     print("| device | strategy | images/s | model TFLOP/s | MFU | peak GPU mem (GB) | vs 40 % MFU target |")
     print("|---|---|---:|---:|---:|---:|---:|")
     target = f"{g['mfu'] / 0.4:.2f}" if g["mfu"] is not None else "n/a"
-    print(f"| {g['device']} | {g['strategy']} {g['precision']} | {g['images_per_s']:.0f} | {g['tflops']:.1f} | {mfu} | {g['peak_gpu_gb']:.1f} | {target} |")
+    print(
+        f"| {g['device']} | {g['strategy']} {g['precision']} | {g['images_per_s']:.0f} | {g['tflops']:.1f} | {mfu} | {g['peak_gpu_gb']:.1f} | {target} |"
+    )
     print(json.dumps(g))
 
 

@@ -42,7 +42,9 @@ def synthetic(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty((n, dim), dtype=np.float16)
     for s in range(0, n, 65536):
         e = min(s + 65536, n)
-        x = centres[rng.integers(0, len(centres), e - s)] + 0.6 * rng.normal(size=(e - s, dim)).astype(np.float32) / np.sqrt(dim)
+        x = centres[rng.integers(0, len(centres), e - s)] + 0.6 * rng.normal(size=(e - s, dim)).astype(
+            np.float32
+        ) / np.sqrt(dim)
         out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
     dup = rng.choice(n, size=n // 100, replace=False)
     out[dup[1:]] = out[dup[:-1]]  # 1% exact-ish near-duplicates
@@ -51,7 +53,9 @@ def synthetic(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_meddel(keys: np.ndarray, emb: np.ndarray, niter: int) -> dict:
-    cfg = load_config(SelectConfig, None, ["embeddings=x", "out=x", "ratio=0.05", f"cluster.niter={niter}", "cluster.device=cpu"])
+    cfg = load_config(
+        SelectConfig, None, ["embeddings=x", "out=x", "ratio=0.05", f"cluster.niter={niter}", "cluster.device=cpu"]
+    )
     t = time.time()
     d = run_meddel(emb, keys, None, cfg, 0, 1)
     total = time.time() - t
@@ -61,7 +65,14 @@ def bench_meddel(keys: np.ndarray, emb: np.ndarray, niter: int) -> dict:
         manifest.write_selection(tmp, frame, manifest.build_summary("meddel", 0.05, frame, {}, {}, dict(d.info)))
     write = time.time() - t
     tm = d.info["timings_s"]
-    return {**tm, "manifest_write": write, "total": total + write, "k": d.info["k"], "kept": int(d.kept.sum()), "rss": peak_rss_gib()}
+    return {
+        **tm,
+        "manifest_write": write,
+        "total": total + write,
+        "k": d.info["k"],
+        "kept": int(d.kept.sum()),
+        "rss": peak_rss_gib(),
+    }
 
 
 def bench_limit(emb: np.ndarray, k: int, niter: int, seed: int) -> float:
@@ -114,13 +125,22 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--niter", type=int, default=10, help="k-means iterations for every method (stage default: 100)")
-    ap.add_argument("--naive-cap", type=int, default=200_000, help="run the naive baseline on at most this many rows; extrapolate above")
+    ap.add_argument(
+        "--naive-cap",
+        type=int,
+        default=200_000,
+        help="run the naive baseline on at most this many rows; extrapolate above",
+    )
     ap.add_argument("--embed-images", type=int, default=32, help="images for the vit_small throughput row (0 = skip)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    print(f"\n## dataeff select (MedDEL, ratio 0.05) — {args.dim}-d float16, k = round(sqrt(N)), {args.niter} k-means iterations, 1 process\n")
-    print("| N | k | k-means s | assign s | dedup s | ratio fill s | manifest s | MedDEL total s | peak RSS GiB | (a) faiss limit s | MedDEL / (a) | (b) naive s | (b) / MedDEL | naive |")
+    print(
+        f"\n## dataeff select (MedDEL, ratio 0.05) — {args.dim}-d float16, k = round(sqrt(N)), {args.niter} k-means iterations, 1 process\n"
+    )
+    print(
+        "| N | k | k-means s | assign s | dedup s | ratio fill s | manifest s | MedDEL total s | peak RSS GiB | (a) faiss limit s | MedDEL / (a) | (b) naive s | (b) / MedDEL | naive |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for n in args.sizes:
@@ -134,13 +154,20 @@ def main() -> None:
         naive = naive * (n / cap) ** 1.5
         rows.append((n, m))
         del emb
-        print(f"| {n:,} | {m['k']} | {m['kmeans']:.2f} | {m['assign']:.2f} | {m['dedup']:.2f} | {m['ratio_fill']:.2f} | {m['manifest_write']:.2f} | "
-              f"{m['total']:.2f} | {m['rss']:.2f} | {limit:.2f} | {m['total'] / limit:.2f}x | {naive:.2f} | {naive / m['total']:.1f}x | {note} |", flush=True)
+        print(
+            f"| {n:,} | {m['k']} | {m['kmeans']:.2f} | {m['assign']:.2f} | {m['dedup']:.2f} | {m['ratio_fill']:.2f} | {m['manifest_write']:.2f} | "
+            f"{m['total']:.2f} | {m['rss']:.2f} | {limit:.2f} | {m['total'] / limit:.2f}x | {naive:.2f} | {naive / m['total']:.1f}x | {note} |",
+            flush=True,
+        )
     if len(rows) > 1:
         (n0, m0), (n1, m1) = rows[0], rows[-1]
-        print(f"\ntime growth {n0:,} -> {n1:,}: x{m1['total'] / m0['total']:.1f} for x{n1 / n0:.0f} rows (linear would be x{n1 / n0:.0f})")
+        print(
+            f"\ntime growth {n0:,} -> {n1:,}: x{m1['total'] / m0['total']:.1f} for x{n1 / n0:.0f} rows (linear would be x{n1 / n0:.0f})"
+        )
     if args.embed_images:
-        print(f"\nembedding throughput, vit_small_patch16_224 at 224 px, CPU fp32, random init: {bench_embed(args.embed_images, 16):.1f} images/s")
+        print(
+            f"\nembedding throughput, vit_small_patch16_224 at 224 px, CPU fp32, random init: {bench_embed(args.embed_images, 16):.1f} images/s"
+        )
 
 
 if __name__ == "__main__":

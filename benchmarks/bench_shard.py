@@ -167,9 +167,17 @@ def main() -> None:
     if not args.skip_demo:
         build_demo(DemoDataConfig(out=str(out / "demo")))
         rows += bench("demo pool", out / "demo" / "pool", out / "run-demo", args.workers, args.repeat)
-    rows += bench(f"{args.n} JPEGs {args.size}px", generate(out / f"gen{args.n}-{args.size}", args.n, args.size), out / "run-gen", args.workers, args.repeat)
+    rows += bench(
+        f"{args.n} JPEGs {args.size}px",
+        generate(out / f"gen{args.n}-{args.size}", args.n, args.size),
+        out / "run-gen",
+        args.workers,
+        args.repeat,
+    )
 
-    print(f"\ncpus available: {len(os.sched_getaffinity(0))}, load average: {os.getloadavg()[0]:.1f}, best of {args.repeat}\n")
+    print(
+        f"\ncpus available: {len(os.sched_getaffinity(0))}, load average: {os.getloadavg()[0]:.1f}, best of {args.repeat}\n"
+    )
     print("| input | files | method | images/s | vs naive | vs decode (1 proc) | vs decode (same procs) |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for r in rows:

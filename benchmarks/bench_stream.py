@@ -99,18 +99,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = build_raw(Path(tmp) / "raw", args.images)
         shards = Path(tmp) / "shards" / "bench"
-        shard_main(ShardConfig(src=str(raw), out=str(shards), samples_per_shard=128, workers=args.workers,
-                               progress=False))
-        cfg = DataConfig(shards=str(shards), image_size=args.image_size, batch_size=args.batch_size,
-                         num_workers=args.workers, shuffle_buffer=256)
+        shard_main(
+            ShardConfig(src=str(raw), out=str(shards), samples_per_shard=128, workers=args.workers, progress=False)
+        )
+        cfg = DataConfig(
+            shards=str(shards),
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            shuffle_buffer=256,
+        )
         transform = train_transform(cfg)
         dm = PretrainDataModule(cfg, seed=0, rank=0, world_size=1)
         loader = dm.train_dataloader()
-        folder = DataLoader(ImageFolder(str(raw), transform=transform), batch_size=args.batch_size, shuffle=True,
-                            num_workers=args.workers)
+        folder = DataLoader(
+            ImageFolder(str(raw), transform=transform),
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+        )
         blobs = [p.read_bytes() for p in sorted(raw.rglob("*.jpg"))]
-        memory = DataLoader(InMemory(blobs, transform), batch_size=args.batch_size, shuffle=True,
-                            num_workers=args.workers)
+        memory = DataLoader(
+            InMemory(blobs, transform), batch_size=args.batch_size, shuffle=True, num_workers=args.workers
+        )
 
         results = interleaved(
             {
@@ -122,8 +133,10 @@ def main() -> None:
         )
 
     ours, base, limit = (results[k] for k in results)
-    print(f"\n{args.images} images ({dm.samples_per_rank} streamed), {args.image_size} px, batch "
-          f"{args.batch_size}, {args.workers} workers, best of {args.epochs} interleaved epochs\n")
+    print(
+        f"\n{args.images} images ({dm.samples_per_rank} streamed), {args.image_size} px, batch "
+        f"{args.batch_size}, {args.workers} workers, best of {args.epochs} interleaved epochs\n"
+    )
     print("| reader | samples/s | vs ImageFolder | vs decode limit |")
     print("|---|---:|---:|---:|")
     for name, value in results.items():

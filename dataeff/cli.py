@@ -29,12 +29,26 @@ STAGES: dict[str, Stage] = {
         "DemoDataConfig",
         "build the demo downstream split and messy pre-training pool from the vendored Kvasir-SEG",
     ),
-    "shard": Stage("dataeff.data.shard", "ShardConfig", "convert a tree of raw images into WebDataset shards + index.parquet"),
-    "embed": Stage("dataeff.select.embed", "EmbedConfig", "embed every sample of a shard set with a ViT encoder, on every rank"),
-    "select": Stage("dataeff.select.stage", "SelectConfig", "select a subset (full, random, semdedup, meddel, optidel) and write a manifest"),
-    "pretrain": Stage("dataeff.pretrain", "PretrainConfig", "pre-train a masked autoencoder on a timm ViT over selected shards"),
-    "finetune": Stage("dataeff.finetune", "FinetuneConfig", "fine-tune a segmentation head on a pre-trained encoder; report mIoU/Dice"),
-    "sweep": Stage("dataeff.sweep", "SweepConfig", "run select -> pretrain -> finetune for every (method, ratio) cell, then report"),
+    "shard": Stage(
+        "dataeff.data.shard", "ShardConfig", "convert a tree of raw images into WebDataset shards + index.parquet"
+    ),
+    "embed": Stage(
+        "dataeff.select.embed", "EmbedConfig", "embed every sample of a shard set with a ViT encoder, on every rank"
+    ),
+    "select": Stage(
+        "dataeff.select.stage",
+        "SelectConfig",
+        "select a subset (full, random, semdedup, meddel, optidel) and write a manifest",
+    ),
+    "pretrain": Stage(
+        "dataeff.pretrain", "PretrainConfig", "pre-train a masked autoencoder on a timm ViT over selected shards"
+    ),
+    "finetune": Stage(
+        "dataeff.finetune", "FinetuneConfig", "fine-tune a segmentation head on a pre-trained encoder; report mIoU/Dice"
+    ),
+    "sweep": Stage(
+        "dataeff.sweep", "SweepConfig", "run select -> pretrain -> finetune for every (method, ratio) cell, then report"
+    ),
     "report": Stage(
         "dataeff.report", "ReportConfig", "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, plots", "run"
     ),

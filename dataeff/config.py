@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -83,10 +83,10 @@ class EncoderConfig:
         "output (directory or its encoder.safetensors; name and shape then come from encoder.json)",
     )
     img_size: int = option(224, help="input image side, px")
-    patch_size: Optional[int] = option(None, help="ViT patch size (None = the model's)")
-    depth: Optional[int] = option(None, help="transformer blocks (None = the model's)")
-    embed_dim: Optional[int] = option(None, help="token width (None = the model's)")
-    num_heads: Optional[int] = option(None, help="attention heads (None = the model's)")
+    patch_size: int | None = option(None, help="ViT patch size (None = the model's)")
+    depth: int | None = option(None, help="transformer blocks (None = the model's)")
+    embed_dim: int | None = option(None, help="token width (None = the model's)")
+    num_heads: int | None = option(None, help="attention heads (None = the model's)")
     pool: str = option("cls", help="embedding pooling: 'cls' token or 'mean' of patch tokens")
     allow_random_init: bool = option(
         False, help="permit a randomly initialised encoder when no weights are given (tests only)"

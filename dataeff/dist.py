@@ -12,8 +12,9 @@ import datetime
 import logging
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -199,7 +200,7 @@ def all_gather_array(array: np.ndarray) -> list[np.ndarray]:
     _guarded("all_gather", lambda: torch_dist.all_gather(gathered, buf))
     return [
         g[:n].cpu().numpy().view(np.dtype(dt)).reshape(shape).copy()
-        for g, n, (shape, dt) in zip(gathered, sizes, metas)
+        for g, n, (shape, dt) in zip(gathered, sizes, metas, strict=False)
     ]
 
 

@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp)`` on ``<path>.tmp`` in the same folder, then rename it to ``path``.
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    with contextlib.suppress(OSError):  # some filesystems refuse to open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    The folder is created if needed. ``write`` must not rely on the file suffix (the temp
-    name ends in ``.tmp``).
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], keep_suffix: bool = False) -> None:
+    """Call ``write(tmp)`` on a unique temp file beside ``path``, fsync it, then rename it to ``path``.
+
+    The temp name is ``.<name>.<pid>-<random>.tmp`` in the same folder: a rename within one
+    filesystem is atomic, and two writers of one path never share a temp file. With
+    ``keep_suffix`` it ends in ``.tmp<suffix>`` instead, for writers that pick the format
+    from the name (numpy's ``.npz``, matplotlib's ``.png``). The folder is created if
+    needed; the temp file is removed if ``write`` fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    suffix = ".tmp" + (path.suffix if keep_suffix else "")
+    # Created by ``write`` itself, so the file gets the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:

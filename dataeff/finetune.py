@@ -30,12 +30,21 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from dataeff import dist
-from dataeff.config import ConfigError, EncoderConfig, TrainerConfig, WandbConfig, option, save_resolved, section, to_dict
+from dataeff.config import (
+    ConfigError,
+    EncoderConfig,
+    TrainerConfig,
+    WandbConfig,
+    option,
+    save_resolved,
+    section,
+    to_dict,
+)
 from dataeff.data import downstream
 from dataeff.data.datamodules import SegmentationDataConfig, SegmentationDataModule
-from dataeff.metrics import confusion_matrix, json_safe, segmentation_scores
 from dataeff.data.stream import IMAGENET_MEAN, IMAGENET_STD
 from dataeff.files import write_json_atomic
+from dataeff.metrics import confusion_matrix, json_safe, segmentation_scores
 from dataeff.models.encoder import build_encoder, resolve
 from dataeff.models.segment import SegmentationModel, SegmentationModule, predict_batches
 from dataeff.trainer import CHECKPOINT_DIR, build_trainer, find_resume_checkpoint
@@ -83,8 +92,12 @@ class FinetuneOptimConfig:
 class FinetuneConfig:
     """``dataeff finetune``: segmentation fine-tuning of a pre-trained encoder on a downstream set."""
 
-    encoder: EncoderConfig = section(EncoderConfig, help="the pre-trained encoder (encoder=<path> sets encoder.weights)")
-    data: SegmentationDataConfig = section(SegmentationDataConfig, help="downstream image/mask pairs, split, augmentation")
+    encoder: EncoderConfig = section(
+        EncoderConfig, help="the pre-trained encoder (encoder=<path> sets encoder.weights)"
+    )
+    data: SegmentationDataConfig = section(
+        SegmentationDataConfig, help="downstream image/mask pairs, split, augmentation"
+    )
     head: HeadConfig = section(HeadConfig, help="segmentation head")
     optim: FinetuneOptimConfig = section(FinetuneOptimConfig, help="optimiser, schedule and loss weights")
     trainer: TrainerConfig = section(TrainerConfig, help="steps, strategy, precision, checkpoints")
@@ -95,7 +108,9 @@ class FinetuneConfig:
     val_every_n_steps: int = option(0, help="validate every N optimiser steps (0 = after every epoch)")
     class_names: list = option([], help="class names for results.json (default: background, class_1, ...)")
     n_predictions: int = option(6, help="test cases drawn in predictions.png")
-    keep_checkpoints: bool = option(False, help="keep out/checkpoints after a successful run (they hold optimiser state)")
+    keep_checkpoints: bool = option(
+        False, help="keep out/checkpoints after a successful run (they hold optimiser state)"
+    )
 
     def __post_init__(self) -> None:
         if self.class_names and len(self.class_names) != self.data.num_classes:
@@ -126,7 +141,9 @@ def build_model(cfg: FinetuneConfig) -> SegmentationModel:
         log.info("finetune: encoder built for %s px, resized to %d px", tuple(encoder.patch_embed.img_size), size)
         encoder.set_input_size(img_size=(size, size))
     if size % encoder.patch_embed.patch_size[0]:
-        raise ConfigError(f"data.image_size={size} is not a multiple of the encoder patch size {encoder.patch_embed.patch_size[0]}")
+        raise ConfigError(
+            f"data.image_size={size} is not a multiple of the encoder patch size {encoder.patch_embed.patch_size[0]}"
+        )
     return SegmentationModel(encoder, cfg.data.num_classes, cfg.head.n_levels, cfg.head.channels)
 
 
@@ -155,7 +172,16 @@ def evaluate_share(
 
 # Class colours for overlays (class 0 = background is left transparent).
 _PALETTE = np.array(
-    [[0, 0, 0], [0, 220, 90], [255, 60, 60], [60, 140, 255], [255, 200, 0], [200, 80, 255], [0, 220, 220], [255, 128, 0]],
+    [
+        [0, 0, 0],
+        [0, 220, 90],
+        [255, 60, 60],
+        [60, 140, 255],
+        [255, 200, 0],
+        [200, 80, 255],
+        [0, 220, 220],
+        [255, 128, 0],
+    ],
     dtype=np.float32,
 )
 
@@ -178,16 +204,26 @@ def render_predictions(model: torch.nn.Module, pairs: list, cfg: SegmentationDat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dataset = downstream.SegmentationDataset(pairs, downstream.JointTransform(cfg.image_size, train=False), cfg.num_classes)
+    dataset = downstream.SegmentationDataset(
+        pairs, downstream.JointTransform(cfg.image_size, train=False), cfg.num_classes
+    )
     loader = DataLoader(dataset, batch_size=len(pairs), shuffle=False)
     batch, pred = next(iter(predict_batches(model, loader, next(model.parameters()).device)))
     images = batch["image"].permute(0, 2, 3, 1).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
     images = np.clip(images, 0.0, 1.0)
     fig, axes = plt.subplots(len(pairs), 3, figsize=(9, 3 * len(pairs)), squeeze=False)
-    for row, (img, gt, pr, key) in enumerate(zip(images, batch["mask"].numpy(), pred.numpy(), batch["key"])):
-        iou = segmentation_scores(confusion_matrix(torch.from_numpy(pr), torch.from_numpy(gt), cfg.num_classes))["fg_iou"]
-        panels = [(img, key), (overlay(img, gt), "ground truth"), (overlay(img, pr), f"prediction (fg IoU {iou:.2f}; line = truth)")]
-        for ax, (pic, title) in zip(axes[row], panels):
+    for row, (img, gt, pr, key) in enumerate(
+        zip(images, batch["mask"].numpy(), pred.numpy(), batch["key"], strict=False)
+    ):
+        iou = segmentation_scores(confusion_matrix(torch.from_numpy(pr), torch.from_numpy(gt), cfg.num_classes))[
+            "fg_iou"
+        ]
+        panels = [
+            (img, key),
+            (overlay(img, gt), "ground truth"),
+            (overlay(img, pr), f"prediction (fg IoU {iou:.2f}; line = truth)"),
+        ]
+        for ax, (pic, title) in zip(axes[row], panels, strict=False):
             ax.imshow(pic, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
@@ -247,9 +283,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         val_kwargs = {"val_check_interval": every, "check_val_every_n_epoch": None}
     elif has_val:
         val_kwargs = {}
-    trainer, info = build_trainer(
-        cfg.trainer, out, cfg.wandb, cfg.run_name or out.name, to_dict(cfg), **val_kwargs
-    )
+    trainer, info = build_trainer(cfg.trainer, out, cfg.wandb, cfg.run_name or out.name, to_dict(cfg), **val_kwargs)
     ckpt = dist.broadcast_object(find_resume_checkpoint(out))
     if ckpt is not None:
         log.info("finetune: resuming from %s", ckpt)
@@ -286,7 +320,9 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             "strategy": info["strategy"],
             "world_size": info["world_size"],
         }
-        save_file({k: v.contiguous() for k, v in model.cpu().state_dict().items()}, os.fspath(out / (BEST_WEIGHTS + ".tmp")))
+        save_file(
+            {k: v.contiguous() for k, v in model.cpu().state_dict().items()}, os.fspath(out / (BEST_WEIGHTS + ".tmp"))
+        )
         os.replace(out / (BEST_WEIGHTS + ".tmp"), out / BEST_WEIGHTS)
         if cfg.n_predictions:
             render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")
@@ -296,7 +332,13 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         write_json_atomic(out / RESULTS, json_safe(results), indent=2)
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        log.info("finetune: test mIoU %.4f, Dice %.4f, fg IoU %.4f (%s)", results["miou"], results["dice"], results["fg_iou"], chosen)
+        log.info(
+            "finetune: test mIoU %.4f, Dice %.4f, fg IoU %.4f (%s)",
+            results["miou"],
+            results["dice"],
+            results["fg_iou"],
+            chosen,
+        )
     trainer.strategy.barrier("finetune-results")  # a strategy barrier works on NCCL and gloo alike
     for logger in trainer.loggers:
         logger.finalize("success")

@@ -29,7 +29,17 @@ import torch
 from PIL import Image
 
 from dataeff import dist
-from dataeff.config import ConfigError, DataConfig, EncoderConfig, TrainerConfig, WandbConfig, option, save_resolved, section, to_dict
+from dataeff.config import (
+    ConfigError,
+    DataConfig,
+    EncoderConfig,
+    TrainerConfig,
+    WandbConfig,
+    option,
+    save_resolved,
+    section,
+    to_dict,
+)
 from dataeff.files import write_atomic, write_json_atomic
 from dataeff.models.encoder import EXPORT_WEIGHTS, build_encoder, export_encoder, resolve
 from dataeff.models.mae import MAE, MAE_CKPT, MAEConfig, OptimConfig
@@ -100,7 +110,9 @@ def selection_info(selection_dir: str) -> dict[str, Any]:
         return {}
     path = Path(selection_dir) / "summary.json"
     if not path.is_file():
-        raise ConfigError(f"data.selection={selection_dir}: no summary.json there; point it at a 'dataeff select' output")
+        raise ConfigError(
+            f"data.selection={selection_dir}: no summary.json there; point it at a 'dataeff select' output"
+        )
     summary = json.loads(path.read_text())
     return {k: summary.get(k) for k in ("method", "ratio", "kept", "kept_fraction", "pool_size")}
 
@@ -124,7 +136,9 @@ class ReconstructionPanel(pl.Callback):
         self.last_batch: torch.Tensor | None = None
         self._written = -1
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.last_batch = batch["image"][: self.n].detach()
         step = trainer.global_step
         # With gradient accumulation several micro-batches share a step: write once per step.
@@ -142,7 +156,12 @@ class ReconstructionPanel(pl.Callback):
         self._written = step
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="reconstruction", images=[os.fspath(path)], caption=["original | masked | reconstruction"], step=step)
+                logger.log_image(
+                    key="reconstruction",
+                    images=[os.fspath(path)],
+                    caption=["original | masked | reconstruction"],
+                    step=step,
+                )
         return path
 
 
@@ -193,17 +212,30 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     wandb = cfg.wandb
     if selection:
         tags = [f"method={selection['method']}", f"ratio={selection['ratio']}"]
-        wandb = dataclasses.replace(wandb, tags=list(wandb.tags) + tags, group=wandb.group or f"ratio={selection['ratio']}")
+        wandb = dataclasses.replace(
+            wandb, tags=list(wandb.tags) + tags, group=wandb.group or f"ratio={selection['ratio']}"
+        )
     run_config = {**to_dict(cfg), "selection": selection}
 
     panel = ReconstructionPanel(out, cfg.panel_every_n_steps, cfg.panel_images)
     trainer, info = build_trainer(
-        cfg.trainer, out, wandb, run_name, run_config, extra_callbacks=[panel],
-        micro_batch_size=cfg.data.batch_size, use_distributed_sampler=False, limit_val_batches=0,
+        cfg.trainer,
+        out,
+        wandb,
+        run_name,
+        run_config,
+        extra_callbacks=[panel],
+        micro_batch_size=cfg.data.batch_size,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
     )
     lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, info["world_size"])
-    log.info("pretrain: peak lr %.3g (base %.3g x global batch %d / 256)", lr, cfg.optim.base_lr,
-             cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * info["world_size"])
+    log.info(
+        "pretrain: peak lr %.3g (base %.3g x global batch %d / 256)",
+        lr,
+        cfg.optim.base_lr,
+        cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * info["world_size"],
+    )
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = MAE(cfg.encoder, cfg.mae, cfg.optim, lr=lr, max_steps=cfg.trainer.max_steps, seed=cfg.seed)
@@ -241,7 +273,12 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
             "selection": selection,
         }
         write_json_atomic(out / SUMMARY, summary, indent=2, sort_keys=True)
-        log.info("pretrain: %d steps, %d images, encoder at %s", summary["steps"], summary["images_seen"], out / EXPORT_WEIGHTS)
+        log.info(
+            "pretrain: %d steps, %d images, encoder at %s",
+            summary["steps"],
+            summary["images_seen"],
+            out / EXPORT_WEIGHTS,
+        )
     trainer.strategy.barrier("pretrain-export")
     for logger in trainer.loggers:
         logger.finalize("success")

@@ -123,7 +123,9 @@ def build_table(cells: list[dict[str, Any]], alpha: float) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     # Per-dataset columns of different cells may differ; keep them grouped after the fixed ones.
     fixed = [c for c in rows[0] if not c.startswith(("miou_", "dice_"))]
-    per_ds = sorted({c for r in rows for c in r if c.startswith(("miou_", "dice_"))}, key=lambda c: (c[5:], c[:4] != "miou"))
+    per_ds = sorted(
+        {c for r in rows for c in r if c.startswith(("miou_", "dice_"))}, key=lambda c: (c[5:], c[:4] != "miou")
+    )
     order = fixed[: fixed.index("cell_wall_s") + 1] + per_ds + fixed[fixed.index("cell_wall_s") + 1 :]
     df = df[order].sort_values(["method", "ratio"], kind="stable").reset_index(drop=True)
     for col in ("kept", "pool_size", "images_seen", "pretrain_steps"):
@@ -214,7 +216,9 @@ def selection_lines(cells: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown_report(df: pd.DataFrame, cells: list[dict[str, Any]], meta: dict[str, Any], alpha: float, plots: list[str]) -> str:
+def markdown_report(
+    df: pd.DataFrame, cells: list[dict[str, Any]], meta: dict[str, Any], alpha: float, plots: list[str]
+) -> str:
     """The whole ``report.md`` page."""
     name = meta.get("name") or "sweep"
     out = [f"# dataeff sweep report: {name}", ""]
@@ -243,7 +247,14 @@ def markdown_report(df: pd.DataFrame, cells: list[dict[str, Any]], meta: dict[st
     head += [f"mIoU {d}" for d in datasets] + [f"Dice {d}" for d in datasets] + ["mean mIoU", "NormDEL"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in df.iterrows():
-        vals = [r["method"], f"{r['ratio']:g}", _fmt(r["kept"]), _fmt(r["images_seen"]), _fmt(r["pretrain_hours"], 4), r["device"]]
+        vals = [
+            r["method"],
+            f"{r['ratio']:g}",
+            _fmt(r["kept"]),
+            _fmt(r["images_seen"]),
+            _fmt(r["pretrain_hours"], 4),
+            r["device"],
+        ]
         vals += [_fmt(r[f"miou_{d}"]) for d in datasets] + [_fmt(r[f"dice_{d}"]) for d in datasets]
         vals += [_fmt(r["miou"]), _fmt(r["normdel"])]
         if not r["done"]:
@@ -361,7 +372,9 @@ def load_cell(cell_dir: Path) -> dict[str, Any] | None:
     info.setdefault("cell", cell_dir.name)
     finetune = {}
     ft_root = cell_dir / "finetune"
-    names = info.get("datasets") or (sorted(p.name for p in ft_root.iterdir() if p.is_dir()) if ft_root.is_dir() else [])
+    names = info.get("datasets") or (
+        sorted(p.name for p in ft_root.iterdir() if p.is_dir()) if ft_root.is_dir() else []
+    )
     for name in names:
         res = _read_json(ft_root / name / "results.json")
         if res is not None:
@@ -410,8 +423,14 @@ def _log_wandb(cfg: ReportConfig, df: pd.DataFrame, run: Path, meta: dict[str, A
 
     group = cfg.wandb.group or meta.get("name") or run.name
     wb = wandb.init(
-        project=cfg.wandb.project, group=group, job_type="report", name=f"{group}-report",
-        dir=str(run), mode=cfg.wandb.mode, tags=list(cfg.wandb.tags), config={"alpha": cfg.alpha},
+        project=cfg.wandb.project,
+        group=group,
+        job_type="report",
+        name=f"{group}-report",
+        dir=str(run),
+        mode=cfg.wandb.mode,
+        tags=list(cfg.wandb.tags),
+        config={"alpha": cfg.alpha},
     )
     try:
         wb.log({"report": wandb.Table(dataframe=df), **{Path(p).stem: wandb.Image(str(run / p)) for p in plots}})

@@ -30,9 +30,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -113,7 +114,9 @@ class SweepConfig:
     embed: EmbedTemplate = section(EmbedTemplate, help="embedding of the pool (once per sweep)")
     select: SelectTemplate = section(SelectTemplate, help="selection template (audit.truth, cluster, meddel, sam, ...)")
     pretrain: PretrainConfig = section(PretrainConfig, help="pre-training template: one step budget for every cell")
-    finetune: FinetuneConfig = section(FinetuneConfig, help="fine-tuning template, per dataset completed by datasets.<name>")
+    finetune: FinetuneConfig = section(
+        FinetuneConfig, help="fine-tuning template, per dataset completed by datasets.<name>"
+    )
     wandb: WandbConfig = section(WandbConfig, help="W&B for every stage: group = name, tags method/ratio")
 
     def __post_init__(self) -> None:
@@ -165,7 +168,7 @@ def plan_cells(methods: list[str], ratios: list[float], unavailable: dict[str, s
         if method in unavailable:
             skipped.append({"cell": method, "why": unavailable[method]})
             continue
-        for ratio in ([1.0] if method == "full" else ratios):
+        for ratio in [1.0] if method == "full" else ratios:
             cell = Cell(method, ratio)
             if method == "random" and ratio == 1.0 and "full" in methods:
                 skipped.append({"cell": cell.name, "why": "random at 1.0 keeps every sample: identical to full-r1"})
@@ -183,10 +186,14 @@ def fill(schema: type[T], template: Any, *patches: dict) -> T:
         ConfigError: naming the key, for a wrong key, type or value.
     """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(OmegaConf.structured(template)), *patches)
+        merged = OmegaConf.merge(
+            OmegaConf.structured(schema), OmegaConf.to_container(OmegaConf.structured(template)), *patches
+        )
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{schema.__name__}: bad key '{getattr(exc, 'full_key', '?')}': {str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{schema.__name__}: bad key '{getattr(exc, 'full_key', '?')}': {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def check_owned(cfg: SweepConfig) -> None:
@@ -213,7 +220,14 @@ def _scalar(value: Any) -> str:
 
 def _wandb(cfg: SweepConfig, tags: list[str]) -> dict:
     w = cfg.wandb
-    return {"wandb": {"enabled": w.enabled, "project": w.project, "group": w.group or cfg.sweep_name, "tags": [*w.tags, *tags]}}
+    return {
+        "wandb": {
+            "enabled": w.enabled,
+            "project": w.project,
+            "group": w.group or cfg.sweep_name,
+            "tags": [*w.tags, *tags],
+        }
+    }
 
 
 def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = False) -> dict[str, Any]:
@@ -245,8 +259,12 @@ def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = Fal
         root = out / "cells" / cell.name
         tags = [f"method={cell.method}", f"ratio={cell.ratio:g}"]
         sel_patch: dict[str, Any] = {
-            "embeddings": embed.out, "method": cell.method, "ratio": cell.ratio, "out": str(root / "selection"),
-            "seed": cfg.seed, "data": {"shards": cfg.shards},
+            "embeddings": embed.out,
+            "method": cell.method,
+            "ratio": cell.ratio,
+            "out": str(root / "selection"),
+            "seed": cfg.seed,
+            "data": {"shards": cfg.shards},
         }
         if cell.method == "optidel" and not cfg.select.scorer:
             sel_patch["scorer"] = scorer
@@ -256,17 +274,32 @@ def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = Fal
                 check_checkpoint(cfg.select.sam)
                 sel_patch["method"] = "random"  # every other key of the template is still checked
         select = fill(SelectConfig, cfg.select, sel_patch)
-        pretrain = fill(PretrainConfig, cfg.pretrain, {
-            "out": str(root / "pretrain"), "seed": cfg.seed, "run_name": f"{cfg.sweep_name}/{cell.name}/pretrain",
-            "data": {"shards": cfg.shards, "selection": select.out},
-        }, _wandb(cfg, []))  # pretrain adds method/ratio tags itself, from the selection
+        pretrain = fill(
+            PretrainConfig,
+            cfg.pretrain,
+            {
+                "out": str(root / "pretrain"),
+                "seed": cfg.seed,
+                "run_name": f"{cfg.sweep_name}/{cell.name}/pretrain",
+                "data": {"shards": cfg.shards, "selection": select.out},
+            },
+            _wandb(cfg, []),
+        )  # pretrain adds method/ratio tags itself, from the selection
         finetune = {}
         for ds, overrides in cfg.datasets.items():
             try:
-                finetune[ds] = fill(FinetuneConfig, cfg.finetune, dict(overrides or {}), {
-                    "out": str(root / "finetune" / ds), "seed": cfg.seed, "encoder": {"weights": pretrain.out},
-                    "run_name": f"{cfg.sweep_name}/{cell.name}/finetune/{ds}",
-                }, _wandb(cfg, [*tags, f"dataset={ds}"]))
+                finetune[ds] = fill(
+                    FinetuneConfig,
+                    cfg.finetune,
+                    dict(overrides or {}),
+                    {
+                        "out": str(root / "finetune" / ds),
+                        "seed": cfg.seed,
+                        "encoder": {"weights": pretrain.out},
+                        "run_name": f"{cfg.sweep_name}/{cell.name}/finetune/{ds}",
+                    },
+                    _wandb(cfg, [*tags, f"dataset={ds}"]),
+                )
             except ConfigError as exc:
                 raise ConfigError(f"datasets.{ds} (finetune keys): {exc}") from None
         planned.append((cell, {"select": select, "pretrain": pretrain, "finetune": finetune}))
@@ -361,10 +394,18 @@ def bootstrap_encoder(cfg: SweepConfig) -> None:
     out = Path(cfg.out) / "bootstrap"
     if encoder_paths(cfg)[0] != str(out):
         return
-    boot = fill(PretrainConfig, cfg.pretrain, {
-        "out": str(out), "seed": cfg.seed, "run_name": f"{cfg.sweep_name}/bootstrap",
-        "data": {"shards": cfg.shards, "selection": ""}, "trainer": {"max_steps": cfg.bootstrap.steps},
-    }, _wandb(cfg, ["bootstrap"]))
+    boot = fill(
+        PretrainConfig,
+        cfg.pretrain,
+        {
+            "out": str(out),
+            "seed": cfg.seed,
+            "run_name": f"{cfg.sweep_name}/bootstrap",
+            "data": {"shards": cfg.shards, "selection": ""},
+            "trainer": {"max_steps": cfg.bootstrap.steps},
+        },
+        _wandb(cfg, ["bootstrap"]),
+    )
     log.info("sweep: bootstrap MAE encoder, %d steps on the whole pool -> %s", cfg.bootstrap.steps, out)
     record = _timed("bootstrap", pretrain_stage.main, boot)
     if dist.is_main() and not (out / "stage.json").is_file():
@@ -420,8 +461,15 @@ def run_cell(
         log.info("sweep: cell %s is done (finished %s), skipping", cell.name, record.get("finished"))
         return record
     record = record or {
-        "format": CELL_FORMAT, "cell": cell.name, "method": cell.method, "ratio": cell.ratio, "sweep": sweep_name,
-        "config_digest": digest, "stages": {}, "done": False, "started": _now(),
+        "format": CELL_FORMAT,
+        "cell": cell.name,
+        "method": cell.method,
+        "ratio": cell.ratio,
+        "sweep": sweep_name,
+        "config_digest": digest,
+        "stages": {},
+        "done": False,
+        "started": _now(),
     }
     record["datasets"] = sorted(stage_cfgs["finetune"])
     steps: list[tuple[str, Callable[[Any], Any], Any]] = [
@@ -444,9 +492,14 @@ def run_cell(
     selection = _read_json(Path(stage_cfgs["select"].out) / "summary.json") or {}
     summary = _read_json(Path(stage_cfgs["pretrain"].out) / "summary.json") or {}
     record.update(
-        kept=selection.get("kept"), pool_size=selection.get("pool_size"), kept_fraction=selection.get("kept_fraction"),
-        images_seen=summary.get("images_seen"), pretrain_steps=summary.get("steps"),
-        wall_s=round(sum(s["wall_s"] for s in record["stages"].values()), 3), done=True, finished=_now(),
+        kept=selection.get("kept"),
+        pool_size=selection.get("pool_size"),
+        kept_fraction=selection.get("kept_fraction"),
+        images_seen=summary.get("images_seen"),
+        pretrain_steps=summary.get("steps"),
+        wall_s=round(sum(s["wall_s"] for s in record["stages"].values()), 3),
+        done=True,
+        finished=_now(),
     )
     if dist.is_main():
         _write_json(path, record)
@@ -484,29 +537,47 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
         )
     for cell, stage_cfgs in full["cells"]:
         root = Path(cfg.out) / "cells" / cell.name
-        check_digest(dist.broadcast_object(_read_json(root / "cell.json") if dist.is_main() else None), config_digest(stage_cfgs), root)
+        check_digest(
+            dist.broadcast_object(_read_json(root / "cell.json") if dist.is_main() else None),
+            config_digest(stage_cfgs),
+            root,
+        )
     t0 = time.perf_counter()
     if "embed" in stages:
         with _job_type("embed"):
             embed_stage.main(full["embed"])
     if dist.is_main():
-        _write_json(out / "sweep.json", {
-            "format": SWEEP_FORMAT, "name": cfg.sweep_name, "seed": cfg.seed, "methods": list(cfg.methods),
-            "ratios": list(cfg.ratios), "datasets": sorted(cfg.datasets), "embed_encoder": weights,
-            "pretrain_steps": cfg.pretrain.trainer.max_steps, "batch_size": cfg.pretrain.data.batch_size,
-            "cells": [c.name for c, _ in full["cells"]], "skipped": full["skipped"],
-        })
+        _write_json(
+            out / "sweep.json",
+            {
+                "format": SWEEP_FORMAT,
+                "name": cfg.sweep_name,
+                "seed": cfg.seed,
+                "methods": list(cfg.methods),
+                "ratios": list(cfg.ratios),
+                "datasets": sorted(cfg.datasets),
+                "embed_encoder": weights,
+                "pretrain_steps": cfg.pretrain.trainer.max_steps,
+                "batch_size": cfg.pretrain.data.batch_size,
+                "cells": [c.name for c, _ in full["cells"]],
+                "skipped": full["skipped"],
+            },
+        )
     for skipped in full["skipped"]:
         log.warning("sweep: skipping %s: %s", skipped["cell"], skipped["why"])
     records = [run_cell(cell, c, config_digest(c), cfg.sweep_name, stages) for cell, c in full["cells"]]
     log.info(
         "sweep: %s: %d of %d cells done, in %.1f s",
-        ",".join(stages), sum(bool(r.get("done")) for r in records), len(records), time.perf_counter() - t0,
+        ",".join(stages),
+        sum(bool(r.get("done")) for r in records),
+        len(records),
+        time.perf_counter() - t0,
     )
     paths: dict[str, Any] = {}
     if cfg.report and dist.is_main():
-        report_cfg = report_stage.ReportConfig(run=str(out), alpha=cfg.alpha, wandb=dataclasses.replace(
-            cfg.wandb, group=cfg.wandb.group or cfg.sweep_name))
+        report_cfg = report_stage.ReportConfig(
+            run=str(out), alpha=cfg.alpha, wandb=dataclasses.replace(cfg.wandb, group=cfg.wandb.group or cfg.sweep_name)
+        )
         paths = report_stage.main(report_cfg)
         # The one thing a user of `make demo` looks for at the end.
         print(f"report: {paths['md']}\ntable:  {paths['csv']}\nplots:  {', '.join(paths['plots'])}", flush=True)

@@ -27,8 +27,9 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -128,7 +129,9 @@ def scaled_lr(base_lr: float, batch_size: int, accumulate: int, world_size: int)
     return base_lr * batch_size * accumulate * world_size / 256.0
 
 
-def make_adamw(params: Iterable[Any], lr: float, betas: tuple[float, float], weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+def make_adamw(
+    params: Iterable[Any], lr: float, betas: tuple[float, float], weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW, fused where the hardware allows.
 
     On CUDA: DeepSpeed's ``FusedAdam`` (AdamW mode) when its op is pre-built in the
@@ -166,11 +169,15 @@ class ThroughputCallback(Callback):
         self._times: list[tuple[float, int]] = []
         self.images_seen = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._t0 is None:
             self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         n = int(batch["image"].shape[0]) * trainer.world_size
         self.images_seen += n
@@ -250,7 +257,9 @@ class _ResumableCSVLogger(CSVLogger):
         return experiment
 
 
-def _build_loggers(out_dir: Path, wandb: WandbConfig, run_name: str, run_config: dict, flush_every: int) -> list[Logger]:
+def _build_loggers(
+    out_dir: Path, wandb: WandbConfig, run_name: str, run_config: dict, flush_every: int
+) -> list[Logger]:
     # metrics.csv directly in the run directory, flushed at every logging step so a killed
     # run keeps its rows; Lightning's "directory exists" warning is about versioned dirs.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
@@ -369,7 +378,11 @@ def build_trainer(
     info = dict(layout, throughput=throughput, checkpoint=checkpoint)
     log.info(
         "trainer: %s, %s, %s x %d device(s) x %d node(s)",
-        layout["strategy"], layout["precision"], layout["accelerator"], layout["devices"], layout["num_nodes"],
+        layout["strategy"],
+        layout["precision"],
+        layout["accelerator"],
+        layout["devices"],
+        layout["num_nodes"],
     )
     return trainer, info
 

@@ -36,7 +36,9 @@ def small_jpeg(path: Path, size: int) -> bytes:
     with Image.open(path) as img:
         img = img.convert("RGB")
         scale = size / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
+        )
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()

@@ -52,7 +52,9 @@ class MAEConfig:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"mae.mask_ratio={self.mask_ratio}: must be in (0, 1)")
         if self.decoder_dim % self.decoder_heads:
-            raise ConfigError(f"mae.decoder_dim={self.decoder_dim} must be divisible by mae.decoder_heads={self.decoder_heads}")
+            raise ConfigError(
+                f"mae.decoder_dim={self.decoder_dim} must be divisible by mae.decoder_heads={self.decoder_heads}"
+            )
         if self.decoder_depth < 1:
             raise ConfigError("mae.decoder_depth must be at least 1")
 
@@ -87,7 +89,9 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int], prefix_tokens: int = 0) ->
     if dim % 4:
         raise ConfigError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    gh, gw = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    gh, gw = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
         out = pos.reshape(-1)[:, None] * omega[None]
@@ -231,7 +235,10 @@ class MAE(pl.LightningModule):
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(ddim, self.grid, self.prefix), persistent=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.Sequential(
-            *[Block(ddim, mae_cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(mae_cfg.decoder_depth)]
+            *[
+                Block(ddim, mae_cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
+                for _ in range(mae_cfg.decoder_depth)
+            ]
         )
         self.decoder_norm = norm(ddim)
         self.decoder_pred = nn.Linear(ddim, self.patch * self.patch * 3)
@@ -257,7 +264,9 @@ class MAE(pl.LightningModule):
     def keep_count(self) -> int:
         return max(int(round(self.num_patches * (1.0 - self.mae_cfg.mask_ratio))), 1)
 
-    def forward_encoder(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(
+        self, images: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible patches (lowest noise first).
 
         Shape:
@@ -270,7 +279,9 @@ class MAE(pl.LightningModule):
         x = x + patch_pos
         ids_keep, ids_restore, mask = split_by_noise(noise.to(x.device), self.keep_count())
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-        tokens = [t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, getattr(enc, "reg_token", None)) if t is not None]
+        tokens = [
+            t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, getattr(enc, "reg_token", None)) if t is not None
+        ]
         if tokens:
             prefix = torch.cat(tokens, dim=1)
             if not enc.no_embed_class:
@@ -399,7 +410,7 @@ class MAE(pl.LightningModule):
         }
 
     @classmethod
-    def load_for_scoring(cls, path: str | Path, device: str | torch.device = "cpu") -> "MAE":
+    def load_for_scoring(cls, path: str | Path, device: str | torch.device = "cpu") -> MAE:
         """The full MAE (decoder included) from ``mae.ckpt`` or a pretrain output directory, in eval mode.
 
         Loaded with ``weights_only=True`` (no pickle code runs).
@@ -408,7 +419,9 @@ class MAE(pl.LightningModule):
         if path.is_dir():
             path = path / MAE_CKPT
         if not path.is_file():
-            raise ConfigError(f"no MAE checkpoint at {path}: point to a 'dataeff pretrain' output directory or its {MAE_CKPT}")
+            raise ConfigError(
+                f"no MAE checkpoint at {path}: point to a 'dataeff pretrain' output directory or its {MAE_CKPT}"
+            )
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if blob.get("format") != MAE_FORMAT:
             raise ConfigError(f"{path}: not a {MAE_FORMAT} checkpoint (format={blob.get('format')!r})")

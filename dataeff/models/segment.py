@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from dataeff.metrics import confusion_matrix, segmentation_scores
 from dataeff.files import write_atomic
+from dataeff.metrics import confusion_matrix, segmentation_scores
 from dataeff.trainer import make_adamw
 
 
@@ -81,13 +82,13 @@ class MLAHead(nn.Module):
         self.patch_size = patch_size
 
     def forward(self, features: list[torch.Tensor], out_hw: tuple[int, int]) -> torch.Tensor:
-        lat = [proj(f) for proj, f in zip(self.lateral, features)]
+        lat = [proj(f) for proj, f in zip(self.lateral, features, strict=False)]
         # Top-down aggregation: deeper (more semantic) levels flow into shallower ones.
         for i in range(len(lat) - 2, -1, -1):
             lat[i] = lat[i] + lat[i + 1]
         quarter = (max(1, out_hw[0] // 4), max(1, out_hw[1] // 4))
         outs = []
-        for x, stream in zip(lat, self.streams):
+        for x, stream in zip(lat, self.streams, strict=False):
             x = stream[0](x)
             for block in stream[1:]:
                 x = block(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
@@ -226,6 +227,7 @@ def predict_batches(
 
 
 # --------------------------------------------------------------------------- Lightning shell
+
 
 class SegmentationModule(pl.LightningModule):
     """Trains a :class:`SegmentationModel` with CE + Dice, AdamW, warm-up + cosine.

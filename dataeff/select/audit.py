@@ -54,7 +54,9 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
     planted_kind = t["planted"].reindex(rows.index).fillna("none")
     grp = group.reindex(rows.index)
     same_group = target.notna() & (grp.values == group.reindex(target.fillna("").values).values)
-    involves_dup = (planted_kind == "near_duplicate") | planted_kind.reindex(target.fillna("").values).fillna("none").eq("near_duplicate").values
+    involves_dup = (planted_kind == "near_duplicate") | planted_kind.reindex(target.fillna("").values).fillna(
+        "none"
+    ).eq("near_duplicate").values
     correct = np.where(
         family.isin(QUALITY),
         planted_kind == "invalid",
@@ -64,8 +66,12 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
     per_reason = {}
     for fam in sorted(set(family[dropped])):
         sel = dropped & (family == fam)
-        per_reason[fam] = {"dropped": int(sel.sum()), "planted": int((sel & (planted_kind != "none")).sum()),
-                           "correct": int((sel & correct).sum()), "precision": _ratio(int((sel & correct).sum()), int(sel.sum()))}
+        per_reason[fam] = {
+            "dropped": int(sel.sum()),
+            "planted": int((sel & (planted_kind != "none")).sum()),
+            "correct": int((sel & correct).sum()),
+            "precision": _ratio(int((sel & correct).sum()), int(sel.sum())),
+        }
 
     # Recall: planted samples that reached selection.
     found_dup = set()
@@ -82,21 +88,34 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
             hit = fam.isin(QUALITY + ("outlier", "small_cluster"))
         else:
             hit = pd.Series([k in found_dup for k in keys], index=keys)
-        per_kind[str(kind)] = {"reached_select": len(keys), "found": int(hit.sum()), "recall": _ratio(int(hit.sum()), len(keys)),
-                               "dropped_any_reason": int(fam.isin(list(set(family[dropped]))).sum())}
+        per_kind[str(kind)] = {
+            "reached_select": len(keys),
+            "found": int(hit.sum()),
+            "recall": _ratio(int(hit.sum()), len(keys)),
+            "dropped_any_reason": int(fam.isin(list(set(family[dropped]))).sum()),
+        }
     for cat in ("invalid", "near_duplicate"):
         kinds = reached.loc[reached["planted"] == cat, "kind"].unique()
         n = sum(per_kind[str(k)]["reached_select"] for k in kinds)
         f = sum(per_kind[str(k)]["found"] for k in kinds)
-        per_cat[cat] = {"reached_select": n, "found": f, "recall": _ratio(f, n),
-                        "caught_at_shard": int((at_shard["planted"] == cat).sum())}
+        per_cat[cat] = {
+            "reached_select": n,
+            "found": f,
+            "recall": _ratio(f, n),
+            "caught_at_shard": int((at_shard["planted"] == cat).sum()),
+        }
     n_drop, n_ok = int(dropped.sum()), int((dropped & correct).sum())
 
     def composition(keys: pd.Index) -> dict:
         invalid = int((planted_kind.reindex(keys) == "invalid").sum())
         excess = int((grp.reindex(keys).value_counts() - 1).sum())  # value_counts: NaN (not in truth) left out
-        return {"samples": len(keys), "invalid": invalid, "invalid_share": _ratio(invalid, len(keys)),
-                "excess_duplicates": excess, "excess_duplicate_share": _ratio(excess, len(keys))}
+        return {
+            "samples": len(keys),
+            "invalid": invalid,
+            "invalid_share": _ratio(invalid, len(keys)),
+            "excess_duplicates": excess,
+            "excess_duplicate_share": _ratio(excess, len(keys)),
+        }
 
     return {
         "truth_rows": len(truth),
@@ -115,8 +134,11 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
 
 def format_audit(a: dict) -> str:
     """A readable table of :func:`audit_selection`'s result (printed on stdout by select)."""
-    lines = [f"planted-defect audit: dropped {a['dropped']}, precision {a['precision']}, recall {a['recall']}",
-             "| drop reason | dropped | planted | correct | precision |", "|---|---|---|---|---|"]
+    lines = [
+        f"planted-defect audit: dropped {a['dropped']}, precision {a['precision']}, recall {a['recall']}",
+        "| drop reason | dropped | planted | correct | precision |",
+        "|---|---|---|---|---|",
+    ]
     for r, v in a["per_reason"].items():
         lines.append(f"| {r} | {v['dropped']} | {v['planted']} | {v['correct']} | {v['precision']} |")
     lines += ["| planted kind | reached select | found | recall |", "|---|---|---|---|"]
@@ -128,5 +150,8 @@ def format_audit(a: dict) -> str:
         f"excess near-duplicate share {kept['excess_duplicate_share']} (pool {pool['excess_duplicate_share']})"
     )
     if a["caught_at_shard_time"]:
-        lines.append("caught at shard time (never reach select): " + ", ".join(f"{k} {v}" for k, v in a["caught_at_shard_time"].items()))
+        lines.append(
+            "caught at shard time (never reach select): "
+            + ", ".join(f"{k} {v}" for k, v in a["caught_at_shard_time"].items())
+        )
     return "\n".join(lines)

@@ -151,4 +151,4 @@ def members_by_cluster(labels: np.ndarray, k: int) -> list[np.ndarray]:
     sorted_labels = labels[order]
     starts = np.searchsorted(sorted_labels, np.arange(k), side="left")
     stops = np.searchsorted(sorted_labels, np.arange(k), side="right")
-    return [order[s:e] for s, e in zip(starts, stops)]
+    return [order[s:e] for s, e in zip(starts, stops, strict=False)]

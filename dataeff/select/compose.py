@@ -8,7 +8,7 @@ pure function of its four (source image, box) pairs and its size.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -61,7 +61,7 @@ def compose_mosaic(crops: Sequence[tuple[np.ndarray, Sequence[int]]], width: int
     if width < 2 or height < 2:
         raise ValueError(f"mosaic size {width}x{height}: both sides must be at least 2 px")
     mosaic = np.zeros((height, width, 3), dtype=np.uint8)
-    for (image, box), (x0, y0, x1, y1) in zip(crops, quadrant_boxes(width, height)):
+    for (image, box), (x0, y0, x1, y1) in zip(crops, quadrant_boxes(width, height), strict=False):
         mosaic[y0:y1, x0:x1] = crop_patch(image, box, (x1 - x0, y1 - y0))
     return mosaic
 

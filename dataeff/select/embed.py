@@ -17,10 +17,10 @@ import os
 import shutil
 import time
 import zipfile
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -48,8 +48,12 @@ class EmbedConfig:
     encoder: EncoderConfig = section(EncoderConfig, help="the ViT; encoder=<path> sets encoder.weights")
     out: str = option("", help="embeddings directory to write")
     device: str = option("auto", help="'auto' (cuda:<local rank> when available, else cpu), 'cpu' or 'cuda'")
-    precision: str = option("auto", help="'auto' = bf16 autocast on GPU (fp16 without bf16), fp32 on CPU; or fp32/bf16/fp16")
-    seed: int = option(0, help="torch seed before building the encoder (a random-init encoder is then identical on all ranks)")
+    precision: str = option(
+        "auto", help="'auto' = bf16 autocast on GPU (fp16 without bf16), fp32 on CPU; or fp32/bf16/fp16"
+    )
+    seed: int = option(
+        0, help="torch seed before building the encoder (a random-init encoder is then identical on all ranks)"
+    )
     progress_bar: bool = option(True, help="show a progress bar (rank 0) with images/s")
 
     def __post_init__(self) -> None:
@@ -66,7 +70,7 @@ class EmbedConfig:
 # --------------------------------------------------------------------------- pure core
 
 
-def embed_batch(model: torch.nn.Module, images: torch.Tensor, pool: str, amp: Optional[torch.dtype]) -> np.ndarray:
+def embed_batch(model: torch.nn.Module, images: torch.Tensor, pool: str, amp: torch.dtype | None) -> np.ndarray:
     """L2-normalised pooled features of a batch, as float16.
 
     Normalisation happens in float32, after autocast, so rows are unit length up to
@@ -90,7 +94,7 @@ def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
 
 def shard_set_hash(tars: list[str], keys: list[list[str]]) -> str:
     """sha256 over (tar name, ok keys) of every shard, in order: same shards -> same hash."""
-    payload = json.dumps([[Path(t).name, k] for t, k in zip(tars, keys)])
+    payload = json.dumps([[Path(t).name, k] for t, k in zip(tars, keys, strict=False)])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -151,7 +155,7 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
 
 
 def load_embeddings(
-    emb_dir: str | os.PathLike, files: Optional[list[str]] = None, dtype: type = np.float32
+    emb_dir: str | os.PathLike, files: list[str] | None = None, dtype: type = np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keys and embeddings of (some of) the rank files, sorted by key.
 
@@ -181,7 +185,7 @@ def _sha256(path: str) -> str:
 # --------------------------------------------------------------------------- stage
 
 
-def _device_and_amp(cfg: EmbedConfig, local_rank: int) -> tuple[torch.device, Optional[torch.dtype]]:
+def _device_and_amp(cfg: EmbedConfig, local_rank: int) -> tuple[torch.device, torch.dtype | None]:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or cpu")
@@ -211,8 +215,13 @@ def main(cfg: EmbedConfig) -> None:
     identity = {"encoder": {"name": enc.name, "weights": enc.weights}, "shard_set_hash": set_hash}
     if (out / HEADER_NAME).is_file():
         old = json.loads((out / HEADER_NAME).read_text())
-        if {"encoder": {k: old["encoder"][k] for k in ("name", "weights")}, "shard_set_hash": old["shard_set_hash"]} != identity:
-            raise ConfigError(f"out={out} holds embeddings of another encoder or shard set; choose a fresh out directory")
+        if {
+            "encoder": {k: old["encoder"][k] for k in ("name", "weights")},
+            "shard_set_hash": old["shard_set_hash"],
+        } != identity:
+            raise ConfigError(
+                f"out={out} holds embeddings of another encoder or shard set; choose a fresh out directory"
+            )
         log.info("embeddings already complete in %s; nothing to do", out)
         return
     if rank == 0:
@@ -247,11 +256,27 @@ def main(cfg: EmbedConfig) -> None:
         _save_npz(part, np.array(keys, dtype=str), emb, tar=np.array(tars[i]))
     bar.close()
     if done:
-        log.info("rank %d embedded %d images in %.1fs (%.1f images/s)", rank, done, time.time() - start, done / max(time.time() - start, 1e-9))
+        log.info(
+            "rank %d embedded %d images in %.1fs (%.1f images/s)",
+            rank,
+            done,
+            time.time() - start,
+            done / max(time.time() - start, 1e-9),
+        )
     _finish(out, tars, mine, rank, world, cfg, enc, set_hash, total)
 
 
-def _finish(out: Path, tars: list[str], mine: list[int], rank: int, world: int, cfg: EmbedConfig, enc: EncoderConfig, set_hash: str, total: int) -> None:
+def _finish(
+    out: Path,
+    tars: list[str],
+    mine: list[int],
+    rank: int,
+    world: int,
+    cfg: EmbedConfig,
+    enc: EncoderConfig,
+    set_hash: str,
+    total: int,
+) -> None:
     keys, embs = [np.zeros(0, dtype=str)], []
     for i in mine:
         with np.load(out / "parts" / f"{i:06d}_{Path(tars[i]).stem}.npz", allow_pickle=False) as z:
@@ -260,7 +285,11 @@ def _finish(out: Path, tars: list[str], mine: list[int], rank: int, world: int, 
                 embs.append(z["embeddings"])
     dims = dist.all_gather_object(int(embs[0].shape[1]) if embs else -1)
     dim = max(dims)
-    _save_npz(out / f"rank-{rank:05d}.npz", np.concatenate(keys), np.concatenate(embs) if embs else np.zeros((0, dim), np.float16))
+    _save_npz(
+        out / f"rank-{rank:05d}.npz",
+        np.concatenate(keys),
+        np.concatenate(embs) if embs else np.zeros((0, dim), np.float16),
+    )
     counts = dist.all_gather_object(int(sum(len(k) for k in keys)))
     dist.barrier()
     if rank == 0:

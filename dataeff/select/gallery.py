@@ -36,21 +36,28 @@ def pick_redundant_pairs(frame: pd.DataFrame, n: int, seed: int) -> list[tuple[s
     red = frame[frame["reason"].str.startswith("redundant_of:")]
     twins = red["reason"].str.slice(len("redundant_of:"))
     kept = set(frame.loc[frame["kept"], "key"])
-    pairs = list(zip(red["key"], twins))
+    pairs = list(zip(red["key"], twins, strict=False))
     first = [p for p in pairs if p[1] in kept] or pairs
     chosen = _sample([f"{a}\t{b}" for a, b in first], n, seed)
     return [tuple(c.split("\t")) for c in chosen]  # type: ignore[misc]
 
 
-def pick_clusters(frame: pd.DataFrame, n_clusters: int, per_side: int, seed: int) -> list[tuple[int, list[str], list[str]]]:
+def pick_clusters(
+    frame: pd.DataFrame, n_clusters: int, per_side: int, seed: int
+) -> list[tuple[int, list[str], list[str]]]:
     """The largest clusters with (kept, dropped) sample keys of each."""
     pool = frame[(frame["cluster"] >= 0) & ~frame["generated"]]
     sizes = pool.groupby("cluster").size().sort_values(ascending=False, kind="stable")
     out = []
     for c in sizes.index[:n_clusters]:
         members = pool[pool["cluster"] == c]
-        out.append((int(c), _sample(members.loc[members["kept"], "key"].tolist(), per_side, seed),
-                    _sample(members.loc[~members["kept"], "key"].tolist(), per_side, seed)))
+        out.append(
+            (
+                int(c),
+                _sample(members.loc[members["kept"], "key"].tolist(), per_side, seed),
+                _sample(members.loc[~members["kept"], "key"].tolist(), per_side, seed),
+            )
+        )
     return out
 
 
@@ -70,7 +77,9 @@ def _tile(img: Image.Image | None, caption: str, colour: tuple[int, int, int]) -
     tile = Image.new("RGB", (TILE, TILE + CAPTION), (255, 255, 255))
     if img is not None:
         scale = (TILE - 6) / max(img.size)  # up or down: tiny fixture images stay legible
-        thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+        thumb = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
+        )
         tile.paste(thumb, ((TILE - thumb.width) // 2, (TILE - thumb.height) // 2))
     draw = ImageDraw.Draw(tile)
     draw.rectangle([0, 0, TILE - 1, TILE - 1], outline=colour, width=3)
@@ -80,7 +89,9 @@ def _tile(img: Image.Image | None, caption: str, colour: tuple[int, int, int]) -
 
 def _sheet(title: str, rows: list[list[Image.Image]]) -> Image.Image:
     cols = max((len(r) for r in rows), default=1)
-    sheet = Image.new("RGB", (max(cols * TILE, 6 * len(title) + 8), 20 + max(len(rows), 1) * (TILE + CAPTION)), (255, 255, 255))
+    sheet = Image.new(
+        "RGB", (max(cols * TILE, 6 * len(title) + 8), 20 + max(len(rows), 1) * (TILE + CAPTION)), (255, 255, 255)
+    )
     ImageDraw.Draw(sheet).text((4, 4), title, fill=(0, 0, 0))
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
@@ -118,10 +129,14 @@ def write_gallery(out_dir: str | Path, frame: pd.DataFrame, index: pd.DataFrame,
     sheets = {
         "removed_low_quality.png": ("removed: low quality (dark / blank / overexposed / blurred)", rows_of(quality)),
         "removed_outliers.png": ("removed: embedding outliers and small clusters", rows_of(outliers)),
-        "removed_redundant.png": ("removed near-duplicate (left) beside the sample it duplicates (right)",
-                                  [[tile(a), tile(b)] for a, b in pairs] or [[]]),
-        "clusters.png": ("largest clusters: kept (green) vs dropped (red), one row per cluster",
-                         [[tile(k) for k in a + b] for _, a, b in clusters] or [[]]),
+        "removed_redundant.png": (
+            "removed near-duplicate (left) beside the sample it duplicates (right)",
+            [[tile(a), tile(b)] for a, b in pairs] or [[]],
+        ),
+        "clusters.png": (
+            "largest clusters: kept (green) vs dropped (red), one row per cluster",
+            [[tile(k) for k in a + b] for _, a, b in clusters] or [[]],
+        ),
     }
     for name, (title, rows) in sheets.items():
         _sheet(title, rows).save(out / name)

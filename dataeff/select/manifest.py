@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,7 @@ class Decisions:
     score: np.ndarray
     info: dict = field(default_factory=dict)
     #: Rows for generated samples (columns key, kept, reason, cluster, score), e.g. OptiDEL mosaics.
-    generated: Optional[pd.DataFrame] = None
+    generated: pd.DataFrame | None = None
 
     def __post_init__(self) -> None:
         n = len(self.kept)
@@ -49,7 +49,7 @@ class Decisions:
 
 
 def reasons_for(kept: np.ndarray, dropped_reason: np.ndarray) -> np.ndarray:
-    """"kept" where kept, else the drop reason ('' -> "not_selected").
+    """ "kept" where kept, else the drop reason ('' -> "not_selected").
 
     Shape:
         kept (N,) bool, dropped_reason (N,) object -> (N,) object.
@@ -78,7 +78,7 @@ def selection_frame(keys: np.ndarray, d: Decisions) -> pd.DataFrame:
 
 
 def reason_family(reason: str) -> str:
-    """"redundant_of:<key>" -> "redundant"; other reasons unchanged."""
+    """ "redundant_of:<key>" -> "redundant"; other reasons unchanged."""
     return "redundant" if reason.startswith("redundant_of:") else reason
 
 

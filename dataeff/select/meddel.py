@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -57,14 +56,16 @@ class MedDELConfig:
     )
     min_cluster_size: int = option(3, help="small_cluster: clusters with fewer valid members are dropped (<=1 = off)")
     order: str = option("hard", help="visit order inside a cluster: hard (farthest first), easy, random")
-    epsilon: Optional[float] = option(
+    epsilon: float | None = option(
         None, help="fixed redundancy eps (similarity > 1-eps); null = bisection to the target ratio (paper)"
     )
 
     def __post_init__(self) -> None:
         bad = [c for c in self.quality_checks if c not in QUALITY_REASONS]
         if bad:
-            raise ConfigError(f"meddel.quality_checks: unknown check {bad[0]!r}; choose from {', '.join(QUALITY_REASONS)}")
+            raise ConfigError(
+                f"meddel.quality_checks: unknown check {bad[0]!r}; choose from {', '.join(QUALITY_REASONS)}"
+            )
         if not 0.0 < self.outlier_quantile <= 1.0:
             raise ConfigError(f"meddel.outlier_quantile={self.outlier_quantile}: must be in (0, 1]")
         if self.order not in ORDERS:
@@ -240,7 +241,7 @@ def decide(
     pos: np.ndarray,
     invalid_reason: np.ndarray,
     target: int,
-    epsilon: Optional[float],
+    epsilon: float | None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Kept mask and redundancy mask for the whole pool, with exactly ``target`` kept if possible.
 

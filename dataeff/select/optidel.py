@@ -164,7 +164,9 @@ def check_inputs(sam: SamConfig, scorer: str) -> None:
             "(or its mae.ckpt); a short pretrain run on the pool bootstraps one (PAPERS.md, OptiDEL step 2)"
         )
     if not Path(scorer).exists():
-        raise ConfigError(f"scorer={scorer}: no such file or directory (expected a 'dataeff pretrain' output or its mae.ckpt)")
+        raise ConfigError(
+            f"scorer={scorer}: no such file or directory (expected a 'dataeff pretrain' output or its mae.ckpt)"
+        )
     if sam.model == "tiny" and (sam.pred_iou_thresh > 0 or sam.stability_score_thresh > 0):
         log.warning(
             "sam.model=tiny with pred_iou_thresh/stability_score_thresh > 0 usually yields no masks; "

@@ -117,7 +117,9 @@ def extract_owned(tars: list[str], counts: dict[str, int], cfg: Any, rank: int, 
     with tqdm(total=total, unit="img", desc="optidel sam+score", disable=rank != 0, smoothing=0.1) as bar:
         for tar, path in todo:
             samples = ((s["key"], np.asarray(s["image"], dtype=np.uint8)) for s in iter_shard(tar))
-            part = extract_and_score(samples, generator, cfg.sam, side, score_fn, cfg.optidel.batch_size, lambda: bar.update(1))
+            part = extract_and_score(
+                samples, generator, cfg.sam, side, score_fn, cfg.optidel.batch_size, lambda: bar.update(1)
+            )
             tmp = path.with_name(path.stem + ".tmp.npz")
             np.savez(tmp, fingerprint=np.array(stamp), **part)
             tmp.replace(path)
@@ -130,16 +132,21 @@ def merge_parts(parts: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, np.
     rec = concat_records(parts)
     order = np.lexsort((rec["index"], rec["source"]))
     rec = {k: v[order] for k, v in rec.items()}
-    cat = {n: np.concatenate([p[n] for p in parts]) if parts else np.zeros(0) for n in ("image_keys", "image_scores", "skipped_keys", "skipped_reasons")}
+    cat = {
+        n: np.concatenate([p[n] for p in parts]) if parts else np.zeros(0)
+        for n in ("image_keys", "image_scores", "skipped_keys", "skipped_reasons")
+    }
     order = np.argsort(cat["image_keys"], kind="stable")
     images = {"keys": cat["image_keys"][order].astype(str), "scores": cat["image_scores"][order].astype(np.float32)}
-    images["skipped"] = dict(zip(cat["skipped_keys"].astype(str), cat["skipped_reasons"].astype(str)))
+    images["skipped"] = dict(zip(cat["skipped_keys"].astype(str), cat["skipped_reasons"].astype(str), strict=False))
     images["sam_s"] = float(sum(float(p["sam_s"]) for p in parts))
     images["score_s"] = float(sum(float(p["score_s"]) for p in parts))
     return rec, images
 
 
-def run_optidel(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: Any, rank: int, world: int) -> manifest.Decisions:
+def run_optidel(
+    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: Any, rank: int, world: int
+) -> manifest.Decisions:
     """OptiDEL for the select stage: same decisions on every rank, mosaics in ``<out>/generated``.
 
     Shape:
@@ -160,7 +167,9 @@ def run_optidel(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: A
     cl = labels[np.searchsorted(keys, rec["source"])] if len(rec["source"]) else np.zeros(0, np.int64)
     n_mosaics, n_orig = budget(cfg.ratio, len(keys), oc.include_originals, oc.originals_fraction)
     want = PATCHES_PER_MOSAIC * n_mosaics
-    chosen, passes = select_hardest(rec["score"], rec["source"], cl, want, oc.max_per_image, cluster_cap(want, k, oc.cluster_cap_factor))
+    chosen, passes = select_hardest(
+        rec["score"], rec["source"], cl, want, oc.max_per_image, cluster_cap(want, k, oc.cluster_cap_factor)
+    )
     info: dict[str, Any] = {}
     if len(chosen) < want:
         n_mosaics = len(chosen) // PATCHES_PER_MOSAIC
@@ -172,19 +181,29 @@ def run_optidel(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: A
     groups = assign_mosaics(chosen, rec["source"], cl, rec["score"])
     orig_kept = np.zeros(len(keys), dtype=bool)
     if n_orig:
-        picked, _ = select_hardest(images["scores"], keys, labels, n_orig, 1, cluster_cap(n_orig, k, oc.cluster_cap_factor))
+        picked, _ = select_hardest(
+            images["scores"], keys, labels, n_orig, 1, cluster_cap(n_orig, k, oc.cluster_cap_factor)
+        )
         orig_kept[picked] = True
 
     t = time.time()
     run = _safe(Path(cfg.out).resolve().name)
-    tar_of = dict(zip(quality["key"], (str(Path(d) / s) for d, s in zip(quality["shard_dir"], quality["shard"]))))
+    tar_of = dict(
+        zip(
+            quality["key"],
+            (str(Path(d) / s) for d, s in zip(quality["shard_dir"], quality["shard"], strict=False)),
+            strict=False,
+        )
+    )
     gen = write_generated(Path(cfg.out) / "generated", run, groups, rec, cl, tar_of, oc.mosaics_per_shard, rank, world)
     timings["compose"] = time.time() - t
 
     selected = np.zeros(len(rec["score"]), dtype=bool)
     selected[chosen] = True
     info.update(_v_information(rec, cl, labels, chosen, passes, images, orig_kept, k, cfg))
-    info.update(mosaics=int(len(groups)), originals=int(orig_kept.sum()), timings_s={a: round(b, 3) for a, b in timings.items()})
+    info.update(
+        mosaics=int(len(groups)), originals=int(orig_kept.sum()), timings_s={a: round(b, 3) for a, b in timings.items()}
+    )
     if rank == 0:
         _write_patch_table(Path(cfg.out), rec, cl, selected, groups, gen["key"].to_numpy())
         if cfg.report.gallery:
@@ -217,7 +236,9 @@ def _v_information(rec, cl, labels, chosen, passes, images, orig_kept, k, cfg) -
         "images_with_patches": int(len(np.unique(rec["source"]))),
         "images_skipped": skipped,
         "patches_selected": int(len(chosen)),
-        "selection_passes": {name: int((passes == i).sum()) for i, name in enumerate(("capped", "cluster_cap_relaxed", "uncapped"))},
+        "selection_passes": {
+            name: int((passes == i).sum()) for i, name in enumerate(("capped", "cluster_cap_relaxed", "uncapped"))
+        },
         "mean_hardness_selected": float(scores[chosen].mean()) if len(chosen) else float("nan"),
         "mean_hardness_all": float(scores.mean()) if len(scores) else float("nan"),
         "mean_hardness_originals_selected": float(images["scores"][orig_kept].mean()) if orig_kept.any() else None,
@@ -226,7 +247,9 @@ def _v_information(rec, cl, labels, chosen, passes, images, orig_kept, k, cfg) -
     }
 
 
-def _write_patch_table(out: Path, rec: dict, cl: np.ndarray, selected: np.ndarray, groups: np.ndarray, mosaic_keys: np.ndarray) -> None:
+def _write_patch_table(
+    out: Path, rec: dict, cl: np.ndarray, selected: np.ndarray, groups: np.ndarray, mosaic_keys: np.ndarray
+) -> None:
     """``patches.parquet``: every SAM patch with its provenance, score, cluster and mosaic slot."""
     mosaic = np.full(len(cl), "", dtype=object)
     slot = np.full(len(cl), -1, dtype=np.int8)
@@ -234,11 +257,21 @@ def _write_patch_table(out: Path, rec: dict, cl: np.ndarray, selected: np.ndarra
         mosaic[row], slot[row] = mosaic_keys[m], np.arange(PATCHES_PER_MOSAIC)
     frame = pd.DataFrame(
         {
-            "source": rec["source"].astype(object), "index": rec["index"],
-            "x0": rec["box"][:, 0], "y0": rec["box"][:, 1], "x1": rec["box"][:, 2], "y1": rec["box"][:, 3],
-            "area": rec["area"], "area_frac": rec["area_frac"], "pred_iou": rec["pred_iou"],
-            "stability": rec["stability"], "score": rec["score"], "cluster": cl.astype(np.int64),
-            "selected": selected, "mosaic": mosaic, "quadrant": slot,
+            "source": rec["source"].astype(object),
+            "index": rec["index"],
+            "x0": rec["box"][:, 0],
+            "y0": rec["box"][:, 1],
+            "x1": rec["box"][:, 2],
+            "y1": rec["box"][:, 3],
+            "area": rec["area"],
+            "area_frac": rec["area_frac"],
+            "pred_iou": rec["pred_iou"],
+            "stability": rec["stability"],
+            "score": rec["score"],
+            "cluster": cl.astype(np.int64),
+            "selected": selected,
+            "mosaic": mosaic,
+            "quadrant": slot,
         }
     )
     write_atomic(out / "patches.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
@@ -249,7 +282,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "run"
 
 
-def write_gallery(out: Path, rec: dict, selected: np.ndarray, groups: np.ndarray, tar_of: dict, count: int) -> list[Path]:
+def write_gallery(
+    out: Path, rec: dict, selected: np.ndarray, groups: np.ndarray, tar_of: dict, count: int
+) -> list[Path]:
     """PNGs under ``<out>/gallery/``: sources with their SAM boxes, hardest/easiest patches, mosaics."""
     import matplotlib
 

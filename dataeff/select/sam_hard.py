@@ -20,10 +20,11 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,8 +58,12 @@ RECORD_FIELDS = ("source", "index", "box", "area", "area_frac", "pred_iou", "sta
 class SamConfig:
     """Segment Anything and its automatic mask generator (generator defaults: ours, PAPERS.md)."""
 
-    checkpoint: str = option("", help="local SAM checkpoint (.pth, e.g. sam_vit_b_01ec64.pth); required unless sam.model=tiny")
-    model: str = option("vit_b", help="SAM image encoder: vit_b, vit_l, vit_h, or tiny (random 2-block SAM, tests/demo only)")
+    checkpoint: str = option(
+        "", help="local SAM checkpoint (.pth, e.g. sam_vit_b_01ec64.pth); required unless sam.model=tiny"
+    )
+    model: str = option(
+        "vit_b", help="SAM image encoder: vit_b, vit_l, vit_h, or tiny (random 2-block SAM, tests/demo only)"
+    )
     points_per_side: int = option(32, help="prompt grid side; points_per_side^2 point prompts per image")
     points_per_batch: int = option(64, help="point prompts per forward pass (memory vs speed)")
     pred_iou_thresh: float = option(0.88, help="drop masks whose predicted IoU is below this")
@@ -124,18 +129,31 @@ def build_tiny_sam(seed: int = 0) -> torch.nn.Module:
     try:
         sam = Sam(
             image_encoder=ImageEncoderViT(
-                img_size=side, patch_size=patch, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0,
-                out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                use_rel_pos=True, window_size=4, global_attn_indexes=(1,),
+                img_size=side,
+                patch_size=patch,
+                embed_dim=64,
+                depth=2,
+                num_heads=2,
+                mlp_ratio=4.0,
+                out_chans=dim,
+                qkv_bias=True,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True,
+                window_size=4,
+                global_attn_indexes=(1,),
             ),
             prompt_encoder=PromptEncoder(
-                embed_dim=dim, image_embedding_size=(side // patch, side // patch),
-                input_image_size=(side, side), mask_in_chans=4,
+                embed_dim=dim,
+                image_embedding_size=(side // patch, side // patch),
+                input_image_size=(side, side),
+                mask_in_chans=4,
             ),
             mask_decoder=MaskDecoder(
                 num_multimask_outputs=3,
                 transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
-                transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=32,
+                transformer_dim=dim,
+                iou_head_depth=2,
+                iou_head_hidden_dim=32,
             ),
             pixel_mean=[123.675, 116.28, 103.53],
             pixel_std=[58.395, 57.12, 57.375],
@@ -309,9 +327,14 @@ def extract_and_score(
 def concat_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Join patch record arrays (fields missing from a part are skipped); empty parts give empty arrays."""
     empty = {
-        "source": np.zeros(0, dtype=str), "index": np.zeros(0, np.int32), "box": np.zeros((0, 4), np.int32),
-        "area": np.zeros(0, np.int64), "area_frac": np.zeros(0, np.float32), "pred_iou": np.zeros(0, np.float32),
-        "stability": np.zeros(0, np.float32), "score": np.zeros(0, np.float32),
+        "source": np.zeros(0, dtype=str),
+        "index": np.zeros(0, np.int32),
+        "box": np.zeros((0, 4), np.int32),
+        "area": np.zeros(0, np.int64),
+        "area_frac": np.zeros(0, np.float32),
+        "pred_iou": np.zeros(0, np.float32),
+        "stability": np.zeros(0, np.float32),
+        "score": np.zeros(0, np.float32),
     }
     out = {}
     for name, default in empty.items():
@@ -351,7 +374,9 @@ def read_crops(needed: dict[str, set[tuple[int, ...]]], tar_of: dict[str, str]) 
                 crops[(sample["key"], box)] = image[y0:y1, x0:x1].copy()
     missing = set(needed) - set(sizes)
     if missing:
-        raise RuntimeError(f"{len(missing)} source image(s) of selected patches not found in their shards, e.g. {min(missing)}")
+        raise RuntimeError(
+            f"{len(missing)} source image(s) of selected patches not found in their shards, e.g. {min(missing)}"
+        )
     return crops, sizes
 
 
@@ -366,7 +391,7 @@ def mosaic_sample(
     boxes = [tuple(int(v) for v in rec["box"][r]) for r in rows]
     sources = [str(rec["source"][r]) for r in rows]
     width, height = sizes[sources[0]]
-    pieces = [(crops[(s, b)], (0, 0, b[2] - b[0], b[3] - b[1])) for s, b in zip(sources, boxes)]
+    pieces = [(crops[(s, b)], (0, 0, b[2] - b[0], b[3] - b[1])) for s, b in zip(sources, boxes, strict=False)]
     mosaic = Image.fromarray(compose_mosaic(pieces, width, height), "RGB")
     buf = io.BytesIO()
     mosaic.save(buf, format="PNG", optimize=False, compress_level=6)
@@ -374,22 +399,53 @@ def mosaic_sample(
     stats = quality_stats(gray_thumbnail(mosaic))
     digest = hashlib.sha256(png).hexdigest()
     meta = {
-        "key": key, "source": f"optidel:{run}", "site": "generated", "width": width, "height": height,
-        "sha256": digest, "mode": "RGB", "quality": stats, "generated": True, "method": "optidel",
+        "key": key,
+        "source": f"optidel:{run}",
+        "site": "generated",
+        "width": width,
+        "height": height,
+        "sha256": digest,
+        "mode": "RGB",
+        "quality": stats,
+        "generated": True,
+        "method": "optidel",
         "patches": [
-            {"quadrant": q, "source": s, "box": list(b), "score": round(float(rec["score"][r]), 6), "cluster": int(clusters[r])}
-            for q, (s, b, r) in enumerate(zip(sources, boxes, rows))
+            {
+                "quadrant": q,
+                "source": s,
+                "box": list(b),
+                "score": round(float(rec["score"][r]), 6),
+                "cluster": int(clusters[r]),
+            }
+            for q, (s, b, r) in enumerate(zip(sources, boxes, rows, strict=False))
         ],
     }
     blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    row = {"key": key, "source": f"optidel:{run}", "site": "generated", "status": "ok", "reason": "",
-           "size": len(png), "sha256": digest, "width": width, "height": height, **stats}
+    row = {
+        "key": key,
+        "source": f"optidel:{run}",
+        "site": "generated",
+        "status": "ok",
+        "reason": "",
+        "size": len(png),
+        "sha256": digest,
+        "width": width,
+        "height": height,
+        **stats,
+    }
     return [(f"{key}.png", png), (f"{key}.json", blob)], row
 
 
 def write_generated(
-    gen_dir: Path, run: str, groups: np.ndarray, rec: dict, clusters: np.ndarray, tar_of: dict[str, str],
-    per_shard: int, rank: int, world: int,
+    gen_dir: Path,
+    run: str,
+    groups: np.ndarray,
+    rec: dict,
+    clusters: np.ndarray,
+    tar_of: dict[str, str],
+    per_shard: int,
+    rank: int,
+    world: int,
 ) -> pd.DataFrame:
     """Write the mosaics as a shard directory (tars + index.parquet + summary.json).
 
@@ -428,7 +484,7 @@ def write_generated(
             members += sample
             rows.append({**row, "shard": name})
         spans = write_tar(gen_dir / name, members)
-        for row, (offset, length) in zip(rows, spans[::2]):  # each sample: image, then JSON
+        for row, (offset, length) in zip(rows, spans[::2], strict=False):  # each sample: image, then JSON
             row.update(offset=offset, length=length)
         write_json_atomic(journal, {"signature": signature, "rows": rows})
         mine += rows
@@ -439,9 +495,16 @@ def write_generated(
                 stale.unlink()  # left by an earlier, larger plan
         write_index(gen_dir / "index.parquet", rows)
         summary = {
-            "format": GENERATED_FORMAT, "name": "generated", "method": "optidel", "run": run,
-            "num_files": len(rows), "num_samples": len(rows), "num_shards": n_shards,
-            "counts_by_status": {"ok": len(rows)}, "counts_by_reason": {}, "signature": signature,
+            "format": GENERATED_FORMAT,
+            "name": "generated",
+            "method": "optidel",
+            "run": run,
+            "num_files": len(rows),
+            "num_samples": len(rows),
+            "num_shards": n_shards,
+            "counts_by_status": {"ok": len(rows)},
+            "counts_by_reason": {},
+            "signature": signature,
         }
         write_json_atomic(gen_dir / "summary.json", summary, indent=1, sort_keys=True)
     dist.barrier()

@@ -16,22 +16,23 @@ import contextlib
 import importlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, option, save_resolved, section, to_dict
-from dataeff.select import manifest
 from dataeff.select import cluster as C
+from dataeff.select import manifest
 from dataeff.select import meddel as M
 from dataeff.select.baselines import SemDeDupConfig, select_random, semdedup_decide
 from dataeff.select.embed import load_embeddings, read_header
 from dataeff.select.meddel import MedDELConfig, target_count
-from dataeff.select.optidel import OptidelConfig, check_inputs as check_optidel_inputs
+from dataeff.select.optidel import OptidelConfig
+from dataeff.select.optidel import check_inputs as check_optidel_inputs
 from dataeff.select.sam_hard import SamConfig
 
 log = logging.getLogger("dataeff")
@@ -60,7 +61,9 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.k < 0 or self.niter < 1 or self.max_points_per_centroid < 1:
-            raise ConfigError("cluster.k must be >= 0 (0 = sqrt(N)); cluster.niter and cluster.max_points_per_centroid >= 1")
+            raise ConfigError(
+                "cluster.k must be >= 0 (0 = sqrt(N)); cluster.niter and cluster.max_points_per_centroid >= 1"
+            )
         if self.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"cluster.device={self.device!r}: choose auto, cpu or gpu")
 
@@ -92,7 +95,9 @@ class SelectConfig:
     semdedup: SemDeDupConfig = section(SemDeDupConfig)
     audit: AuditConfig = section(AuditConfig)
     report: GalleryConfig = section(GalleryConfig)
-    scorer: str = option("", help="optidel: pre-trained MAE scoring hardness ('dataeff pretrain' output dir or its mae.ckpt)")
+    scorer: str = option(
+        "", help="optidel: pre-trained MAE scoring hardness ('dataeff pretrain' output dir or its mae.ckpt)"
+    )
     sam: SamConfig = section(SamConfig, help="optidel: Segment Anything model and mask generator")
     optidel: OptidelConfig = section(OptidelConfig, help="optidel: hardness selection, diversity caps, mosaics")
 
@@ -116,7 +121,9 @@ def resolve_method(name: str) -> MethodFn:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
-            raise ConfigError(f"method={name!r} is not available in this build of dataeff ({module_name} is missing)") from None
+            raise ConfigError(
+                f"method={name!r} is not available in this build of dataeff ({module_name} is missing)"
+            ) from None
         raise
     fn = getattr(module, fn_name, None)
     if fn is None:
@@ -211,7 +218,11 @@ def main(cfg: SelectConfig) -> None:
     decisions.info["wall_s"] = round(time.time() - t0, 3)
     if rank == 0:
         frame = manifest.selection_frame(keys, decisions)
-        inputs = {"embeddings": cfg.embeddings, "shard_set_hash": header["shard_set_hash"], "encoder_sha256": header["encoder"]["sha256"]}
+        inputs = {
+            "embeddings": cfg.embeddings,
+            "shard_set_hash": header["shard_set_hash"],
+            "encoder_sha256": header["encoder"]["sha256"],
+        }
         summary = manifest.build_summary(cfg.method, cfg.ratio, frame, to_dict(cfg), inputs, decisions.info)
         if truth is not None:
             from dataeff.select.audit import audit_selection, format_audit
@@ -223,7 +234,14 @@ def main(cfg: SelectConfig) -> None:
 
             summary["gallery"] = [str(p) for p in write_gallery(out, frame, index, cfg.report, cfg.seed)]
         manifest.write_selection(out, frame, summary)
-        log.info("%s: kept %d of %d (%.4f) -> %s", cfg.method, summary["kept"], summary["pool_size"], summary["kept_fraction"], out)
+        log.info(
+            "%s: kept %d of %d (%.4f) -> %s",
+            cfg.method,
+            summary["kept"],
+            summary["pool_size"],
+            summary["kept_fraction"],
+            out,
+        )
         if "shortfall" in summary:
             log.warning("%s", summary["shortfall"])
     dist.barrier()
@@ -242,7 +260,9 @@ def _read_truth(path: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------- method shells
 
 
-def cluster_pool(emb: np.ndarray, cfg: SelectConfig, rank: int, world: int, timings: dict) -> tuple[np.ndarray, np.ndarray, int]:
+def cluster_pool(
+    emb: np.ndarray, cfg: SelectConfig, rank: int, world: int, timings: dict
+) -> tuple[np.ndarray, np.ndarray, int]:
     """k-means trained once on rank 0 (seeded sample), centroids broadcast, chunks assigned per rank.
 
     Shape:
@@ -270,7 +290,15 @@ def cluster_pool(emb: np.ndarray, cfg: SelectConfig, rank: int, world: int, timi
 
 
 def redundancy_stats(
-    emb: np.ndarray, labels: np.ndarray, sims: np.ndarray, valid: np.ndarray, k: int, order: str, seed: int, rank: int, world: int
+    emb: np.ndarray,
+    labels: np.ndarray,
+    sims: np.ndarray,
+    valid: np.ndarray,
+    k: int,
+    order: str,
+    seed: int,
+    rank: int,
+    world: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-cluster redundancy (clusters partitioned over ranks), gathered into pool arrays.
 
@@ -281,7 +309,12 @@ def redundancy_stats(
     n = len(emb)
     members = C.members_by_cluster(np.where(valid, labels, -1), k)
     owned = C.partition_clusters(np.array([len(r) for r in members]), world)[rank]
-    rows_l, m_l, prev_l, pos_l = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    rows_l, m_l, prev_l, pos_l = (
+        [np.zeros(0, np.int64)],
+        [np.zeros(0, np.float32)],
+        [np.zeros(0, np.int64)],
+        [np.zeros(0, np.int64)],
+    )
     # Per-cluster products are small: BLAS threads only add start-up and, on a busy node,
     # spin-wait cost (measured 25x on 141-member clusters); parallelism comes from ranks.
     with _single_blas_thread():
@@ -316,21 +349,31 @@ def _redundant_reasons(reason: np.ndarray, redundant: np.ndarray, prev: np.ndarr
     return out
 
 
-def run_full(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int) -> manifest.Decisions:
+def run_full(
+    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int
+) -> manifest.Decisions:
     """Every sample kept (the 100% reference)."""
     n = len(keys)
     kept = np.ones(n, dtype=bool)
-    return manifest.Decisions(kept, manifest.reasons_for(kept, np.full(n, "", object)), np.full(n, -1, np.int64), np.zeros(n, np.float32))
+    return manifest.Decisions(
+        kept, manifest.reasons_for(kept, np.full(n, "", object)), np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    )
 
 
-def run_random(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int) -> manifest.Decisions:
+def run_random(
+    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int
+) -> manifest.Decisions:
     """round(R*N) samples uniformly at random (seeded)."""
     n = len(keys)
     kept, score = select_random(n, target_count(cfg.ratio, n), cfg.seed)
-    return manifest.Decisions(kept, manifest.reasons_for(kept, np.full(n, "", object)), np.full(n, -1, np.int64), score.astype(np.float32))
+    return manifest.Decisions(
+        kept, manifest.reasons_for(kept, np.full(n, "", object)), np.full(n, -1, np.int64), score.astype(np.float32)
+    )
 
 
-def run_semdedup(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int) -> manifest.Decisions:
+def run_semdedup(
+    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int
+) -> manifest.Decisions:
     """SemDeDup with a fixed eps inside k-means clusters, then a seeded random fill to round(R*N)."""
     n, timings = len(keys), {}
     labels, sims, k = cluster_pool(emb, cfg, rank, world, timings)
@@ -343,13 +386,19 @@ def run_semdedup(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: 
     return manifest.Decisions(kept, manifest.reasons_for(kept, reason), labels, (1.0 - sims).astype(np.float32), info)
 
 
-def run_meddel(emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int) -> manifest.Decisions:
+def run_meddel(
+    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: SelectConfig, rank: int, world: int
+) -> manifest.Decisions:
     """MedDEL (PAPERS.md): invalid frames and embedding outliers out, redundancy by bisected eps, exact ratio."""
     n, mc, timings = len(keys), cfg.meddel, {}
     has_quality = quality is not None and not quality[list(QUALITY_COLUMNS)].isna().all().all()
     qreason = M.quality_reasons(quality, mc) if has_quality else np.full(n, "", object)
     labels, sims, k = cluster_pool(emb, cfg, rank, world, timings)
-    invalid = np.where(qreason != "", qreason, M.embedding_outliers(labels, sims, qreason == "", k, mc.outlier_quantile, mc.min_cluster_size))
+    invalid = np.where(
+        qreason != "",
+        qreason,
+        M.embedding_outliers(labels, sims, qreason == "", k, mc.outlier_quantile, mc.min_cluster_size),
+    )
     t = time.time()
     m, prev, pos = redundancy_stats(emb, labels, sims, invalid == "", k, mc.order, cfg.seed, rank, world)
     timings["dedup"] = time.time() - t

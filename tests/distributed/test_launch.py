@@ -42,7 +42,11 @@ def torchrun(stage: str, config: str, *overrides: str, nproc: int = 2) -> subpro
     )
     result = subprocess.run(
         [str(TORCHRUN), stage, config, *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
     )
     assert result.returncode == 0, f"torchrun {stage} failed ({result.returncode}):\n{result.stderr[-4000:]}"
     return result
@@ -106,7 +110,12 @@ def test_pretrain_two_ranks_few_steps(pool):
     from safetensors.numpy import load_file
 
     tmp = pool["tmp"]
-    steps = ["trainer.max_steps=3", "trainer.checkpoint_every_n_steps=2", "trainer.progress_bar=false", "panel_every_n_steps=0"]
+    steps = [
+        "trainer.max_steps=3",
+        "trainer.checkpoint_every_n_steps=2",
+        "trainer.progress_bar=false",
+        "panel_every_n_steps=0",
+    ]
     common = [f"data.shards={pool['shards']}", "wandb.enabled=false", *steps]
     in_process("pretrain", "configs/pretrain/tiny.yaml", *common, f"out={tmp / 'pretrain-1'}")
     two = torchrun("pretrain", "configs/pretrain/tiny.yaml", *common, f"out={tmp / 'pretrain-2'}")

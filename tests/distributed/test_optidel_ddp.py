@@ -39,8 +39,12 @@ def test_two_ranks_match_one_process(tmp_path):
     p1, p2 = pd.read_parquet(one / "patches.parquet"), pd.read_parquet(two / "patches.parquet")
     pd.testing.assert_frame_equal(p1, p2)
     assert p1["selected"].sum() > 0
-    pd.testing.assert_frame_equal(pd.read_parquet(one / "selection.parquet"), pd.read_parquet(two / "selection.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(one / "selection.parquet"), pd.read_parquet(two / "selection.parquet")
+    )
     # Mosaic shards are byte-identical, and there are several (written by different ranks).
     t1, t2 = _tars(one / "generated"), _tars(two / "generated")
     assert len(t1) >= 2 and t1 == t2
-    pd.testing.assert_frame_equal(pd.read_parquet(one / "generated" / "index.parquet"), pd.read_parquet(two / "generated" / "index.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(one / "generated" / "index.parquet"), pd.read_parquet(two / "generated" / "index.parquet")
+    )

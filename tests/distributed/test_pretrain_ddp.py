@@ -36,12 +36,21 @@ def _pretrain(rank: int, world: int, shards: str, out: str) -> dict:
 
     recorder = _KeyRecorder()
     original = pretrain.build_trainer
-    pretrain.build_trainer = lambda *a, extra_callbacks=(), **k: original(*a, extra_callbacks=[*extra_callbacks, recorder], **k)
+    pretrain.build_trainer = lambda *a, extra_callbacks=(), **k: original(
+        *a, extra_callbacks=[*extra_callbacks, recorder], **k
+    )
     cfg = load_config(
         pretrain.PretrainConfig,
         TINY,
-        [f"data.shards={shards}", f"out={out}", f"trainer.max_steps={STEPS}", f"data.batch_size={GLOBAL_BATCH // world}",
-         "trainer.progress_bar=false", "trainer.checkpoint_every_n_steps=4", "panel_every_n_steps=0"],
+        [
+            f"data.shards={shards}",
+            f"out={out}",
+            f"trainer.max_steps={STEPS}",
+            f"data.batch_size={GLOBAL_BATCH // world}",
+            "trainer.progress_bar=false",
+            "trainer.checkpoint_every_n_steps=4",
+            "panel_every_n_steps=0",
+        ],
     )
     summary = pretrain.main(cfg)
     # parameters after training, as seen by this rank (DDP must keep them identical)

@@ -51,17 +51,32 @@ def _start_pair(embedded: dict[str, Path], name: str) -> tuple[subprocess.Popen,
     out = embedded["tmp"] / name
     marker = embedded["tmp"] / f"{name}.parked"
     args = [
-        "select", "--config", "configs/select/tiny.yaml", f"embeddings={embedded['embeddings']}",
-        f"data.shards={embedded['shards']}", f"out={out}",
+        "select",
+        "--config",
+        "configs/select/tiny.yaml",
+        f"embeddings={embedded['embeddings']}",
+        f"data.shards={embedded['shards']}",
+        f"out={out}",
     ]
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, DATAEFF_DIST_TIMEOUT=str(TIMEOUT_S), PARKED_MARKER=str(marker),
-                   OMP_NUM_THREADS="1", WANDB_MODE="offline")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            DATAEFF_DIST_TIMEOUT=str(TIMEOUT_S),
+            PARKED_MARKER=str(marker),
+            OMP_NUM_THREADS="1",
+            WANDB_MODE="offline",
+        )
         cmd = [sys.executable, "-m", "dataeff", *args] if rank == 0 else [sys.executable, "-c", PARKED_RANK, *args]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     return procs[0], procs[1], marker
 
 
@@ -69,7 +84,9 @@ def _wait_parked(rank0: subprocess.Popen, rank1: subprocess.Popen, marker: Path)
     deadline = time.monotonic() + START_LIMIT_S
     while not marker.exists():
         if rank0.poll() is not None or rank1.poll() is not None:
-            raise AssertionError(f"a rank ended before the failure point:\n{rank0.communicate()[1]}\n{rank1.communicate()[1]}")
+            raise AssertionError(
+                f"a rank ended before the failure point:\n{rank0.communicate()[1]}\n{rank1.communicate()[1]}"
+            )
         assert time.monotonic() < deadline, "rank 1 never reached the centroid broadcast"
         time.sleep(0.1)
 

@@ -18,7 +18,11 @@ def _pipeline(rank: int, world: int, shards: str, out: str) -> bool:
     from dataeff.config import load_config
     from dataeff.select import embed, stage
 
-    embed.main(load_config(embed.EmbedConfig, str(REPO / "configs/embed/tiny.yaml"), [f"data.shards={shards}", f"out={out}/emb"]))
+    embed.main(
+        load_config(
+            embed.EmbedConfig, str(REPO / "configs/embed/tiny.yaml"), [f"data.shards={shards}", f"out={out}/emb"]
+        )
+    )
     for method in METHODS:
         stage.main(
             load_config(

@@ -143,7 +143,10 @@ def test_submit_passes_config_sh_settings_to_sbatch(tmp_path):
     env = _clean_env(tmp_path, bin_dir, NODES="3", GPUS_PER_NODE="8", PARTITION="big", LOG_DIR=str(tmp_path / "logs"))
     out = subprocess.run(
         [str(SLURM / "submit.sh"), "--dependency=afterok:7", "pretrain", "configs/pretrain/tiny.yaml", "seed=3"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "101"
     (args,) = _read_submissions(tmp_path)
@@ -171,22 +174,37 @@ def test_submit_report_is_one_cpu_task_and_unknown_stage_fails(tmp_path):
 
 def test_sweep_submits_a_job_per_stage_of_each_cell_then_report(tmp_path):
     bin_dir = _fake_bin(tmp_path, sbatch=FAKE_SBATCH)
-    env = _clean_env(tmp_path, bin_dir, LOG_DIR=str(tmp_path / "logs"), TIME_SELECT="01:00:00", TIME_FINETUNE="03:00:00")
-    overrides = ["shards=shards/pool", "datasets.tiny.data.root=data/kvasir-seg", "methods=[full,random,meddel]",
-                 "ratios=[0.5,1.0]", "out=runs/s1"]
+    env = _clean_env(
+        tmp_path, bin_dir, LOG_DIR=str(tmp_path / "logs"), TIME_SELECT="01:00:00", TIME_FINETUNE="03:00:00"
+    )
+    overrides = [
+        "shards=shards/pool",
+        "datasets.tiny.data.root=data/kvasir-seg",
+        "methods=[full,random,meddel]",
+        "ratios=[0.5,1.0]",
+        "out=runs/s1",
+    ]
     out = subprocess.run(
         [str(SLURM / "sweep.sh"), "--qos=low", "configs/sweep/tiny.yaml", *overrides],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = _read_submissions(tmp_path)
-    ids = {next(a for a in job if a.startswith("--job-name=")).split("=", 1)[1]: str(101 + i) for i, job in enumerate(jobs)}
-    by_name = dict(zip(ids, jobs))
+    ids = {
+        next(a for a in job if a.startswith("--job-name=")).split("=", 1)[1]: str(101 + i) for i, job in enumerate(jobs)
+    }
+    by_name = dict(zip(ids, jobs, strict=False))
     # The sweep's planner: full only at 1.0; random at 1.0 is full again, so left out.
     cells = ["full-r1", "random-r0.5", "meddel-r0.5", "meddel-r1"]
     stages = ("select", "pretrain", "finetune")
-    assert list(ids) == ["dataeff-sweep-embed", *[f"dataeff-sweep-{c}-{s}" for c in cells for s in stages],
-                         "dataeff-sweep-report"]
+    assert list(ids) == [
+        "dataeff-sweep-embed",
+        *[f"dataeff-sweep-{c}-{s}" for c in cells for s in stages],
+        "dataeff-sweep-report",
+    ]
     embed = by_name["dataeff-sweep-embed"]
     assert not any(a.startswith("--dependency") for a in embed)
     assert embed[-2:] == ["stages=[embed]", "report=false"] and "--time=24:00:00" in embed  # bootstrap = pretraining
@@ -197,8 +215,14 @@ def test_sweep_submits_a_job_per_stage_of_each_cell_then_report(tmp_path):
             job = by_name[f"dataeff-sweep-{cell}-{stage}"]
             assert f"--dependency=afterok:{ids[after]}" in job
             args = job[job.index("launch/slurm/sweep.sbatch") + 1 :]
-            assert args == ["configs/sweep/tiny.yaml", *overrides, f"methods=[{method}]",
-                            f"ratios=[{float(ratio)!r}]", f"stages=[{stage}]", "report=false"]
+            assert args == [
+                "configs/sweep/tiny.yaml",
+                *overrides,
+                f"methods=[{method}]",
+                f"ratios=[{float(ratio)!r}]",
+                f"stages=[{stage}]",
+                "report=false",
+            ]
             after = f"dataeff-sweep-{cell}-{stage}"
     # Each stage gets its own resources and time limit from config.sh.
     assert "--time=01:00:00" in by_name["dataeff-sweep-meddel-r1-select"]
@@ -221,7 +245,11 @@ def test_usr1_before_time_limit_requeues_the_job(tmp_path):
     env = _clean_env(tmp_path, bin_dir, SLURM_JOB_ID="4711", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost")
     job = subprocess.Popen(
         ["bash", str(SLURM / "pretrain.sbatch"), "configs/pretrain/tiny.yaml"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 20
@@ -274,13 +302,23 @@ def test_select_sbatch_runs_two_ranks_in_one_group(embedded, tmp_path):
     job_id, _ = _port_from_job_id()
     bin_dir = _fake_bin(tmp_path, srun=FAKE_SRUN)
     env = _clean_env(
-        tmp_path, bin_dir, SLURM_JOB_ID=str(job_id), SLURM_NTASKS="2", SLURM_NNODES="1",
-        SLURM_JOB_NODELIST="localhost", SLURM_CPUS_PER_TASK="1", DATAEFF_DIST_TIMEOUT="120",
+        tmp_path,
+        bin_dir,
+        SLURM_JOB_ID=str(job_id),
+        SLURM_NTASKS="2",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_CPUS_PER_TASK="1",
+        DATAEFF_DIST_TIMEOUT="120",
     )
     args = [f"embeddings={embedded['embeddings']}", f"data.shards={embedded['shards']}"]
     job = subprocess.run(
         ["bash", str(SLURM / "select.sbatch"), "configs/select/tiny.yaml", *args, f"out={tmp_path / 'two'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert job.returncode == 0, job.stderr[-4000:]
     assert "--kill-on-bad-exit=1" in (tmp_path / "srun.options").read_text().split()

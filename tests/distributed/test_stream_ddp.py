@@ -54,7 +54,7 @@ def test_two_ranks_uneven_shards_cover_every_sample_once(tmp_path):
 
     results = run_ranks(_stream, world=2, args=(cfgs,))
 
-    for c, (cfg, expected) in enumerate(zip(cfgs, expected_sets)):
+    for c, (cfg, expected) in enumerate(zip(cfgs, expected_sets, strict=False)):
         per_rank = -(-len(expected) // 2)
         for epoch in range(2):
             ranks = [[k for batch in results[r][c][epoch] for k in batch] for r in range(2)]

@@ -164,13 +164,17 @@ def test_finetune_on_gpu_with_deepspeed(tmp_path, monkeypatch):
 def test_rank_shares_of_the_test_set_sum_to_the_whole(tmp_path):
     data = make_kvasir_pairs(tmp_path / "kvasir", n=7, size=32)
     cfg = load_config(
-        FinetuneConfig, str(TINY), [f"data.root={data}", "encoder.allow_random_init=true", "data.image_size=32", "data.batch_size=2"]
+        FinetuneConfig,
+        str(TINY),
+        [f"data.root={data}", "encoder.allow_random_init=true", "data.image_size=32", "data.batch_size=2"],
     )
     torch.manual_seed(0)
     model = build_model(cfg)
     pairs = downstream.find_pairs(data, "kvasir")
     whole = evaluate_share(model, pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
-    shares = [evaluate_share(model, pairs, cfg.data, rank=r, world_size=3, device=torch.device("cpu")) for r in range(3)]
+    shares = [
+        evaluate_share(model, pairs, cfg.data, rank=r, world_size=3, device=torch.device("cpu")) for r in range(3)
+    ]
     assert (sum(shares) == whole).all()  # 7 pairs over 3 ranks: 3 + 2 + 2, none repeated
     assert whole.sum() == 7 * 32 * 32
 
@@ -180,7 +184,13 @@ def test_build_model_from_a_pretrain_export_at_another_size(tmp_path):
     from dataeff.models.encoder import build_encoder, export_encoder
 
     enc_cfg = EncoderConfig(
-        name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, allow_random_init=True
+        name="vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        allow_random_init=True,
     )
     torch.manual_seed(3)
     pretrained = build_encoder(enc_cfg)

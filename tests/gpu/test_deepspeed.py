@@ -38,7 +38,8 @@ def test_deepspeed_bf16_pretraining_export_and_resume(shards, tmp_path, monkeypa
     out = tmp_path / "run"
     original = pretrain.build_trainer
     monkeypatch.setattr(
-        pretrain, "build_trainer",
+        pretrain,
+        "build_trainer",
         lambda *a, extra_callbacks=(), **k: original(*a, extra_callbacks=[*extra_callbacks, _SigtermAt(5)], **k),
     )
     with pytest.raises(SystemExit):
@@ -64,13 +65,20 @@ def test_deepspeed_bf16_pretraining_export_and_resume(shards, tmp_path, monkeypa
 
     # the export holds the fp32 master weights and loads in timm with the module's features
     meta = json.loads((out / "encoder.json").read_text())
-    model = timm.create_model(meta["model"], pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=str(out / "encoder.safetensors")), **meta["kwargs"]).eval()
+    model = timm.create_model(
+        meta["model"],
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(out / "encoder.safetensors")),
+        **meta["kwargs"],
+    ).eval()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     mae = MAE.load_for_scoring(out, device="cuda")
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(pooled_features(model, images, "cls"), pooled_features(mae.encoder.cpu(), images, "cls"))
+        torch.testing.assert_close(
+            pooled_features(model, images, "cls"), pooled_features(mae.encoder.cpu(), images, "cls")
+        )
     assert torch.isfinite(MAE.load_for_scoring(out, device="cuda").reconstruction_loss(images, 0)).all()
 
 

@@ -36,14 +36,13 @@ def test_semdedup_epsilon_validated():
 
 
 def test_semdedup_shell_marks_planted_twins():
-    from tests.unit.test_meddel import select_cfg, synthetic_pool
-
     from dataeff.select.meddel import target_count
     from dataeff.select.stage import run_random, run_semdedup
+    from tests.unit.test_meddel import select_cfg, synthetic_pool
 
     keys, emb, pairs, _ = synthetic_pool(seed=3)
     d = run_semdedup(emb, keys, None, select_cfg(method="semdedup", ratio=0.5, **{"semdedup.epsilon": 0.01}), 0, 1)
-    reason = dict(zip(keys, d.reason))
+    reason = dict(zip(keys, d.reason, strict=False))
     assert d.kept.sum() == target_count(0.5, len(keys))  # 166.5 -> 167, half up
     for a, b in pairs:
         assert reason[a] == f"redundant_of:{b}" or reason[b] == f"redundant_of:{a}"

@@ -37,7 +37,7 @@ def test_kmeans_recovers_blobs_and_is_seeded():
     np.testing.assert_allclose(np.linalg.norm(c1, axis=1), 1.0, rtol=1e-5)  # spherical
     labels, sims = C.assign(x, c1)
     # Every true blob maps to exactly one cluster (a relabelling of the truth).
-    pairs = set(zip(truth.tolist(), labels.tolist()))
+    pairs = set(zip(truth.tolist(), labels.tolist(), strict=False))
     assert len(pairs) == 4 and len({p[1] for p in pairs}) == 4
     assert sims.min() > 0.9
 
@@ -58,7 +58,9 @@ def test_chunks_reassemble_in_row_order_for_any_world_size():
     for world in (1, 2, 3, 5):
         bounds = C.chunk_bounds(n, chunk)
         parts = [
-            np.concatenate([values[s:e] for s, e in (bounds[c] for c in C.owned_chunks(len(bounds), r, world))] or [values[:0]])
+            np.concatenate(
+                [values[s:e] for s, e in (bounds[c] for c in C.owned_chunks(len(bounds), r, world))] or [values[:0]]
+            )
             for r in range(world)
         ]
         np.testing.assert_array_equal(C.reorder_chunks(parts, n, chunk), values)

@@ -15,9 +15,7 @@ def test_single_process_defaults():
 
 
 def test_torchrun_env():
-    env = dist.env_from(
-        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
-    )
+    env = dist.env_from({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
     assert env == dist.DistEnv(3, 8, 1, "n1", 1234, "torchrun")
 
 

@@ -32,7 +32,9 @@ def synthetic_pool(seed=0, centres=8, per=40, dim=32, dups=10, outliers=3):
 
 
 def quality_frame(n, dark=(), blurred=()):
-    q = pd.DataFrame({"mean": 100.0, "std": 50.0, "laplacian_var": 400.0, "dark_frac": 0.1, "bright_frac": 0.0}, index=range(n))
+    q = pd.DataFrame(
+        {"mean": 100.0, "std": 50.0, "laplacian_var": 400.0, "dark_frac": 0.1, "bright_frac": 0.0}, index=range(n)
+    )
     for i in dark:
         q.loc[i, ["mean", "dark_frac"]] = [3.0, 1.0]
     for i in blurred:
@@ -133,7 +135,7 @@ def test_meddel_marks_twins_redundant_and_drops_outliers_at_exact_ratio():
     for ratio in (0.5, 0.2):
         d = run_meddel(emb, keys, quality, select_cfg(ratio=ratio), 0, 1)
         assert d.kept.sum() == M.target_count(ratio, n)
-        reason = dict(zip(keys, d.reason))
+        reason = dict(zip(keys, d.reason, strict=False))
         for a, b in pairs:
             assert reason[a] == f"redundant_of:{b}" or reason[b] == f"redundant_of:{a}", (a, b, reason[a], reason[b])
         for o in outs:

@@ -113,10 +113,10 @@ def test_compose_quadrants_equal_resized_crops():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 48), (41, 48), (30, 30), (48, 33)]]
     boxes = [(0, 0, 20, 20), (10, 5, 48, 40), (3, 7, 9, 30), (0, 0, 33, 48)]
-    mosaic = compose_mosaic(list(zip(images, boxes)), width=47, height=41)  # odd sides on purpose
+    mosaic = compose_mosaic(list(zip(images, boxes, strict=False)), width=47, height=41)  # odd sides on purpose
     assert mosaic.shape == (41, 47, 3) and mosaic.dtype == np.uint8
     sizes = [(23, 20), (24, 20), (23, 21), (24, 21)]
-    for i, (image, box) in enumerate(zip(images, boxes)):
+    for i, (image, box) in enumerate(zip(images, boxes, strict=False)):
         assert quadrant(mosaic, i).shape[:2] == sizes[i][::-1]
         assert np.array_equal(quadrant(mosaic, i), crop_patch(image, box, sizes[i]))
     # A crop of the whole image resized to its own size is the image itself.
@@ -124,7 +124,7 @@ def test_compose_quadrants_equal_resized_crops():
     with pytest.raises(ValueError):
         crop_patch(images[0], (5, 5, 5, 9), 16)
     with pytest.raises(ValueError):
-        compose_mosaic(list(zip(images, boxes))[:3], 40, 40)
+        compose_mosaic(list(zip(images, boxes, strict=False))[:3], 40, 40)
 
 
 def test_config_checks_name_the_key():
@@ -149,10 +149,19 @@ def build_inputs(root: Path, n: int = 16) -> dict[str, str]:
 
     shards = make_shards(root, n=n, size=48, samples_per_shard=6)
     emb = root / "emb"
-    embed.main(load_config(embed.EmbedConfig, str(REPO / "configs/embed/tiny.yaml"), [f"data.shards={shards}", f"out={emb}"]))
+    embed.main(
+        load_config(embed.EmbedConfig, str(REPO / "configs/embed/tiny.yaml"), [f"data.shards={shards}", f"out={emb}"])
+    )
     torch.manual_seed(0)
-    enc = EncoderConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
-                        allow_random_init=True)
+    enc = EncoderConfig(
+        name="vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        allow_random_init=True,
+    )
     mae = MAE(enc, MAEConfig(decoder_depth=1, decoder_dim=32, decoder_heads=2)).eval()
     scorer = root / "pretrain"
     scorer.mkdir()
@@ -164,7 +173,13 @@ def run_select(inputs: dict[str, str], out: Path, *extra: str) -> Path:
     from dataeff.config import load_config
     from dataeff.select import stage
 
-    overrides = [f"embeddings={inputs['embeddings']}", f"scorer={inputs['scorer']}", f"out={out}", f"ratio={RATIO}", *extra]
+    overrides = [
+        f"embeddings={inputs['embeddings']}",
+        f"scorer={inputs['scorer']}",
+        f"out={out}",
+        f"ratio={RATIO}",
+        *extra,
+    ]
     stage.main(load_config(stage.SelectConfig, str(REPO / "configs/select/optidel_tiny.yaml"), overrides))
     return out
 
@@ -192,7 +207,13 @@ def test_tiny_sam_end_to_end_writes_a_streamable_selection(tiny_run):
     assert summary["mosaics"] == round(RATIO * n) == int(table["generated"].sum())
     assert summary["kept"] == round(RATIO * n)
     assert summary["sam_model"].startswith("tiny")
-    for key in ("mean_hardness_selected", "mean_hardness_all", "cluster_coverage", "clusters_represented", "clusters_total"):
+    for key in (
+        "mean_hardness_selected",
+        "mean_hardness_all",
+        "cluster_coverage",
+        "clusters_represented",
+        "clusters_total",
+    ):
         assert key in summary
     assert summary["mean_hardness_selected"] >= summary["mean_hardness_all"] - 1e-6
     assert set(table.loc[~table["generated"], "reason"]) <= {"not_selected", "sam_no_mask", "sam_masks_filtered"}
@@ -231,13 +252,20 @@ def test_tiny_sam_end_to_end_writes_a_streamable_selection(tiny_run):
     from dataeff.config import DataConfig
     from dataeff.data.datamodules import PretrainDataModule
 
-    dm = PretrainDataModule(DataConfig(shards=inputs["shards"], selection=str(out), image_size=32, batch_size=2,
-                                       num_workers=0, shuffle_buffer=0))
+    dm = PretrainDataModule(
+        DataConfig(
+            shards=inputs["shards"], selection=str(out), image_size=32, batch_size=2, num_workers=0, shuffle_buffer=0
+        )
+    )
     dm.setup("fit")
     streamed = [k for batch in dm.train_dataloader() for k in batch["key"]]
     assert sorted(streamed) == sorted(index["key"])
     # Gallery PNGs were written.
-    assert {p.name for p in (out / "gallery").glob("*.png")} >= {"sources_sam_boxes.png", "hardest_patches.png", "mosaics.png"}
+    assert {p.name for p in (out / "gallery").glob("*.png")} >= {
+        "sources_sam_boxes.png",
+        "hardest_patches.png",
+        "mosaics.png",
+    }
 
 
 def test_rerun_is_a_no_op_and_cached_shards_are_reused(tiny_run, tmp_path):
@@ -287,13 +315,17 @@ def test_planted_hard_patch_wins_through_the_real_mae_scorer(tmp_path):
     class Boxes:  # SAM stand-in: three smooth regions and one noisy one
         def generate(self, img):
             boxes = [(0, 0, 30, 30), (2, 34, 30, 62), (36, 20, 60, 44), (34, 2, 62, 18)]
-            return [{"bbox": [x0, y0, x1 - 1 - x0, y1 - 1 - y0], "area": 300, "predicted_iou": 0.9, "stability_score": 0.9}
-                    for x0, y0, x1, y1 in boxes]
+            return [
+                {"bbox": [x0, y0, x1 - 1 - x0, y1 - 1 - y0], "area": 300, "predicted_iou": 0.9, "stability_score": 0.9}
+                for x0, y0, x1, y1 in boxes
+            ]
 
     cfg = SamConfig(min_area_frac=0.0, max_area_frac=1.0, min_box_side=2)
     out = extract_and_score([("img", image)], Boxes(), cfg, side, score_fn, batch_size=2)
     noisy = int(np.flatnonzero((out["box"] == [36, 20, 60, 44]).all(axis=1))[0])
-    chosen, _ = select_hardest(out["score"], out["source"], np.zeros(4, np.int64), n=1, max_per_image=4, max_per_cluster=0)
+    chosen, _ = select_hardest(
+        out["score"], out["source"], np.zeros(4, np.int64), n=1, max_per_image=4, max_per_cluster=0
+    )
     assert chosen[0] == noisy and out["score"][noisy] > 2 * np.delete(out["score"], noisy).max()
     # Fixed mask seed: the same scores again, whatever the batch they are scored in.
     again = extract_and_score([("img", image)], Boxes(), cfg, side, score_fn, batch_size=3)
@@ -304,8 +336,14 @@ def test_include_originals_keeps_the_hardest_originals_within_the_budget(tiny_ru
     inputs, out = tiny_run
     fresh = tmp_path / "tiny"
     shutil.copytree(out / "sam", fresh / "sam")  # reuse the SAM + hardness results
-    run_select(inputs, fresh, "ratio=0.25", "optidel.include_originals=true", "optidel.originals_fraction=0.5",
-               "optidel.cluster_cap_factor=0")
+    run_select(
+        inputs,
+        fresh,
+        "ratio=0.25",
+        "optidel.include_originals=true",
+        "optidel.originals_fraction=0.5",
+        "optidel.cluster_cap_factor=0",
+    )
     summary = json.loads((fresh / "summary.json").read_text())
     table = pd.read_parquet(fresh / "selection.parquet")
     pool = table[~table["generated"]]

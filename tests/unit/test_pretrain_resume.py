@@ -43,8 +43,16 @@ def _offline(monkeypatch):
 
 
 def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
-    overrides = [f"data.shards={shards}", f"out={out}", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=3",
-                 "trainer.progress_bar=false", "data.batch_size=6", "panel_every_n_steps=4", *extra]
+    overrides = [
+        f"data.shards={shards}",
+        f"out={out}",
+        f"trainer.max_steps={STEPS}",
+        "trainer.checkpoint_every_n_steps=3",
+        "trainer.progress_bar=false",
+        "data.batch_size=6",
+        "panel_every_n_steps=4",
+        *extra,
+    ]
     return load_config(pretrain.PretrainConfig, TINY, overrides)
 
 
@@ -152,7 +160,9 @@ def test_hard_kill_resumes_from_periodic_checkpoint(shards, reference, tmp_path)
         """
     )
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 17, proc.stderr[-3000:]
     ckpt = find_resume_checkpoint(out)
     assert ckpt is not None and "step=00000003" in os.path.realpath(ckpt)
@@ -164,8 +174,11 @@ def test_hard_kill_resumes_from_periodic_checkpoint(shards, reference, tmp_path)
 def test_exported_encoder_loads_in_timm_with_same_features(reference):
     meta = json.loads((reference / "encoder.json").read_text())
     model = timm.create_model(
-        meta["model"], pretrained=True, num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(reference / "encoder.safetensors")), **meta["kwargs"],
+        meta["model"],
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(reference / "encoder.safetensors")),
+        **meta["kwargs"],
     ).eval()
     mae = MAE.load_for_scoring(reference / "mae.ckpt")
     images = torch.randn(3, 3, 32, 32)
@@ -188,8 +201,16 @@ def test_selection_recorded_in_summary_and_tags(shards, tmp_path):
     sel = tmp_path / "sel"
     sel.mkdir()
     kept = set(keys[:8])
-    pd.DataFrame({"key": keys, "kept": [k in kept for k in keys], "reason": "kept", "cluster": -1, "score": 0.0,
-                  "generated": False}).to_parquet(sel / "selection.parquet")
+    pd.DataFrame(
+        {
+            "key": keys,
+            "kept": [k in kept for k in keys],
+            "reason": "kept",
+            "cluster": -1,
+            "score": 0.0,
+            "generated": False,
+        }
+    ).to_parquet(sel / "selection.parquet")
     (sel / "summary.json").write_text(json.dumps({"method": "random", "ratio": 0.4, "kept": 8, "kept_fraction": 0.4}))
     out = tmp_path / "run"
     summary = pretrain.main(config(shards, out, f"data.selection={sel}", "trainer.max_steps=3", "data.batch_size=4"))
@@ -218,7 +239,12 @@ def test_layout_cpu_single_and_ddp():
 def test_layout_gpu_torchrun_and_slurm_multinode():
     torchrun = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
     lay = resolve_layout(TrainerConfig(), torchrun, cuda_devices=4)
-    assert (lay["strategy"], lay["precision"], lay["devices"], lay["num_nodes"]) == ("deepspeed_stage_2", "bf16-mixed", 4, 2)
+    assert (lay["strategy"], lay["precision"], lay["devices"], lay["num_nodes"]) == (
+        "deepspeed_stage_2",
+        "bf16-mixed",
+        4,
+        2,
+    )
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NODELIST": "gpu[01-02]"}
     assert resolve_layout(TrainerConfig(), slurm, cuda_devices=4)["num_nodes"] == 2
     single = resolve_layout(TrainerConfig(), {}, cuda_devices=2)

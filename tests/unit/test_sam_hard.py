@@ -55,7 +55,7 @@ def test_checkpoint_is_loaded(tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save(build_tiny_sam(3).state_dict(), path)
     loaded = build_sam(SamConfig(model="tiny", seed=0, checkpoint=str(path)), torch.device("cpu"))
-    for pa, pb in zip(loaded.parameters(), build_tiny_sam(3).parameters()):
+    for pa, pb in zip(loaded.parameters(), build_tiny_sam(3).parameters(), strict=False):
         assert torch.equal(pa, pb)
     # A pickled object that is not a plain state dict is refused (weights_only loading).
     torch.save({"model": object()}, path)
@@ -68,9 +68,9 @@ def test_tiny_sam_is_small_and_seeded():
     n_params = sum(p.numel() for p in a.parameters())
     assert 100_000 < n_params < 300_000
     assert a.image_encoder.img_size == 256
-    for (_, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (_, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=False):
         assert torch.equal(pa, pb)
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=False))
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
@@ -113,7 +113,9 @@ class _Fixed:
 def test_images_without_usable_masks_are_skipped_with_a_reason():
     cfg = SamConfig(min_area_frac=0.01, max_area_frac=0.8, min_box_side=2)
     images = [(f"k{i}", np.full((32, 32, 3), 10 * i, np.uint8)) for i in range(4)]
-    gen = _Fixed([[], [_mask((0, 0, 32, 32), 1024, 0.9, 0.9)], RuntimeError("bad"), [_mask((2, 2, 20, 12), 150, 0.9, 0.9)]])
+    gen = _Fixed(
+        [[], [_mask((0, 0, 32, 32), 1024, 0.9, 0.9)], RuntimeError("bad"), [_mask((2, 2, 20, 12), 150, 0.9, 0.9)]]
+    )
     out = extract_and_score(images, gen, cfg, 8, lambda x: x.reshape(len(x), -1).mean(1), batch_size=2)
     assert out["skipped_keys"].tolist() == ["k0", "k1", "k2"]
     assert out["skipped_reasons"].tolist() == ["sam_no_mask", "sam_masks_filtered", "sam_error:RuntimeError"]
@@ -131,14 +133,16 @@ def test_tiny_sam_extracts_scored_patches_deterministically():
     def score(x: np.ndarray) -> np.ndarray:
         return x.reshape(len(x), -1).astype(np.float32).std(axis=1)
 
-    runs = [extract_and_score(images, mask_generator(build_sam(cfg, torch.device("cpu")), cfg), cfg, 16, score, 4)
-            for _ in range(2)]
+    runs = [
+        extract_and_score(images, mask_generator(build_sam(cfg, torch.device("cpu")), cfg), cfg, 16, score, 4)
+        for _ in range(2)
+    ]
     a, b = runs
     assert len(a["source"]) >= 1 and len(a["source"]) + len(a["skipped_keys"]) >= 3
     for name in ("source", "index", "box", "area", "pred_iou", "stability", "score", "image_scores"):
         assert np.array_equal(a[name], b[name]), name
     images_by_key = dict(images)
-    for src, box, s in zip(a["source"], a["box"], a["score"]):
+    for src, box, s in zip(a["source"], a["box"], a["score"], strict=False):
         x0, y0, x1, y1 = box
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
         assert s == pytest.approx(score(crop_patch(images_by_key[src], box, 16)[None])[0])

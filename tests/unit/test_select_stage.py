@@ -16,11 +16,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def embed_cfg(shards, out, *extra):
-    return load_config(embed.EmbedConfig, str(REPO / "configs/embed/tiny.yaml"), [f"data.shards={shards}", f"out={out}", *extra])
+    return load_config(
+        embed.EmbedConfig, str(REPO / "configs/embed/tiny.yaml"), [f"data.shards={shards}", f"out={out}", *extra]
+    )
 
 
 def select_cfg(emb, out, *extra):
-    return load_config(stage.SelectConfig, str(REPO / "configs/select/tiny.yaml"), [f"embeddings={emb}", f"out={out}", *extra])
+    return load_config(
+        stage.SelectConfig, str(REPO / "configs/select/tiny.yaml"), [f"embeddings={emb}", f"out={out}", *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,9 @@ def test_embed_resumes_per_shard(tmp_path, pool, monkeypatch):
     monkeypatch.setattr(embed, "embed_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         embed.main(embed_cfg(shards, tmp_path / "emb"))
-    assert len(list((tmp_path / "emb" / "parts").glob("*.npz"))) == 1 and not (tmp_path / "emb" / "header.json").exists()
+    assert (
+        len(list((tmp_path / "emb" / "parts").glob("*.npz"))) == 1 and not (tmp_path / "emb" / "header.json").exists()
+    )
     calls.clear()
     monkeypatch.setattr(embed, "embed_batch", real)
     counted = []
@@ -132,14 +138,31 @@ def test_bad_select_input_fails_before_work(tmp_path, pool, monkeypatch):
 def test_audit_scores_planted_defects():
     from dataeff.select.audit import audit_selection
 
-    index = pd.DataFrame({"key": ["a", "b", "c", "d", "e", "f"], "source": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"],
-                          "status": ["ok"] * 5 + ["rejected"]})
-    truth = pd.DataFrame({"source": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"],
-                          "planted": ["none", "near_duplicate", "invalid", "invalid", "none", "invalid"],
-                          "kind": ["original", "shift", "black", "blur", "original", "truncated"],
-                          "twin": ["", "a.jpg", "", "", "", ""]})
-    frame = pd.DataFrame({"key": list("abcde"), "kept": [True, False, False, True, False],
-                          "reason": ["kept", "redundant_of:a", "dark", "kept", "outlier"], "cluster": 0, "score": 0.0, "generated": False})
+    index = pd.DataFrame(
+        {
+            "key": ["a", "b", "c", "d", "e", "f"],
+            "source": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"],
+            "status": ["ok"] * 5 + ["rejected"],
+        }
+    )
+    truth = pd.DataFrame(
+        {
+            "source": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"],
+            "planted": ["none", "near_duplicate", "invalid", "invalid", "none", "invalid"],
+            "kind": ["original", "shift", "black", "blur", "original", "truncated"],
+            "twin": ["", "a.jpg", "", "", "", ""],
+        }
+    )
+    frame = pd.DataFrame(
+        {
+            "key": list("abcde"),
+            "kept": [True, False, False, True, False],
+            "reason": ["kept", "redundant_of:a", "dark", "kept", "outlier"],
+            "cluster": 0,
+            "score": 0.0,
+            "generated": False,
+        }
+    )
     a = audit_selection(frame, index, truth)
     assert a["caught_at_shard_time"] == {"truncated": 1}
     assert a["per_reason"]["redundant"]["precision"] == 1.0 and a["per_reason"]["dark"]["precision"] == 1.0
@@ -147,8 +170,20 @@ def test_audit_scores_planted_defects():
     assert a["per_category"]["invalid"]["recall"] == 0.5 and a["per_category"]["near_duplicate"]["recall"] == 1.0
     assert a["precision"] == pytest.approx(2 / 3, abs=1e-4) and a["recall"] == pytest.approx(2 / 3, abs=1e-4)
     # Kept: a (original) and d (planted blur): 1 invalid of 2, no excess copy (b was dropped).
-    assert a["kept"] == {"samples": 2, "invalid": 1, "invalid_share": 0.5, "excess_duplicates": 0, "excess_duplicate_share": 0.0}
+    assert a["kept"] == {
+        "samples": 2,
+        "invalid": 1,
+        "invalid_share": 0.5,
+        "excess_duplicates": 0,
+        "excess_duplicate_share": 0.0,
+    }
     # The pool that reached selection (a-e): c and d invalid; a and its copy b are one group, one excess.
-    assert a["pool"] == {"samples": 5, "invalid": 2, "invalid_share": 0.4, "excess_duplicates": 1, "excess_duplicate_share": 0.2}
+    assert a["pool"] == {
+        "samples": 5,
+        "invalid": 2,
+        "invalid_share": 0.4,
+        "excess_duplicates": 1,
+        "excess_duplicate_share": 0.2,
+    }
     random_like = frame.assign(kept=[True, True, False, False, False], reason=["kept", "kept"] + ["not_selected"] * 3)
     assert audit_selection(random_like, index, truth)["kept"]["excess_duplicate_share"] == 0.5

@@ -164,9 +164,9 @@ def test_every_bad_input_gets_its_reason_and_the_job_finishes(tmp_path, monkeypa
 
     index = pd.read_parquet(tmp_path / "out" / "index.parquet")
     assert index["source"].tolist() == sorted(expected), "one row per input file, sorted by source"
-    got = dict(zip(index["source"], index["reason"]))
+    got = dict(zip(index["source"], index["reason"], strict=False))
     assert got == expected
-    status = dict(zip(index["source"], index["status"]))
+    status = dict(zip(index["source"], index["status"], strict=False))
     assert status["a/zz_dup_of_good0.jpg"] == "duplicate"
     assert status["c/cmyk.jpg"] == "ok" and status["b/cut.jpg"] == "rejected"
 
@@ -181,7 +181,7 @@ def test_every_bad_input_gets_its_reason_and_the_job_finishes(tmp_path, monkeypa
         meta = json.loads(parts["json"])
         assert meta["key"] == key and (meta["width"], meta["height"]) == img.size
         assert set(meta["quality"]) == {"mean", "std", "laplacian_var", "dark_frac", "bright_frac"}
-    by_source = {s: samples[k] for s, k in zip(ok["source"], ok["key"])}
+    by_source = {s: samples[k] for s, k in zip(ok["source"], ok["key"], strict=False)}
     assert by_source["a/good0.jpg"]["jpg"] == (tmp_path / "raw/a/good0.jpg").read_bytes(), "RGB JPEG kept as is"
     assert "png" in by_source["c/frame.bmp"] and "jpg" in by_source["c/cmyk.jpg"]
     assert json.loads(by_source["c/cmyk.jpg"]["json"])["mode"] == "CMYK"
@@ -285,8 +285,11 @@ def test_same_bytes_whatever_the_worker_count(tmp_path):
         m = tar.getmembers()[0]
         assert (m.mtime, m.uid, m.gid, m.uname, m.mode) == (0, 0, 0, "", 0o444)
     # keys in the tars appear in index order
-    keys = [k for t in sorted((tmp_path / "w1" / "set").glob("*.tar")) for k in dict.fromkeys(
-        n.split(".")[0] for n in tarfile.open(t).getnames())]
+    keys = [
+        k
+        for t in sorted((tmp_path / "w1" / "set").glob("*.tar"))
+        for k in dict.fromkeys(n.split(".")[0] for n in tarfile.open(t).getnames())
+    ]
     assert keys == a[a["status"] == "ok"]["key"].tolist()
 
 

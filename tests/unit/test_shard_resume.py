@@ -57,7 +57,9 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path, caplog):
     deadline = time.monotonic() + 240
     try:
         while not journal.exists():
-            assert proc.poll() is None, "shard finished or died before it could be killed: " + proc.stderr.read().decode()
+            assert proc.poll() is None, (
+                "shard finished or died before it could be killed: " + proc.stderr.read().decode()
+            )
             assert time.monotonic() < deadline, "no shard appeared in time"
             time.sleep(0.005)
     finally:

@@ -48,8 +48,16 @@ def write_shards(out: Path, sizes: list[int], name: str = "set", offset: int = 0
 
 def write_selection(sel: Path, keys: list[str], kept: set[str]) -> Path:
     sel.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame({"key": keys, "kept": [k in kept for k in keys], "reason": "kept", "cluster": -1,
-                          "score": 0.0, "generated": False})
+    table = pd.DataFrame(
+        {
+            "key": keys,
+            "kept": [k in kept for k in keys],
+            "reason": "kept",
+            "cluster": -1,
+            "score": 0.0,
+            "generated": False,
+        }
+    )
     table.to_parquet(sel / "selection.parquet")
     return sel
 
@@ -113,8 +121,13 @@ def test_iter_shard_never_unpickles(tmp_path):
     payload = pickle.dumps(_Boom(str(marker)))
     jpg = small_jpeg(kvasir_images(1)[0], 32)
     with tarfile.open(tmp_path / "evil.tar", "w") as tar:
-        for name, data in (("a.jpg", jpg), ("a.pyd", payload), ("a.pickle", payload), ("a.pth", payload),
-                           ("b.pyd", payload)):
+        for name, data in (
+            ("a.jpg", jpg),
+            ("a.pyd", payload),
+            ("a.pickle", payload),
+            ("a.pth", payload),
+            ("b.pyd", payload),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -133,7 +146,9 @@ def test_index_out_of_step_with_its_shard_fails_clearly(tmp_path, shards):
     first = index.index[index["status"] == "ok"][0]
     index.loc[first, "offset"] += 512  # the JSON member or the next sample, not this image
     index.to_parquet(bad / "index.parquet")
-    dm = PretrainDataModule(DataConfig(shards=str(bad), image_size=32, batch_size=4, num_workers=0), seed=0, rank=0, world_size=1)
+    dm = PretrainDataModule(
+        DataConfig(shards=str(bad), image_size=32, batch_size=4, num_workers=0), seed=0, rank=0, world_size=1
+    )
     with pytest.raises(ValueError, match=f"no image of sample {index.loc[first, 'key']} at byte .*disagree"):
         epoch_batches(dm)
     index.drop(columns=["offset"]).to_parquet(bad / "index.parquet")
@@ -158,7 +173,7 @@ def test_plan_epoch_covers_every_sample_once_with_equal_counts(world):
     for rank in range(world):
         shard, local = stream.plan_epoch(counts, seed=3, epoch=1, rank=rank, world_size=world)
         assert len(shard) == per_rank
-        pairs = list(zip(shard.tolist(), local.tolist()))
+        pairs = list(zip(shard.tolist(), local.tolist(), strict=False))
         own = list(dict.fromkeys(pairs))
         assert len(pairs) - len(own) <= 1 and set(pairs) == set(own)  # padding repeats its own samples
         unique += own
@@ -168,7 +183,7 @@ def test_plan_epoch_covers_every_sample_once_with_equal_counts(world):
 def test_plan_epoch_seeded_by_epoch():
     counts = [4] * 12
     a = stream.plan_epoch(counts, seed=0, epoch=0, rank=0, world_size=1)
-    assert all(np.array_equal(x, y) for x, y in zip(a, stream.plan_epoch(counts, 0, 0, 0, 1)))
+    assert all(np.array_equal(x, y) for x, y in zip(a, stream.plan_epoch(counts, 0, 0, 0, 1), strict=False))
     assert not np.array_equal(a[0], stream.plan_epoch(counts, 0, 1, 0, 1)[0])
     with pytest.raises(ValueError, match="ranks"):
         stream.plan_epoch([1], 0, 0, 0, 2)
@@ -197,7 +212,7 @@ def test_epoch_streams_every_sample_once_and_is_seeded(tmp_path):
     assert e0[0]["image"].shape == (4, 3, 16, 16)
     again = epoch_batches(PretrainDataModule(_cfg(uneven), seed=1))
     assert keys_of(again) == keys_of(e0)
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, e0))  # augmentation too
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, e0, strict=False))  # augmentation too
 
 
 def test_batches_do_not_depend_on_worker_count(tmp_path):
@@ -205,7 +220,7 @@ def test_batches_do_not_depend_on_worker_count(tmp_path):
     runs = [epoch_batches(PretrainDataModule(_cfg(uneven, batch_size=3, num_workers=w), seed=2)) for w in (0, 2, 3)]
     for other in runs[1:]:
         assert [b["key"] for b in other] == [b["key"] for b in runs[0]]
-        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(other, runs[0]))
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(other, runs[0], strict=False))
 
 
 def test_resume_mid_epoch_skips_exactly_the_consumed_batches(tmp_path):
@@ -220,7 +235,7 @@ def test_resume_mid_epoch_skips_exactly_the_consumed_batches(tmp_path):
         resumed.load_state_dict({"epoch": 1, "batches_consumed": k})
         rest = epoch_batches(resumed)
         assert [b["key"] for b in rest] == [b["key"] for b in full[k:]]
-        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[k:]))
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[k:], strict=False))
     it = iter(loader)
     next(it), next(it)
     assert dm.state_dict() == {"epoch": 2, "batches_consumed": 2}

@@ -1,0 +1,59 @@
+"""Facts that several modules share: file names, format ids, reason codes, normalisation.
+
+Each value is defined here once and imported everywhere else, so a renamed file or a
+bumped format id cannot drift between the writer and its readers.
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------- format ids
+# Bump the number when a reader of the old layout would misread the new one.
+SHARDS_FORMAT = "dataeff-shards/2"
+EMBEDDINGS_FORMAT = "dataeff-embeddings/1"
+SELECTION_FORMAT = "dataeff-selection/1"
+SPLIT_FORMAT = "dataeff-split/1"
+TRUTH_FORMAT = "dataeff-truth/1"
+DEMO_FORMAT = "dataeff-demo/1"
+ENCODER_FORMAT = "dataeff-encoder/1"
+MAE_FORMAT = "dataeff-mae/1"
+PRETRAIN_FORMAT = "dataeff-pretrain/1"
+FINETUNE_FORMAT = "dataeff-finetune/1"
+CELL_FORMAT = "dataeff-cell/1"
+SWEEP_FORMAT = "dataeff-sweep/1"
+REPORT_FORMAT = "dataeff-report/1"
+
+# --------------------------------------------------------------------------- file names
+CONFIG_NAME = "config.yaml"
+SUMMARY_NAME = "summary.json"
+INDEX_NAME = "index.parquet"
+SELECTION_NAME = "selection.parquet"
+EMBEDDINGS_HEADER = "header.json"
+SPLIT_NAME = "split.json"
+TRUTH_NAME = "pool_truth.csv"
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_META = "encoder.json"
+MAE_CKPT = "mae.ckpt"
+CHECKPOINT_DIR = "checkpoints"
+RESULTS_NAME = "results.json"
+BEST_WEIGHTS = "model.safetensors"
+CELL_NAME = "cell.json"
+
+# --------------------------------------------------------------------------- quality
+#: Per-image statistics computed at shard time and stored as index columns.
+QUALITY_KEYS = ("mean", "std", "laplacian_var", "dark_frac", "bright_frac")
+#: Invalid-frame reasons judged from those statistics, most specific first.
+QUALITY_REASONS = ("dark", "overexposed", "blank", "blurred")
+#: Invalid-sample reasons judged from the embeddings.
+EMBEDDING_REASONS = ("outlier", "small_cluster")
+#: Shard-time rejection reasons in ``index.parquet``.
+REJECT_REASONS = ("truncated", "not_an_image", "too_small", "decompression_bomb")
+#: Index reason of a byte-identical copy of an earlier file (status ``duplicate``).
+DUPLICATE_PREFIX = "exact_duplicate_of:"
+KEPT = "kept"
+NOT_SELECTED = "not_selected"
+REDUNDANT_PREFIX = "redundant_of:"
+
+# --------------------------------------------------------------------------- normalisation
+#: ImageNet channel statistics: timm ViTs and every dataeff encoder are trained with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
