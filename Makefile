@@ -10,7 +10,7 @@ SRC ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: venv test test-gpu demo shard bench lint clean
+.PHONY: venv test test-fast test-gpu demo shard bench lint clean
 
 venv: $(STAMP)
 
@@ -24,8 +24,20 @@ $(STAMP): setup.cfg pyproject.toml
 	  echo "warning: shellcheck not installed (needs root + apt); its lint test will be skipped"; }
 	touch $@
 
+# Every tier: unit, integration, distributed, e2e (gpu tests skip with a reason on CPU).
+# pytest's exit code 5 (no tests ran) passes through as a failure.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Unit tier only: pure functions and tiny modules, under a minute on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+# ruff lint + format check and mypy over dataeff/ (rules: pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu

@@ -25,7 +25,8 @@ from PIL import Image
 from dataeff.config import EncoderConfig
 from dataeff.models.encoder import pooled_features
 from dataeff.models.mae import MAE, MAEConfig
-from dataeff.select.sam_hard import SamConfig, build_sam, extract_and_score, mask_generator, mosaic_sample
+from dataeff.select.mosaic_shards import mosaic_sample
+from dataeff.select.sam_hard import SamConfig, build_sam, extract_and_score, mask_generator
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataeff.config import load_config  # noqa: E402
 from dataeff.select import cluster as C  # noqa: E402
 from dataeff.select import manifest  # noqa: E402
-from dataeff.select.stage import SelectConfig, run_meddel  # noqa: E402
+from dataeff.select.config import SelectConfig  # noqa: E402
+from dataeff.select.meddel_run import run_meddel  # noqa: E402
 
 
 def peak_rss_gib() -> float:

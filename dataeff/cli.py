@@ -7,74 +7,99 @@ names to them, builds ``--help`` from the dataclass fields, and tears down.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from dataeff import dist
 from dataeff.config import ConfigError, describe_keys, load_config
 
+#: A stage's ``(main, config class)``. Each loader imports its stage module when called, so
+#: ``dataeff --help`` starts without torch; the imports are plain ``from ... import`` lines.
+Loader = Callable[[], tuple[Callable[[Any], Any], type]]
+
+
+def _demo_data() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.data.demo import DemoDataConfig, main
+
+    return main, DemoDataConfig
+
+
+def _shard() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.data.shard import ShardConfig, main
+
+    return main, ShardConfig
+
+
+def _embed() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.select.embed import EmbedConfig, main
+
+    return main, EmbedConfig
+
+
+def _select() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.select.stage import SelectConfig, main
+
+    return main, SelectConfig
+
+
+def _pretrain() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.pretrain import PretrainConfig, main
+
+    return main, PretrainConfig
+
+
+def _finetune() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.finetune import FinetuneConfig, main
+
+    return main, FinetuneConfig
+
+
+def _sweep() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.sweep import SweepConfig, main
+
+    return main, SweepConfig
+
+
+def _overlap() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.overlap import OverlapConfig, main
+
+    return main, OverlapConfig
+
+
+def _report() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.report import ReportConfig, main
+
+    return main, ReportConfig
+
 
 @dataclass(frozen=True)
 class Stage:
-    module: str
-    config: str
+    load: Loader
     summary: str
     positional: str | None = None  # config key a bare argument sets (``dataeff report runs/x``)
 
 
 STAGES: dict[str, Stage] = {
     "demo-data": Stage(
-        "dataeff.data.demo",
-        "DemoDataConfig",
-        "build the demo downstream split and messy pre-training pool from the vendored Kvasir-SEG",
+        _demo_data, "build the demo downstream split and messy pre-training pool from the vendored Kvasir-SEG"
     ),
-    "shard": Stage(
-        "dataeff.data.shard", "ShardConfig", "convert a tree of raw images into WebDataset shards + index.parquet"
+    "shard": Stage(_shard, "convert a tree of raw images into WebDataset shards + index.parquet"),
+    "embed": Stage(_embed, "embed every sample of a shard set with a ViT encoder, on every rank"),
+    "select": Stage(_select, "select a subset (full, random, semdedup, meddel, optidel) and write a manifest"),
+    "pretrain": Stage(_pretrain, "pre-train a masked autoencoder on a timm ViT over selected shards"),
+    "finetune": Stage(_finetune, "fine-tune a segmentation head on a pre-trained encoder; report mIoU/Dice"),
+    "sweep": Stage(_sweep, "run select -> pretrain -> finetune for every (method, ratio) cell, then report"),
+    "overlap": Stage(
+        _overlap, "find pool samples that copy downstream images (exact, pHash, embedding): the leakage guard"
     ),
-    "embed": Stage(
-        "dataeff.select.embed", "EmbedConfig", "embed every sample of a shard set with a ViT encoder, on every rank"
-    ),
-    "select": Stage(
-        "dataeff.select.stage",
-        "SelectConfig",
-        "select a subset (full, random, semdedup, meddel, optidel) and write a manifest",
-    ),
-    "pretrain": Stage(
-        "dataeff.pretrain", "PretrainConfig", "pre-train a masked autoencoder on a timm ViT over selected shards"
-    ),
-    "finetune": Stage(
-        "dataeff.finetune", "FinetuneConfig", "fine-tune a segmentation head on a pre-trained encoder; report mIoU/Dice"
-    ),
-    "sweep": Stage(
-        "dataeff.sweep", "SweepConfig", "run select -> pretrain -> finetune for every (method, ratio) cell, then report"
-    ),
-    "report": Stage(
-        "dataeff.report", "ReportConfig", "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, plots", "run"
-    ),
+    "report": Stage(_report, "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, plots", "run"),
 }
 
 
-class StageNotBuilt(RuntimeError):
-    pass
-
-
-def _load_stage(name: str):
-    stage = STAGES[name]
-    try:
-        module = importlib.import_module(stage.module)
-    except ModuleNotFoundError as exc:
-        if exc.name == stage.module:
-            raise StageNotBuilt(f"stage '{name}' is not built yet in this version of dataeff") from None
-        raise
-    return module, getattr(module, stage.config)
-
-
 def _stage_help(name: str) -> str:
-    try:
-        _, schema = _load_stage(name)
-    except StageNotBuilt as exc:
-        return f"{exc}\n"
+    _, schema = STAGES[name].load()
     rows = describe_keys(schema)
     width = max(len(k) for k, _, _ in rows)
     lines = ["config keys (set in --config YAML or as key=value):"]
@@ -116,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(with_stage_help=wanted).parse_args(argv)
     log = dist.setup_logging()
     try:
-        module, schema = _load_stage(args.stage)
-        cfg = load_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
-        module.main(cfg)
-    except (ConfigError, StageNotBuilt) as exc:
+        run, schema = STAGES[args.stage].load()
+        cfg: Any = load_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
+        run(cfg)
+    except ConfigError as exc:
         print(f"dataeff {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     except dist.DistributedError as exc:

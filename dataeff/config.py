@@ -17,8 +17,6 @@ from typing import Any, ClassVar, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dataeff.files import write_atomic
-
 T = TypeVar("T")
 
 
@@ -87,14 +85,9 @@ class EncoderConfig:
     depth: int | None = option(None, help="transformer blocks (None = the model's)")
     embed_dim: int | None = option(None, help="token width (None = the model's)")
     num_heads: int | None = option(None, help="attention heads (None = the model's)")
-    pool: str = option("cls", help="embedding pooling: 'cls' token or 'mean' of patch tokens")
     allow_random_init: bool = option(
         False, help="permit a randomly initialised encoder when no weights are given (tests only)"
     )
-
-    def __post_init__(self) -> None:
-        if self.pool not in ("cls", "mean"):
-            raise ConfigError(f"encoder.pool={self.pool!r}: choose 'cls' or 'mean'")
 
 
 @dataclass
@@ -147,7 +140,7 @@ def _apply_shorthands(schema: type, dotlist: list[str]) -> list[str]:
     for item in dotlist:
         key, sep, value = item.partition("=")
         f = hints.get(key)
-        if sep and f is not None and isinstance(f.default_factory, type):  # type: ignore[arg-type]
+        if sep and f is not None and isinstance(f.default_factory, type):
             shorthand = getattr(f.default_factory, "SHORTHAND", None)
             if shorthand:
                 item = f"{key}.{shorthand}={value}"
@@ -214,26 +207,18 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def save_resolved(cfg: Any, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
-    """Write the resolved config beside a stage's output (atomically) and return its path."""
-    path = Path(out_dir) / name
-    text = to_yaml(cfg)
-    write_atomic(path, lambda tmp: tmp.write_text(text))
-    return path
-
-
 def describe_keys(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every leaf key of ``schema``, for ``--help``."""
     rows = []
     for f in dataclasses.fields(schema):
         key = prefix + f.name
-        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
-            rows += describe_keys(f.default_factory, key + ".")  # type: ignore[arg-type]
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            rows += describe_keys(f.default_factory, key + ".")
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[comparison-overlap]
-            default = f.default_factory()  # type: ignore[misc]
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
             default = "(required)"
         rows.append((key, repr(default), f.metadata.get("help", "")))

@@ -21,6 +21,7 @@ FINETUNE_FORMAT = "dataeff-finetune/1"
 CELL_FORMAT = "dataeff-cell/1"
 SWEEP_FORMAT = "dataeff-sweep/1"
 REPORT_FORMAT = "dataeff-report/1"
+OVERLAP_FORMAT = "dataeff-overlap/1"
 
 # --------------------------------------------------------------------------- file names
 CONFIG_NAME = "config.yaml"
@@ -50,6 +51,8 @@ REJECT_REASONS = ("truncated", "not_an_image", "too_small", "decompression_bomb"
 #: Index reason of a byte-identical copy of an earlier file (status ``duplicate``).
 DUPLICATE_PREFIX = "exact_duplicate_of:"
 KEPT = "kept"
+#: A pool sample that is a copy or near-copy of a downstream image (removed for every method).
+DOWNSTREAM_OVERLAP = "downstream_overlap"
 NOT_SELECTED = "not_selected"
 REDUNDANT_PREFIX = "redundant_of:"
 
@@ -57,3 +60,7 @@ REDUNDANT_PREFIX = "redundant_of:"
 #: ImageNet channel statistics: timm ViTs and every dataeff encoder are trained with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# --------------------------------------------------------------------------- selection directory
+#: Sub-directory of a selection holding its generated samples (OptiDEL mosaics) as a shard set.
+GENERATED_DIR = "generated"

@@ -215,8 +215,8 @@ def broadcast_array(array: np.ndarray | None, src: int = 0) -> np.ndarray:
     if not is_initialized():
         assert array is not None
         return array
-    meta = broadcast_object(None if array is None else (array.shape, array.dtype.str), src=src)
-    shape, dt = meta
+    meta: tuple[tuple[int, ...], str] | None = None if array is None else (array.shape, array.dtype.str)
+    shape, dt = broadcast_object(meta, src=src)  # type: ignore[misc]  # rank src sends a tuple
     n = int(np.prod(shape)) * np.dtype(dt).itemsize
     buf = torch.zeros(max(n, 1), dtype=torch.uint8)
     if rank() == src:

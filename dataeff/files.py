@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from dataeff.config import to_yaml
+from dataeff.constants import CONFIG_NAME
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -44,6 +48,23 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], keep_suf
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_resolved(cfg: Any, out_dir: str | os.PathLike, name: str = CONFIG_NAME) -> Path:
+    """Write the resolved config beside a stage's output (atomically) and return its path."""
+    path = Path(out_dir) / name
+    text = to_yaml(cfg)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+    return path
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:

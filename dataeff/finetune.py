@@ -1,9 +1,10 @@
 """``dataeff finetune``: fine-tune a segmentation model on a pre-trained ViT encoder, report mIoU.
 
-Shell only: the model, loss and schedule live in :mod:`dataeff.models.segment`, the
-scores in :mod:`dataeff.metrics`, the Trainer (strategy, loggers, checkpoints) in
-:mod:`dataeff.trainer`, the pairs and split in
-:class:`dataeff.data.datamodules.SegmentationDataModule`.
+Shell only: the model and loss live in :mod:`dataeff.models.segment`, the Lightning
+module (validation across ranks, best weights) in :mod:`dataeff.finetune_module`, the
+optimiser and schedule in :mod:`dataeff.optim`, the scores in :mod:`dataeff.metrics`, the
+Trainer (strategy, loggers, checkpoints) in :mod:`dataeff.trainer`, the pairs and split
+in :class:`dataeff.data.datamodules.SegmentationDataModule`.
 
 Flow: train on the train split; validate on the val split and keep the weights of the
 best val mIoU; evaluate those on the test split — each rank scores a disjoint share
@@ -36,24 +37,27 @@ from dataeff.config import (
     TrainerConfig,
     WandbConfig,
     option,
-    save_resolved,
     section,
     to_dict,
 )
+from dataeff.constants import (
+    BEST_WEIGHTS,
+    CHECKPOINT_DIR,
+    FINETUNE_FORMAT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RESULTS_NAME,
+)
 from dataeff.data import downstream
 from dataeff.data.datamodules import SegmentationDataConfig, SegmentationDataModule
-from dataeff.data.stream import IMAGENET_MEAN, IMAGENET_STD
-from dataeff.files import write_json_atomic
+from dataeff.files import save_resolved, write_atomic, write_json_atomic
+from dataeff.finetune_module import SegmentationModule
 from dataeff.metrics import confusion_matrix, json_safe, segmentation_scores
 from dataeff.models.encoder import build_encoder, resolve
-from dataeff.models.segment import SegmentationModel, SegmentationModule, predict_batches
-from dataeff.trainer import CHECKPOINT_DIR, build_trainer, find_resume_checkpoint
+from dataeff.models.segment import SegmentationModel, predict_batches
+from dataeff.trainer import build_trainer, find_resume_checkpoint
 
 log = logging.getLogger("dataeff")
-
-RESULTS = "results.json"
-RESULTS_FORMAT = "dataeff-finetune/1"
-BEST_WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -230,10 +234,11 @@ def render_predictions(model: torch.nn.Module, pairs: list, cfg: SegmentationDat
         if gt.any():  # ground-truth outline on the prediction, for a side-by-side check
             axes[row][2].contour(gt > 0, levels=[0.5], colors="white", linewidths=1.0)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        # keep_suffix: matplotlib picks the PNG format from the temp file's name.
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80), keep_suffix=True)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -251,9 +256,9 @@ def _load_best(module: SegmentationModule, out: Path) -> str:
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume, or skip) one fine-tuning; returns the results dict on every rank."""
     out = Path(cfg.out)
-    if (out / RESULTS).is_file():
-        log.info("finetune: %s exists, skipping", out / RESULTS)
-        return json.loads((out / RESULTS).read_text())
+    if (out / RESULTS_NAME).is_file():
+        log.info("finetune: %s exists, skipping", out / RESULTS_NAME)
+        return json.loads((out / RESULTS_NAME).read_text())
     resolve(cfg.encoder)  # fail on missing weights before any work
     dist.init()  # no-op for one process; under torchrun/srun Lightning joins this group
     if dist.is_main():
@@ -302,7 +307,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     if dist.is_main():
         scores = segmentation_scores(cm)
         results = {
-            "format": RESULTS_FORMAT,
+            "format": FINETUNE_FORMAT,
             **scores,
             "class_names": class_names(cfg),
             "n_test": len(data.pairs["test"]),
@@ -320,16 +325,14 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             "strategy": info["strategy"],
             "world_size": info["world_size"],
         }
-        save_file(
-            {k: v.contiguous() for k, v in model.cpu().state_dict().items()}, os.fspath(out / (BEST_WEIGHTS + ".tmp"))
-        )
-        os.replace(out / (BEST_WEIGHTS + ".tmp"), out / BEST_WEIGHTS)
+        final = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
+        write_atomic(out / BEST_WEIGHTS, lambda tmp: save_file(final, os.fspath(tmp)))
         if cfg.n_predictions:
             render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")
         for logger in trainer.loggers:
             logger.log_metrics({f"test/{k}": results[k] for k in ("miou", "dice", "fg_iou")}, step=trainer.global_step)
         # results.json last: its presence marks the run complete.
-        write_json_atomic(out / RESULTS, json_safe(results), indent=2)
+        write_json_atomic(out / RESULTS_NAME, json_safe(results), indent=2)
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         log.info(
@@ -342,4 +345,6 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     trainer.strategy.barrier("finetune-results")  # a strategy barrier works on NCCL and gloo alike
     for logger in trainer.loggers:
         logger.finalize("success")
-    return dist.broadcast_object(results)
+    shared = dist.broadcast_object(results)
+    assert shared is not None  # rank 0 always fills it
+    return shared

@@ -1,8 +1,10 @@
 """``dataeff pretrain``: MAE pre-training of a timm ViT on the selected samples of a shard set.
 
-Shell only: the objective lives in :mod:`dataeff.models.mae`, the Trainer (strategy,
-loggers, checkpoints, SIGTERM) in :mod:`dataeff.trainer`, the data stream in
-:class:`dataeff.data.datamodules.PretrainDataModule`.
+Shell only: the objective lives in :mod:`dataeff.models.mae`, the optimiser and schedule
+in :mod:`dataeff.optim`, the Trainer (strategy, loggers, checkpoints, SIGTERM) in
+:mod:`dataeff.trainer`, the data stream in
+:class:`dataeff.data.datamodules.PretrainDataModule`. Every file of the run is written
+here, atomically.
 
 Outputs under ``out``: ``config.yaml``, ``checkpoints/``, ``metrics.csv``, ``panels/``
 (original / masked / reconstructed images every ``panel_every_n_steps``), and at the
@@ -27,6 +29,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from dataeff import dist
 from dataeff.config import (
@@ -36,21 +39,29 @@ from dataeff.config import (
     TrainerConfig,
     WandbConfig,
     option,
-    save_resolved,
     section,
     to_dict,
 )
-from dataeff.files import write_atomic, write_json_atomic
-from dataeff.models.encoder import EXPORT_WEIGHTS, build_encoder, export_encoder, resolve
-from dataeff.models.mae import MAE, MAE_CKPT, MAEConfig, OptimConfig
-from dataeff.trainer import build_trainer, find_resume_checkpoint, save_final_checkpoint, scaled_lr
+from dataeff.constants import (
+    ENCODER_META,
+    ENCODER_WEIGHTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAE_CKPT,
+    PRETRAIN_FORMAT,
+    SUMMARY_NAME,
+)
+from dataeff.data.datamodules import PretrainDataModule
+from dataeff.files import save_resolved, write_atomic, write_json_atomic
+from dataeff.models.encoder import build_encoder, export_contents, resolve
+from dataeff.models.mae import MAE, MAEConfig, OptimConfig
+from dataeff.optim import scaled_lr
+from dataeff.trainer import build_trainer, find_resume_checkpoint, save_final_checkpoint
 
 log = logging.getLogger("dataeff")
 
-SUMMARY = "summary.json"
-SUMMARY_FORMAT = "dataeff-pretrain/1"
-_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
 
 @dataclass
@@ -108,7 +119,7 @@ def selection_info(selection_dir: str) -> dict[str, Any]:
     """``method``, ``ratio``, ``kept``, ``kept_fraction`` from a selection's summary.json ({} when none)."""
     if not selection_dir:
         return {}
-    path = Path(selection_dir) / "summary.json"
+    path = Path(selection_dir) / SUMMARY_NAME
     if not path.is_file():
         raise ConfigError(
             f"data.selection={selection_dir}: no summary.json there; point it at a 'dataeff select' output"
@@ -120,9 +131,9 @@ def selection_info(selection_dir: str) -> dict[str, Any]:
 def is_complete(out: str | os.PathLike) -> bool:
     """True when a run directory holds a finished pre-training (summary, encoder and MAE)."""
     out = Path(out)
-    if not all((out / name).is_file() for name in (SUMMARY, EXPORT_WEIGHTS, MAE_CKPT)):
+    if not all((out / name).is_file() for name in (SUMMARY_NAME, ENCODER_WEIGHTS, MAE_CKPT)):
         return False
-    return bool(json.loads((out / SUMMARY).read_text()).get("complete"))
+    return bool(json.loads((out / SUMMARY_NAME).read_text()).get("complete"))
 
 
 # --------------------------------------------------------------------------- Lightning shell
@@ -152,7 +163,8 @@ class ReconstructionPanel(pl.Callback):
         grid = panel_array(self.last_batch, masked, recon)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step={step:08d}.png"
-        Image.fromarray(grid).save(path)
+        # keep_suffix: PIL picks the PNG format from the temp file's name.
+        write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp), keep_suffix=True)
         self._written = step
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
@@ -180,6 +192,15 @@ def _final_state(trainer: pl.Trainer, model: MAE, ckpt: Path) -> dict[str, torch
     return state
 
 
+def export_encoder(model: torch.nn.Module, cfg: EncoderConfig, out_dir: str | os.PathLike) -> Path:
+    """Write ``encoder.safetensors`` + ``encoder.json`` (timm-loadable) into ``out_dir``, atomically."""
+    out = Path(out_dir)
+    state, meta = export_contents(model, cfg)
+    write_atomic(out / ENCODER_WEIGHTS, lambda tmp: save_file(state, os.fspath(tmp)))
+    write_json_atomic(out / ENCODER_META, meta, indent=2)
+    return out / ENCODER_WEIGHTS
+
+
 def _export(cfg: PretrainConfig, model: MAE, state: dict[str, torch.Tensor], out: Path) -> None:
     """Write ``mae.ckpt`` and the timm-loadable encoder export (rank 0)."""
     blob = model.scoring_state(state)
@@ -198,12 +219,10 @@ def _device_name(info: dict[str, Any]) -> str:
 
 def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     """Run (or resume, or skip) one pre-training; returns the summary (None when interrupted)."""
-    from dataeff.data.datamodules import PretrainDataModule
-
     out = Path(cfg.out)
     if is_complete(out):
         log.info("pretrain: %s is complete already, skipping", out)
-        return json.loads((out / SUMMARY).read_text())
+        return json.loads((out / SUMMARY_NAME).read_text())
     env = dist.init()
     selection = selection_info(cfg.data.selection)
     if dist.is_main():
@@ -258,7 +277,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     if trainer.is_global_zero:
         _export(cfg, model, _final_state(trainer, model, final_ckpt), out)
         summary = {
-            "format": SUMMARY_FORMAT,
+            "format": PRETRAIN_FORMAT,
             "complete": True,
             "steps": int(trainer.global_step),
             "images_seen": int(model.images_seen),
@@ -272,12 +291,12 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
             "lr": lr,
             "selection": selection,
         }
-        write_json_atomic(out / SUMMARY, summary, indent=2, sort_keys=True)
+        write_json_atomic(out / SUMMARY_NAME, summary, indent=2, sort_keys=True)
         log.info(
             "pretrain: %d steps, %d images, encoder at %s",
             summary["steps"],
             summary["images_seen"],
-            out / EXPORT_WEIGHTS,
+            out / ENCODER_WEIGHTS,
         )
     trainer.strategy.barrier("pretrain-export")
     for logger in trainer.loggers:

@@ -12,20 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from dataeff.config import ConfigError, WandbConfig, option, save_resolved, section
-from dataeff.files import write_atomic
+from dataeff.config import ConfigError, WandbConfig, option, section
+from dataeff.constants import CELL_NAME, RESULTS_NAME, SUMMARY_NAME
+from dataeff.files import save_resolved, write_atomic
 from dataeff.metrics import del_score, normdel
 
 log = logging.getLogger("dataeff")
 
-FORMAT = "dataeff-report/1"
 # Width and depth of ViT-B/16, the papers' encoder: anything smaller is a demonstration.
 _PAPER_DIM, _PAPER_DEPTH = 768, 12
 DEMO_NOTE = (
@@ -362,8 +361,8 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
 
 def load_cell(cell_dir: Path) -> dict[str, Any] | None:
     """Everything the report needs from one cell directory (None if it is not a cell yet)."""
-    info = _read_json(cell_dir / "cell.json")
-    selection = _read_json(cell_dir / "selection" / "summary.json")
+    info = _read_json(cell_dir / CELL_NAME)
+    selection = _read_json(cell_dir / "selection" / SUMMARY_NAME)
     if info is None and selection is None:
         return None
     info = dict(info or {})
@@ -376,12 +375,12 @@ def load_cell(cell_dir: Path) -> dict[str, Any] | None:
         sorted(p.name for p in ft_root.iterdir() if p.is_dir()) if ft_root.is_dir() else []
     )
     for name in names:
-        res = _read_json(ft_root / name / "results.json")
+        res = _read_json(ft_root / name / RESULTS_NAME)
         if res is not None:
             finetune[name] = res
     info["datasets"] = list(names)
     info["selection"] = selection
-    info["pretrain"] = _read_json(cell_dir / "pretrain" / "summary.json")
+    info["pretrain"] = _read_json(cell_dir / "pretrain" / SUMMARY_NAME)
     info["pretrain_config"] = _read_yaml(cell_dir / "pretrain" / "config.yaml")
     info["finetune"] = finetune
     return info
@@ -407,13 +406,13 @@ def write_plots(df: pd.DataFrame, run: Path) -> list[str]:
     if len(datasets) > 1:
         targets.append(("miou", "mean mIoU over downstream datasets", "miou_mean.png"))
     for column, title, name in targets:
-        tmp = plot_dir / f"tmp-{name}"
-        plot_miou(df, column, title, tmp)
-        os.replace(tmp, plot_dir / name)
+
+        def plot(tmp: Path, column: str = column, title: str = title) -> None:
+            plot_miou(df, column, title, tmp)
+
+        write_atomic(plot_dir / name, plot, keep_suffix=True)
         made.append(f"plots/{name}")
-    tmp = plot_dir / "tmp-normdel.png"
-    plot_normdel(df, tmp)
-    os.replace(tmp, plot_dir / "normdel.png")
+    write_atomic(plot_dir / "normdel.png", lambda tmp: plot_normdel(df, tmp), keep_suffix=True)
     made.append("plots/normdel.png")
     return made
 
@@ -428,7 +427,7 @@ def _log_wandb(cfg: ReportConfig, df: pd.DataFrame, run: Path, meta: dict[str, A
         job_type="report",
         name=f"{group}-report",
         dir=str(run),
-        mode=cfg.wandb.mode,
+        mode=cfg.wandb.mode,  # type: ignore[arg-type]  # WANDB_MODE, checked by wandb
         tags=list(cfg.wandb.tags),
         config={"alpha": cfg.alpha},
     )

@@ -30,57 +30,93 @@ import json
 import logging
 import os
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dataeff import dist
-from dataeff.config import ConfigError, WandbConfig, option, save_resolved, section, to_dict, to_yaml
-from dataeff.files import write_json_atomic
+from dataeff import finetune as finetune_stage
+from dataeff import pretrain as pretrain_stage
+from dataeff import report as report_stage
+from dataeff.config import ConfigError, WandbConfig, option, section, to_dict, to_yaml
+from dataeff.constants import (
+    CELL_FORMAT,
+    CELL_NAME,
+    EMBEDDINGS_HEADER,
+    MAE_CKPT,
+    SUMMARY_NAME,
+    SWEEP_FORMAT,
+)
+from dataeff.files import save_resolved, write_json_atomic
 from dataeff.finetune import FinetuneConfig
 from dataeff.pretrain import PretrainConfig
+from dataeff.select import embed as embed_stage
+from dataeff.select import stage as select_stage
+from dataeff.select.config import SelectConfig
 from dataeff.select.embed import EmbedConfig
-from dataeff.select.stage import METHODS, SelectConfig
+from dataeff.select.methods import METHODS
+from dataeff.select.sam_hard import check_checkpoint
 
 log = logging.getLogger("dataeff")
 T = TypeVar("T")
 
-CELL_FORMAT = "dataeff-cell/1"
 #: What one sweep run can do, in order: ``embed`` (bootstrap encoder + pool embedding, shared
 #: by every cell), then each cell's ``select``, ``pretrain`` and ``finetune``.
 STAGES = ("embed", "select", "pretrain", "finetune")
-SWEEP_FORMAT = "dataeff-sweep/1"
 #: Select keys that only one method reads.
 METHOD_KEYS = {"meddel": ("meddel",), "semdedup": ("semdedup",), "optidel": ("scorer", "sam", "optidel")}
-#: Keys the sweep sets in every cell; a template that sets them is a config error.
-OWNED = {
+
+
+def template(schema: type, filled: Sequence[str]) -> type:
+    """A per-cell template of stage config ``schema``: its keys minus the ``filled`` ones.
+
+    The sweep fills ``filled`` (dotted keys, e.g. ``data.shards``) in every cell, so the
+    template does not offer them: setting one in a sweep config is an unknown-key error.
+    A section that keeps none of its keys is left out. The template has no
+    ``__post_init__``: the checks run on each filled stage config (see :func:`plan`),
+    before any work. Sections without filled keys are the stage's own classes.
+    """
+    hints = typing.get_type_hints(schema)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(schema):
+        if f.name in filled:
+            continue
+        inner = [key.partition(".")[2] for key in filled if key.startswith(f.name + ".")]
+        if inner:
+            sub = template(f.default_factory, inner)  # type: ignore[arg-type]
+            if dataclasses.fields(sub):
+                fields.append((f.name, sub, section(sub, help=f.metadata.get("help", ""))))
+            continue
+        kept = dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+        fields.append((f.name, hints[f.name], kept))
+    namespace = {"__module__": __name__, "__doc__": f"{schema.__name__} without the keys the sweep fills per cell."}
+    cls = dataclasses.make_dataclass(f"{schema.__name__}Template", fields, namespace=namespace)
+    cls.TEMPLATE_OF = schema  # type: ignore[attr-defined]
+    return cls
+
+
+#: Keys the sweep sets in every cell: the templates do not offer them.
+FILLED = {
     "embed": ("out", "data.shards", "seed"),
     "select": ("embeddings", "method", "ratio", "out", "seed", "data.shards"),
     "pretrain": ("out", "data.shards", "data.selection", "seed", "run_name"),
     "finetune": ("out", "encoder.weights", "seed", "run_name"),
 }
-
-
-@dataclass
-class EmbedTemplate(EmbedConfig):
-    """``dataeff embed`` settings for the sweep's one embedding pass (out and shards are filled)."""
-
-    def __post_init__(self) -> None:
-        # The checks run on the filled EmbedConfig, before any work (see plan()).
-        pass
-
-
-@dataclass
-class SelectTemplate(SelectConfig):
-    """``dataeff select`` settings shared by every cell (method, ratio, paths are filled per cell)."""
-
-    def __post_init__(self) -> None:
-        # The checks run on each filled SelectConfig, before any work (see plan()).
-        pass
+if TYPE_CHECKING:  # to the type checker a template has its stage config's fields (a superset)
+    EmbedTemplate = EmbedConfig
+    SelectTemplate = SelectConfig
+    PretrainTemplate = PretrainConfig
+    FinetuneTemplate = FinetuneConfig
+else:
+    EmbedTemplate = template(EmbedConfig, FILLED["embed"])
+    SelectTemplate = template(SelectConfig, FILLED["select"])
+    PretrainTemplate = template(PretrainConfig, FILLED["pretrain"])
+    FinetuneTemplate = template(FinetuneConfig, FILLED["finetune"])
 
 
 @dataclass
@@ -113,9 +149,9 @@ class SweepConfig:
     bootstrap: BootstrapConfig = section(BootstrapConfig, help="embedding encoder when embed.encoder.weights is empty")
     embed: EmbedTemplate = section(EmbedTemplate, help="embedding of the pool (once per sweep)")
     select: SelectTemplate = section(SelectTemplate, help="selection template (audit.truth, cluster, meddel, sam, ...)")
-    pretrain: PretrainConfig = section(PretrainConfig, help="pre-training template: one step budget for every cell")
-    finetune: FinetuneConfig = section(
-        FinetuneConfig, help="fine-tuning template, per dataset completed by datasets.<name>"
+    pretrain: PretrainTemplate = section(PretrainTemplate, help="pre-training template: one step budget for every cell")
+    finetune: FinetuneTemplate = section(
+        FinetuneTemplate, help="fine-tuning template, per dataset completed by datasets.<name>"
     )
     wandb: WandbConfig = section(WandbConfig, help="W&B for every stage: group = name, tags method/ratio")
 
@@ -196,28 +232,6 @@ def fill(schema: type[T], template: Any, *patches: dict) -> T:
         ) from None
 
 
-def check_owned(cfg: SweepConfig) -> None:
-    """Fail when a template sets a key that the sweep fills per cell (it would be silently replaced)."""
-    schemas = {"embed": EmbedConfig, "select": SelectConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
-    for name, keys in OWNED.items():
-        given = OmegaConf.structured(getattr(cfg, name))
-        default = OmegaConf.structured(schemas[name])
-        for key in keys:
-            if OmegaConf.select(given, key) != OmegaConf.select(default, key):
-                raise ConfigError(
-                    f"{name}.{key} is set by the sweep for every cell; remove it from the sweep config "
-                    "(use the sweep's out, shards, seed keys)"
-                )
-
-
-def _nested(dotted: dict[str, Any]) -> dict:
-    return OmegaConf.to_container(OmegaConf.from_dotlist([f"{k}={_scalar(v)}" for k, v in dotted.items()]))  # type: ignore[return-value]
-
-
-def _scalar(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-
-
 def _wandb(cfg: SweepConfig, tags: list[str]) -> dict:
     w = cfg.wandb
     return {
@@ -249,9 +263,6 @@ def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = Fal
     embed_patch = {"out": str(out / "embed"), "data": {"shards": cfg.shards}, "seed": cfg.seed}
     if embed_weights:
         embed_patch["encoder"] = {"weights": embed_weights}
-    if embed_weights and embed_weights == str(out / "bootstrap"):
-        # The bootstrap encoder is built for the pre-training crop size.
-        embed_patch["data"]["image_size"] = cfg.pretrain.encoder.img_size
     embed = fill(EmbedConfig, cfg.embed, embed_patch)
     cells, skipped = plan_cells(list(cfg.methods), list(cfg.ratios), unavailable_methods(cfg))
     planned = []
@@ -269,8 +280,6 @@ def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = Fal
         if cell.method == "optidel" and not cfg.select.scorer:
             sel_patch["scorer"] = scorer
             if precheck and not Path(scorer).exists():
-                from dataeff.select.sam_hard import check_checkpoint
-
                 check_checkpoint(cfg.select.sam)
                 sel_patch["method"] = "random"  # every other key of the template is still checked
         select = fill(SelectConfig, cfg.select, sel_patch)
@@ -384,13 +393,11 @@ def encoder_paths(cfg: SweepConfig) -> tuple[str, str]:
             "one on the pool first"
         )
     out = Path(cfg.out) / "bootstrap"
-    return str(out), str(out / "mae.ckpt")
+    return str(out), str(out / MAE_CKPT)
 
 
 def bootstrap_encoder(cfg: SweepConfig) -> None:
     """Run the bootstrap pre-training when :func:`encoder_paths` points at it (a done one is skipped)."""
-    from dataeff import pretrain as pretrain_stage
-
     out = Path(cfg.out) / "bootstrap"
     if encoder_paths(cfg)[0] != str(out):
         return
@@ -449,12 +456,8 @@ def run_cell(
     Every rank calls this; rank 0 alone reads and writes ``cell.json`` and broadcasts
     what it read, so all ranks take the same branch.
     """
-    from dataeff import finetune as finetune_stage
-    from dataeff import pretrain as pretrain_stage
-    from dataeff.select import stage as select_stage
-
     root = Path(stage_cfgs["pretrain"].out).parent
-    path = root / "cell.json"
+    path = root / CELL_NAME
     record = dist.broadcast_object(_read_json(path) if dist.is_main() else None)
     check_digest(record, digest, root)
     if record and record.get("done"):
@@ -489,8 +492,8 @@ def run_cell(
         dist.barrier()
     if len(run) < len(todo):
         return record
-    selection = _read_json(Path(stage_cfgs["select"].out) / "summary.json") or {}
-    summary = _read_json(Path(stage_cfgs["pretrain"].out) / "summary.json") or {}
+    selection = _read_json(Path(stage_cfgs["select"].out) / SUMMARY_NAME) or {}
+    summary = _read_json(Path(stage_cfgs["pretrain"].out) / SUMMARY_NAME) or {}
     record.update(
         kept=selection.get("kept"),
         pool_size=selection.get("pool_size"),
@@ -509,11 +512,7 @@ def run_cell(
 
 def main(cfg: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep and write its report; returns the report's paths."""
-    from dataeff import report as report_stage
-    from dataeff.select import embed as embed_stage
-
     dist.init()
-    check_owned(cfg)
     out = Path(cfg.out)
     if not Path(cfg.shards).is_dir():
         raise ConfigError(f"shards={cfg.shards}: no such shard directory; run 'dataeff shard' first")
@@ -530,7 +529,7 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
     if "embed" in stages:
         bootstrap_encoder(cfg)
         full = plan(cfg, weights, scorer)  # now with the scorer checked too
-    elif "select" in stages and not (Path(full["embed"].out) / embed_stage.HEADER_NAME).is_file():
+    elif "select" in stages and not (Path(full["embed"].out) / EMBEDDINGS_HEADER).is_file():
         raise ConfigError(
             f"stages={stages}: select needs the pool embeddings in {full['embed'].out}, which are not "
             "finished; run stages=[embed] first"
@@ -538,7 +537,7 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
     for cell, stage_cfgs in full["cells"]:
         root = Path(cfg.out) / "cells" / cell.name
         check_digest(
-            dist.broadcast_object(_read_json(root / "cell.json") if dist.is_main() else None),
+            dist.broadcast_object(_read_json(root / CELL_NAME) if dist.is_main() else None),
             config_digest(stage_cfgs),
             root,
         )

@@ -21,6 +21,7 @@ Model code never sees any of this: strategies live here and in configs only.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
@@ -39,10 +40,10 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from dataeff import dist
 from dataeff.config import ConfigError, TrainerConfig, WandbConfig
+from dataeff.constants import CHECKPOINT_DIR
 
 log = logging.getLogger("dataeff")
 
-CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"step=(\d+)")
 _HPC_RE = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
 
@@ -124,35 +125,6 @@ def resolve_layout(cfg: TrainerConfig, environ: Mapping[str, str], cuda_devices:
     }
 
 
-def scaled_lr(base_lr: float, batch_size: int, accumulate: int, world_size: int) -> float:
-    """The MAE linear scaling rule: ``base_lr x global batch / 256`` (MAE paper, Sec. A.1)."""
-    return base_lr * batch_size * accumulate * world_size / 256.0
-
-
-def make_adamw(
-    params: Iterable[Any], lr: float, betas: tuple[float, float], weight_decay: float, device: torch.device
-) -> torch.optim.Optimizer:
-    """AdamW, fused where the hardware allows.
-
-    On CUDA: DeepSpeed's ``FusedAdam`` (AdamW mode) when its op is pre-built in the
-    installed DeepSpeed (building it just-in-time needs nvcc and can fail on a cluster
-    node), else PyTorch's own fused AdamW kernel. On CPU: plain AdamW.
-    """
-    params = list(params)
-    if device.type == "cuda":
-        try:
-            from deepspeed.git_version_info import installed_ops  # type: ignore[import-not-found]
-
-            if installed_ops.get("fused_adam"):
-                from deepspeed.ops.adam import FusedAdam
-
-                return FusedAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True)
-        except ImportError:
-            pass
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-
-
 # --------------------------------------------------------------------------- callbacks
 
 
@@ -167,7 +139,6 @@ class ThroughputCallback(Callback):
         self.window = window
         self._t0: float | None = None
         self._times: list[tuple[float, int]] = []
-        self.images_seen = 0
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -180,7 +151,6 @@ class ThroughputCallback(Callback):
     ) -> None:
         now = time.perf_counter()
         n = int(batch["image"].shape[0]) * trainer.world_size
-        self.images_seen += n
         assert self._t0 is not None
         self._times.append((now - self._t0, n))
         self._t0 = now
@@ -206,6 +176,11 @@ class _StepProgressBar(TQDMProgressBar):
 # --------------------------------------------------------------------------- checkpoints
 
 
+def _is_temp(path: Path) -> bool:
+    """A half-written file: ``files.write_atomic`` temp names start with '.', ``.tmp.ckpt`` is Lightning-era."""
+    return path.name.startswith(".") or path.name.endswith(".tmp.ckpt")
+
+
 def _checkpoint_step(path: Path) -> int:
     match = _CKPT_RE.search(path.name) or _HPC_RE.search(path.name)
     return int(match.group(1)) if match else -1
@@ -220,9 +195,9 @@ def find_resume_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     renamed into place when complete), ties broken by the step in the file name.
     """
     out = Path(out_dir)
-    candidates = [p for p in (out / CHECKPOINT_DIR).glob("*.ckpt") if not p.name.endswith(".tmp.ckpt")]
-    candidates += list(out.glob("hpc_ckpt_*.ckpt"))
-    candidates = [p for p in candidates if p.exists()]  # drops dangling 'last' links
+    candidates = list((out / CHECKPOINT_DIR).glob("*.ckpt")) + list(out.glob("hpc_ckpt_*.ckpt"))
+    # exists() drops dangling 'last' links; temp names are checkpoints still being written.
+    candidates = [p for p in candidates if p.exists() and not _is_temp(p)]
     if not candidates:
         return None
     return max(candidates, key=lambda p: (p.stat().st_mtime, _checkpoint_step(p)))
@@ -246,7 +221,7 @@ class _ResumableCSVLogger(CSVLogger):
 
     @property
     def experiment(self) -> Any:
-        if self._experiment is not None or rank_zero_only.rank != 0:
+        if self._experiment is not None or rank_zero_only.rank != 0:  # type: ignore[attr-defined]  # set by Lightning at import
             return super().experiment
         path = Path(self.log_dir) / "metrics.csv"
         old = path.read_text() if path.is_file() else ""
@@ -318,8 +293,7 @@ def build_trainer(
 
     Returns:
         ``(trainer, info)`` where ``info`` holds the resolved ``accelerator``, ``strategy``,
-        ``precision``, ``devices``, ``num_nodes``, ``world_size`` and the ``throughput``
-        callback (its ``images_seen`` counts images of this process's run).
+        ``precision``, ``devices``, ``num_nodes`` and ``world_size``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,7 +349,7 @@ def build_trainer(
     )
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(**kwargs)
-    info = dict(layout, throughput=throughput, checkpoint=checkpoint)
+    info = dict(layout)
     log.info(
         "trainer: %s, %s, %s x %d device(s) x %d node(s)",
         layout["strategy"],
@@ -406,7 +380,5 @@ def save_final_checkpoint(trainer: pl.Trainer, out_dir: str | os.PathLike) -> Pa
     return path
 
 
-def _dist_timeout():
-    import datetime
-
+def _dist_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("DATAEFF_DIST_TIMEOUT", dist.DEFAULT_TIMEOUT_S)))

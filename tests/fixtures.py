@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,20 @@ def kvasir_images(n: int) -> list[Path]:
     return paths[:n]
 
 
+def png_bytes(img: Image.Image) -> bytes:
+    """``img`` encoded as PNG."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    """``img`` encoded as JPEG."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def small_jpeg(path: Path, size: int) -> bytes:
     """JPEG bytes of the image at ``path`` shrunk so its long side is ``size`` px (quality 90)."""
     with Image.open(path) as img:
@@ -39,9 +54,66 @@ def small_jpeg(path: Path, size: int) -> bytes:
         img = img.resize(
             (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
         )
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return jpeg_bytes(img)
+
+
+def shard_tree(src: Path, out: Path, **overrides: Any) -> dict:
+    """``dataeff shard`` of ``src`` into ``out`` (one worker, 8 samples per tar); returns its summary."""
+    from dataeff.data.shard import ShardConfig, main
+
+    settings: dict[str, Any] = {"workers": 1, "progress": False, "min_side": 16, "samples_per_shard": 8}
+    settings.update(overrides)
+    return main(ShardConfig(src=str(src), out=str(out), **settings))
+
+
+def tar_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> extension -> member bytes, over every tar of the shard directory ``out``."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar_path in sorted(Path(out).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                member = tar.extractfile(m)
+                assert member is not None, m.name
+                samples.setdefault(key, {})[ext] = member.read()
+    return samples
+
+
+def tiny_encoder_config(img_size: int = 32) -> Any:
+    """A randomly initialised 2-block, 64-wide ViT (patch 8) for tests."""
+    from dataeff.config import EncoderConfig
+
+    return EncoderConfig(
+        name="vit_tiny_patch16_224",
+        img_size=img_size,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        allow_random_init=True,
+    )
+
+
+def write_selection(sel: Path, keys: list[str], kept: set[str]) -> Path:
+    """A complete selection directory keeping ``kept`` of the pool ``keys``."""
+    import pandas as pd
+
+    from dataeff.constants import SELECTION_FORMAT
+    from dataeff.select.manifest import write_selection as write_selection_dir
+
+    sel.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(
+        {
+            "key": keys,
+            "kept": [k in kept for k in keys],
+            "reason": "kept",
+            "cluster": -1,
+            "score": 0.0,
+            "generated": False,
+        }
+    )
+    write_selection_dir(sel, table, {"format": SELECTION_FORMAT})
+    return sel
 
 
 def make_raw_tree(root: Path, n: int = 24, size: int = 48, sites: int = 2) -> Path:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,8 +29,9 @@ from torch.utils.data import DataLoader
 
 from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, option
+from dataeff.constants import SPLIT_NAME
 from dataeff.data import downstream
-from dataeff.data.stream import StreamDataset, list_shards, read_selection, shard_samples, train_transform
+from dataeff.data.stream import StreamDataset, list_shards, selection_keys, shard_samples, train_transform
 
 log = logging.getLogger("dataeff")
 _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
@@ -111,7 +113,7 @@ class PretrainDataModule(pl.LightningDataModule):
         samples = shard_samples(tars)
         extra = list(cfg.extra_shards)
         if cfg.selection:
-            kept, generated = read_selection(cfg.selection)
+            kept, generated = selection_keys(cfg.selection)
             extra += generated
             samples = [s[s["key"].isin(kept)] for s in samples]
         extra_tars = [t for spec in extra for t in list_shards(spec)]
@@ -123,7 +125,7 @@ class PretrainDataModule(pl.LightningDataModule):
                     f"selection {cfg.selection} keeps {len(missing)} key(s) found in no shard of "
                     f"data.shards={cfg.shards} (e.g. {sorted(missing)[0]}): was it made from these shards?"
                 )
-        pairs = [(t, s) for t, s in zip(tars, samples) if len(s)]
+        pairs = [(t, s) for t, s in zip(tars, samples, strict=True) if len(s)]
         if not pairs:
             raise ValueError(f"empty shard set: no kept samples in {cfg.shards} (selection={cfg.selection!r})")
         self._dataset = StreamDataset(
@@ -140,7 +142,11 @@ class PretrainDataModule(pl.LightningDataModule):
         )
         log.info(
             "pretrain stream: %d shards, %d samples per rank, %d batches per epoch (rank %d/%d)",
-            len(pairs), self.samples_per_rank, self.batches_per_epoch, self.rank, self.world_size,
+            len(pairs),
+            self.samples_per_rank,
+            self.batches_per_epoch,
+            self.rank,
+            self.world_size,
         )
 
     @property
@@ -162,10 +168,6 @@ class PretrainDataModule(pl.LightningDataModule):
             if self._pending is not None:
                 self._loader.load_state_dict(self._pending)
         return self._loader
-
-    def set_position(self, epoch: int, batches_consumed: int = 0) -> None:
-        """Resume at batch ``batches_consumed`` (in loader order) of ``epoch``."""
-        self.load_state_dict({"epoch": epoch, "batches_consumed": batches_consumed})
 
     def state_dict(self) -> dict[str, int]:
         if self._loader is not None:
@@ -201,7 +203,9 @@ class SegmentationDataConfig:
             raise ConfigError(f"data.layout={self.layout!r}: choose 'auto', 'kvasir', 'cvc' or 'generic'")
         if self.num_classes < 2:
             raise ConfigError(f"data.num_classes={self.num_classes}: must be at least 2 (background + one class)")
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+        if not (
+            0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
         if self.image_size < 8 or self.batch_size < 1 or self.num_workers < 0:
             raise ConfigError("data.image_size >= 8, data.batch_size >= 1 and data.num_workers >= 0 are required")
@@ -232,24 +236,28 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ConfigError("data.root is empty: give the segmentation dataset folder")
         pairs = downstream.find_pairs(cfg.root, cfg.layout)
         stems = [s for s, _, _ in pairs]
-        for path in (Path(cfg.root) / "split.json", self.out_dir / "split.json"):
+        for path in (Path(cfg.root) / SPLIT_NAME, self.out_dir / SPLIT_NAME):
             if path.is_file():
                 self.split, self.split_path = downstream.read_split(path, stems), path
                 break
         else:
-            self.split_path = self.out_dir / "split.json"
+            self.split_path = self.out_dir / SPLIT_NAME
             self.split = downstream.split_pairs(stems, cfg.val_fraction, cfg.test_fraction, cfg.seed)
             if dist.is_main():
                 downstream.write_split(self.split, self.split_path)
         by_stem = {s: (s, i, m) for s, i, m in pairs}
         self.pairs = {part: [by_stem[s] for s in self.split[part]] for part in ("train", "val", "test")}
-        log.info("segmentation %s: %s (split %s)", cfg.root, {k: len(v) for k, v in self.pairs.items()}, self.split_path)
+        log.info(
+            "segmentation %s: %s (split %s)", cfg.root, {k: len(v) for k, v in self.pairs.items()}, self.split_path
+        )
 
     def _loader(self, part: str) -> DataLoader:
         self.setup()
         cfg = self.cfg
         train = part == "train"
-        transform = downstream.JointTransform(cfg.image_size, train and cfg.augment, cfg.hflip, cfg.vflip, cfg.min_scale)
+        transform = downstream.JointTransform(
+            cfg.image_size, train and cfg.augment, cfg.hflip, cfg.vflip, cfg.min_scale
+        )
         dataset = downstream.SegmentationDataset(self.pairs[part], transform, cfg.num_classes)
         if len(dataset) == 0:
             raise ValueError(f"segmentation {cfg.root}: the {part} split is empty ({self.split_path})")

@@ -28,11 +28,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from dataeff.config import ConfigError, option, save_resolved, to_dict
+from dataeff.config import ConfigError, option, to_dict
+from dataeff.files import save_resolved
+from dataeff.constants import DEMO_FORMAT, SPLIT_FORMAT, SPLIT_NAME, SUMMARY_NAME, TRUTH_NAME
 
 __all__ = ["DemoDataConfig", "main", "plan_pool", "split_stems", "NEAR_KINDS", "INVALID_KINDS"]
 
@@ -77,7 +80,9 @@ class DemoDataConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if self.n_val + self.n_test >= self.n_downstream:
-            raise ConfigError(f"n_val + n_test = {self.n_val + self.n_test} leaves no training pairs of n_downstream={self.n_downstream}")
+            raise ConfigError(
+                f"n_val + n_test = {self.n_val + self.n_test} leaves no training pairs of n_downstream={self.n_downstream}"
+            )
 
 
 # --------------------------------------------------------------------------- pure planning
@@ -103,7 +108,7 @@ def plan_pool(originals: list[str], cfg: DemoDataConfig, rng: np.random.Generato
         ``kind``, ``stem`` (source image it derives from, "" for non-images), ``twin``
         (path of the copied frame, near-duplicates only), ``param`` (transform strength).
     """
-    videos: list[list[dict]] = []
+    videos: list[list[dict[str, Any]]] = []
     i = 0
     while i < len(originals):
         length = int(rng.integers(max(1, cfg.video_length // 2), cfg.video_length * 3 // 2 + 1))
@@ -118,7 +123,13 @@ def plan_pool(originals: list[str], cfg: DemoDataConfig, rng: np.random.Generato
         twin = videos[v][f]
         kind = NEAR_KINDS[int(rng.integers(len(NEAR_KINDS)))]
         inserts.setdefault((v, f), []).append(
-            {"planted": "near_duplicate", "kind": kind, "stem": twin["stem"], "twin_of": twin, "param": float(rng.random())}
+            {
+                "planted": "near_duplicate",
+                "kind": kind,
+                "stem": twin["stem"],
+                "twin_of": twin,
+                "param": float(rng.random()),
+            }
         )
     for (v, f), extra in sorted(inserts.items(), reverse=True):
         videos[v][f + 1 : f + 1] = extra
@@ -128,10 +139,10 @@ def plan_pool(originals: list[str], cfg: DemoDataConfig, rng: np.random.Generato
     for planted_as, kind in planted:
         v = int(rng.integers(len(videos)))
         stem = "" if kind == "not_image" else originals[int(rng.integers(len(originals)))]
-        entry = {"planted": planted_as, "kind": kind, "stem": stem, "param": float(rng.random())}
+        entry: dict[str, Any] = {"planted": planted_as, "kind": kind, "stem": stem, "param": float(rng.random())}
         videos[v].insert(int(rng.integers(len(videos[v]) + 1)), entry)
     centres = rng.integers(cfg.n_centres, size=len(videos))
-    entries = []
+    entries: list[dict[str, Any]] = []
     for v, video in enumerate(videos):
         for f, entry in enumerate(video):
             entry["path"] = f"centre{int(centres[v]) + 1}/video{v:03d}/frame{f:04d}.jpg"
@@ -214,13 +225,17 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
     if not pool_stems:
         raise ConfigError(f"n_downstream={cfg.n_downstream} leaves no images for the pool")
 
-    split = {"format": "dataeff-split/1", "seed": cfg.seed, **split_stems(held_out, cfg.n_val, cfg.n_test, rng)}
+    split: dict[str, Any] = {
+        "format": SPLIT_FORMAT,
+        "seed": cfg.seed,
+        **split_stems(held_out, cfg.n_val, cfg.n_test, rng),
+    }
     for sub in ("images", "masks"):
         (tmp / "downstream" / sub).mkdir(parents=True)
     for stem in sorted(held_out):
         shutil.copyfile(src / "images" / f"{stem}.jpg", tmp / "downstream" / "images" / f"{stem}.jpg")
         shutil.copyfile(src / "masks" / f"{stem}.png", tmp / "downstream" / "masks" / f"{stem}.png")
-    (tmp / "downstream" / "split.json").write_text(json.dumps(split, indent=1) + "\n")
+    (tmp / "downstream" / SPLIT_NAME).write_text(json.dumps(split, indent=1) + "\n")
 
     entries = plan_pool(pool_stems, cfg, rng)
     cache: dict[str, bytes] = {}
@@ -231,7 +246,7 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
         dest = tmp / "pool" / entry["path"]
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(render(entry, cache.get(stem, b"")))
-    with open(tmp / "pool_truth.csv", "w", newline="") as fh:
+    with open(tmp / TRUTH_NAME, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["source", "planted", "kind", "twin"])
         writer.writerows([e["path"], e["planted"], e["kind"], e["twin"]] for e in entries)
@@ -240,7 +255,7 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
     for e in entries:
         counts[e["kind"]] = counts.get(e["kind"], 0) + 1
     return {
-        "format": "dataeff-demo/1",
+        "format": DEMO_FORMAT,
         "downstream": {k: len(split[k]) for k in ("train", "val", "test")},
         "pool_files": len(entries),
         "pool_sources": sorted({e["stem"] for e in entries if e["stem"]}),
@@ -254,26 +269,28 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
 def main(cfg: DemoDataConfig) -> dict:
     """Build (or find already built) the demo data in ``cfg.out``; print and return a summary."""
     src, out = Path(cfg.src), Path(cfg.out)
-    summary_path = out / "summary.json"
+    summary_path = out / SUMMARY_NAME
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite")}
-    if (out / "pool_truth.csv").is_file() and summary_path.is_file():
+    if (out / TRUTH_NAME).is_file() and summary_path.is_file():
         done = json.loads(summary_path.read_text())
         if done.get("config") == settings:
             log.info("demo-data: %s is already built; skipping", out)
             _print(done, out)
             return done
         if not cfg.overwrite:
-            raise ConfigError(f"out={cfg.out} holds demo data built with other settings; set overwrite=true or choose another out")
+            raise ConfigError(
+                f"out={cfg.out} holds demo data built with other settings; set overwrite=true or choose another out"
+            )
     save_resolved(cfg, out)
     # a killed or replaced build leaves pieces behind: start clean
     for name in (".build", "downstream", "pool"):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("pool_truth.csv", "summary.json"):
+    for name in (TRUTH_NAME, SUMMARY_NAME):
         (out / name).unlink(missing_ok=True)
     tmp = out / ".build"
     summary = _build(cfg, src, tmp)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    for name in ("downstream", "pool", "summary.json", "pool_truth.csv"):  # the truth CSV marks completion
+    (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+    for name in ("downstream", "pool", SUMMARY_NAME, TRUTH_NAME):  # the truth CSV marks completion
         os.replace(tmp / name, out / name)
     tmp.rmdir()
     _print(summary, out)
@@ -289,5 +306,5 @@ def _print(summary: dict, out: Path) -> None:
         f"  pool: {summary['pool_files']} files from {len(summary['pool_sources'])} source images in "
         f"{len(summary['centres'])} centres, {summary['videos']} videos\n"
         f"  planted: {kinds}\n"
-        f"  truth: {out / 'pool_truth.csv'}"
+        f"  truth: {out / TRUTH_NAME}"
     )

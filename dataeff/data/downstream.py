@@ -14,10 +14,10 @@ with more classes it must be an index (``L``/``P``) image whose values are class
 from __future__ import annotations
 
 import json
-import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +26,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from dataeff.data.stream import IMAGENET_MEAN, IMAGENET_STD
+from dataeff.constants import IMAGENET_MEAN, IMAGENET_STD, SPLIT_FORMAT
+from dataeff.files import write_json_atomic
 
-log = logging.getLogger("dataeff")
-
-SPLIT_FORMAT = "dataeff-split/1"
 SUPPORTED_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 LAYOUTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kvasir": ("images", "masks", (".jpg", ".jpeg", ".png")),
@@ -122,11 +120,8 @@ def read_split(path: str | os.PathLike, stems: list[str]) -> dict[str, Any]:
 
 
 def write_split(split: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(split, indent=1))
-    os.replace(tmp, path)
+    """Write a split (from :func:`split_pairs`) as JSON, atomically; the folder is created if needed."""
+    write_json_atomic(path, split, indent=1)
 
 
 def read_mask(path: str | os.PathLike, num_classes: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageFile
 
+from dataeff.constants import QUALITY_KEYS
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key, site_of
 
 THUMB_SIDE = 128
@@ -29,7 +30,9 @@ DARK_LEVEL = 16
 BRIGHT_LEVEL = 240
 
 #: Modes converted to RGB with PIL's own conversion (no value scaling needed).
-_DIRECT_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"})
+_DIRECT_MODES = frozenset(
+    {"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+)
 #: Integer modes wider than 8 bits: scaled to 8 bits, then replicated to RGB.
 _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
@@ -118,7 +121,7 @@ def laplacian(gray: np.ndarray) -> np.ndarray:
     Shape:
         gray: (H, W) -> (H-2, W-2); int32 for integer input, float64 otherwise.
     """
-    g = gray.astype(np.int32 if gray.dtype.kind in "iu" else np.float64)
+    g: np.ndarray = gray.astype(np.int32 if gray.dtype.kind in "iu" else np.float64)
     return g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
 
 
@@ -161,7 +164,6 @@ def quality_stats(gray: np.ndarray) -> dict[str, float]:
 #: not open or decode is ``truncated`` (damaged), anything else is ``not_an_image``.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
 #: Index columns holding quality statistics (NaN/None for files that did not decode).
-QUALITY_KEYS = ("mean", "std", "laplacian_var", "dark_frac", "bright_frac")
 
 
 @dataclass(frozen=True)

@@ -29,25 +29,27 @@ import shutil
 import signal
 import tarfile
 import time
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
-from dataeff.config import ConfigError, option, save_resolved, to_dict
+from dataeff.config import ConfigError, option, to_dict
+from dataeff.files import save_resolved
+from dataeff.constants import DUPLICATE_PREFIX, INDEX_NAME, QUALITY_KEYS, SHARDS_FORMAT, SUMMARY_NAME
 from dataeff.data.keys import IMAGE_EXTENSIONS
-from dataeff.data.quality import QUALITY_KEYS, InspectOptions, Inspected, inspect_bytes, pil_limits
+from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits
 from dataeff.files import write_atomic, write_json_atomic
 
 __all__ = [
-    "FORMAT", "ShardConfig", "main", "inspect_file", "plan_shards", "scan_files", "list_files",
+    "ShardConfig", "main", "inspect_file", "scan_files", "list_files",
     "shard_name", "tar_member", "write_tar", "write_index", "TarSink",
 ]  # fmt: skip
 
 log = logging.getLogger("dataeff")
 
-FORMAT = "dataeff-shards/2"
 _PARTS = ".parts"
 #: Config keys that change how the job runs but not what it writes.
 _RUN_ONLY = ("workers", "chunksize", "progress", "overwrite")
@@ -118,28 +120,6 @@ def shard_name(name: str, number: int) -> str:
 def starts_new_shard(count: int, nbytes: int, sample_bytes: int, max_count: int, max_bytes: int) -> bool:
     """Whether a sample of ``sample_bytes`` must open a new shard after ``count`` samples/``nbytes``."""
     return count > 0 and (count + 1 > max_count or nbytes + sample_bytes > max_bytes)
-
-
-def plan_shards(sample_bytes: Sequence[int], max_count: int, max_bytes: int) -> list[list[int]]:
-    """Group consecutive samples into shards by count and size (the rule the writer applies).
-
-    Args:
-        sample_bytes: tar bytes of each sample, in index order.
-        max_count: most samples in one shard.
-        max_bytes: most bytes in one shard; a larger single sample gets a shard of its own.
-
-    Returns:
-        sample positions of each shard, in order.
-    """
-    shards: list[list[int]] = []
-    count = nbytes = 0
-    for i, size in enumerate(sample_bytes):
-        if not shards or starts_new_shard(count, nbytes, size, max_count, max_bytes):
-            shards.append([])
-            count = nbytes = 0
-        shards[-1].append(i)
-        count, nbytes = count + 1, nbytes + size
-    return shards
 
 
 def scan_files(src: Path, exclude: Path | None = None) -> list[tuple[str, int]]:
@@ -225,7 +205,7 @@ def _work(item: tuple[str, str]) -> Packed:
     return _packed(_inspect_path(item[0], item[1], _WORKER_OPTS))
 
 
-def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Iterator[Packed]:
+def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Generator[Packed, None, None]:
     """Inspect and pack ``rels`` in order, in ``cfg.workers`` processes."""
     opts = cfg.inspect_options()
     root = str(src)
@@ -359,7 +339,9 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
 class _Packer:
     """Packs inspected files, in index order, into numbered shards and journals each one."""
 
-    def __init__(self, out: Path, name: str, cfg: ShardConfig, done_rows: list[dict], done_shards: list[dict], start: int):
+    def __init__(
+        self, out: Path, name: str, cfg: ShardConfig, done_rows: list[dict], done_shards: list[dict], start: int
+    ):
         self.out, self.name, self.cfg = out, name, cfg
         self.max_bytes = int(cfg.max_shard_mb * 2**20)
         self.shards = list(done_shards)
@@ -378,7 +360,7 @@ class _Packer:
         if store:
             first = self.first_of.setdefault(row["sha256"], row["key"])
             if first != row["key"]:
-                row["reason"] = f"exact_duplicate_of:{first}"
+                row["reason"] = f"{DUPLICATE_PREFIX}{first}"
                 if not self.cfg.keep_duplicates:
                     row.update(status="duplicate", offset=0, length=0)
                     store = False
@@ -400,7 +382,7 @@ class _Packer:
         """Write the current shard (if any samples) and journal it with the rows it covers."""
         if self.sink is None:
             return
-        info = {"file": self.sink.path.name, "samples": self.count, "bytes": self.sink.commit()}
+        info: dict[str, Any] = {"file": self.sink.path.name, "samples": self.count, "bytes": self.sink.commit()}
         journal = {"shard": info, "rows": self.pending, "next": self.pos}
         _write_json(self.out / _PARTS / (info["file"] + ".json"), journal, indent=None)
         self.shards.append(info)
@@ -417,9 +399,9 @@ class _Packer:
 def _signature(files: Sequence[str], sizes: Sequence[int], cfg: ShardConfig) -> str:
     """Hash of the input listing and of every setting that changes the output."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY + ("src", "out")}
-    settings["format"] = FORMAT  # output of an older layout is not resumed into this one
+    settings["format"] = SHARDS_FORMAT  # output of an older layout is not resumed into this one
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for rel, size in zip(files, sizes):
+    for rel, size in zip(files, sizes, strict=True):
         h.update(os.fsencode(rel) + b"\0" + str(size).encode() + b"\n")
     return h.hexdigest()
 
@@ -443,7 +425,7 @@ def _clear(out: Path, name: str) -> None:
     """Remove everything this stage wrote in ``out`` (except the resolved config)."""
     _drop_shards(out, name, 0)
     shutil.rmtree(out / _PARTS, ignore_errors=True)
-    for f in ("index.parquet", "summary.json"):
+    for f in (INDEX_NAME, SUMMARY_NAME):
         (out / f).unlink(missing_ok=True)
 
 
@@ -481,7 +463,7 @@ def _summary(rows: list[dict], shards: list[dict], cfg: ShardConfig, name: str, 
         if reason:
             by_reason[reason] = by_reason.get(reason, 0) + 1
     return {
-        "format": FORMAT,
+        "format": SHARDS_FORMAT,
         "name": name,
         "num_files": len(rows),
         "num_samples": sum(s["samples"] for s in shards),
@@ -514,15 +496,20 @@ def main(cfg: ShardConfig) -> dict:
     files = [rel for rel, _ in scanned]
     signature = _signature(files, [size for _, size in scanned], cfg)
 
-    summary_path, plan_path = out / "summary.json", out / _PARTS / "plan.json"
+    summary_path, plan_path = out / SUMMARY_NAME, out / _PARTS / "plan.json"
     for marker in (summary_path, plan_path):
         if not marker.is_file():
             continue
         previous = json.loads(marker.read_text()).get("signature")
-        if previous == signature and marker is summary_path and (out / "index.parquet").is_file():
+        if previous == signature and marker is summary_path and (out / INDEX_NAME).is_file():
             done = json.loads(summary_path.read_text())
             shutil.rmtree(out / _PARTS, ignore_errors=True)  # killed between the summary and this cleanup
-            log.info("shard: %s is already complete (%d samples in %d shards); skipping", out, done["num_samples"], done["num_shards"])
+            log.info(
+                "shard: %s is already complete (%d samples in %d shards); skipping",
+                out,
+                done["num_samples"],
+                done["num_shards"],
+            )
             return done
         if previous != signature:
             if not cfg.overwrite:
@@ -536,7 +523,7 @@ def main(cfg: ShardConfig) -> dict:
     save_resolved(cfg, out)
     (out / _PARTS).mkdir(parents=True, exist_ok=True)
     if not plan_path.is_file():
-        _write_json(plan_path, {"format": FORMAT, "signature": signature, "num_files": len(files)})
+        _write_json(plan_path, {"format": SHARDS_FORMAT, "signature": signature, "num_files": len(files)})
     done_rows, done_shards, start = _resume(out, name)
     if start:
         log.info("shard: resuming after %d finished shards (%d of %d files done)", len(done_shards), start, len(files))
@@ -554,7 +541,7 @@ def main(cfg: ShardConfig) -> dict:
         bar.close()
     assert len(rows) == len(files), "every input file must have exactly one index row"
 
-    write_index(out / "index.parquet", rows)
+    write_index(out / INDEX_NAME, rows)
     summary = _summary(rows, packer.shards, cfg, name, signature)
     _write_json(summary_path, summary)  # written last: its presence marks the output complete
     shutil.rmtree(out / _PARTS, ignore_errors=True)

@@ -19,8 +19,9 @@ import logging
 import os
 import tarfile
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -32,16 +33,14 @@ from torchvision import transforms as T
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dataeff.config import DataConfig
+from dataeff.constants import GENERATED_DIR, IMAGENET_MEAN, IMAGENET_STD, INDEX_NAME
+from dataeff.select.manifest import read_selection
 
 log = logging.getLogger("dataeff")
 
-INDEX_NAME = "index.parquet"
-SELECTION_NAME = "selection.parquet"
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 # The only members ever read from a tar; everything else is skipped unread.
 DECODED_EXTS = frozenset(IMAGE_EXTS + ("json",))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- shard sets
@@ -89,8 +88,7 @@ def list_shards(spec: str) -> list[str]:
             if not (Path(p).parent / INDEX_NAME).is_file():
                 raise ValueError(f"shard {p}: no {INDEX_NAME} beside it; re-run 'dataeff shard'")
         out += expanded
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    return list(dict.fromkeys(out))  # first occurrence of each path, in order
 
 
 def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
@@ -257,19 +255,19 @@ def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
 # --------------------------------------------------------------------------- selections
 
 
-def read_selection(selection_dir: str | os.PathLike) -> tuple[set[str], list[str]]:
-    """Kept keys of a selection and its generated shard directories.
+def selection_keys(selection_dir: str | os.PathLike) -> tuple[set[str], list[str]]:
+    """What a selection streams: its kept keys and its generated shard directories.
 
     Returns:
-        (keys with ``kept == True`` in ``selection.parquet``, ``[<selection>/generated]``
-        when that directory exists, else ``[]``).
+        (keys with ``kept == True`` in the manifest, ``[<selection>/generated]`` when that
+        directory exists, else ``[]``).
+
+    Raises:
+        ValueError: ``selection_dir`` is not a complete ``dataeff select`` output.
     """
-    path = Path(selection_dir) / SELECTION_NAME
-    if not path.is_file():
-        raise ValueError(f"no {SELECTION_NAME} in {selection_dir}: point data.selection at a 'dataeff select' output")
-    table = pd.read_parquet(path, columns=["key", "kept"])
+    table, _ = read_selection(selection_dir)
     kept = set(table.loc[table["kept"].astype(bool), "key"].astype(str))
-    generated = Path(selection_dir) / "generated"
+    generated = Path(selection_dir) / GENERATED_DIR
     return kept, ([str(generated)] if generated.is_dir() else [])
 
 
@@ -297,19 +295,19 @@ def plan_epoch(
     Raises:
         ValueError: when there are fewer samples than ranks.
     """
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
+    sizes = np.asarray(counts, dtype=np.int64)
+    total = int(sizes.sum())
     if total < world_size:
         raise ValueError(f"only {total} samples for {world_size} ranks: every rank needs at least one sample")
-    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
-    ends = np.cumsum(counts[order])
+    order = np.random.default_rng([seed, epoch]).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+    ends = np.cumsum(sizes[order])
     lo, hi = rank * total // world_size, (rank + 1) * total // world_size
     per_rank = -(-total // world_size)
     positions = np.arange(lo, hi, dtype=np.int64)
     positions = np.concatenate([positions, positions[: per_rank - len(positions)]])
     slot = np.searchsorted(ends, positions, side="right")
     shard = order[slot]
-    local = positions - (ends[slot] - counts[shard])
+    local = positions - (ends[slot] - sizes[shard])
     return shard, local
 
 
@@ -437,7 +435,9 @@ class StreamDataset(IterableDataset):
         # also seeds CUDA lazily and costs ~2 ms per call.
         generator = torch.default_generator
         saved = generator.get_state()
-        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, self.rank, position]).generate_state(1)[0]))
+        generator.manual_seed(
+            int(np.random.SeedSequence([self.seed, self.epoch, self.rank, position]).generate_state(1)[0])
+        )
         try:
             return self.transform(image)
         finally:

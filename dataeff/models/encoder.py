@@ -1,10 +1,11 @@
-"""timm ViT encoders: build from config, load local weights, export, pool features.
+"""timm ViT encoders: build from config, load local weights, describe an export, pool features.
 
 An exported encoder is a directory holding ``encoder.safetensors`` (a timm state
 dict without a classifier head) and ``encoder.json`` (timm name + constructor
 arguments), so ``timm.create_model(name, pretrained=True,
 pretrained_cfg_overlay=dict(file=...), **kwargs)`` rebuilds it exactly. No weights
-are ever downloaded: a missing local file is an error.
+are ever downloaded: a missing local file is an error. This module only says *what*
+an export holds (:func:`export_contents`); the pre-training shell writes it.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
-from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dataeff.config import ConfigError, EncoderConfig
-from dataeff.files import write_atomic, write_json_atomic
+from dataeff.constants import ENCODER_FORMAT, ENCODER_META, ENCODER_WEIGHTS
 
-EXPORT_WEIGHTS = "encoder.safetensors"
-EXPORT_META = "encoder.json"
 _SHAPE_KEYS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads")
 
 
@@ -35,10 +34,10 @@ def model_kwargs(cfg: EncoderConfig) -> dict[str, Any]:
 
 def _export_meta_path(weights: str) -> Path | None:
     path = Path(weights)
-    if path.is_dir() and (path / EXPORT_META).is_file():
-        return path / EXPORT_META
-    if path.is_file() and (path.parent / EXPORT_META).is_file() and path.name == EXPORT_WEIGHTS:
-        return path.parent / EXPORT_META
+    if path.is_dir() and (path / ENCODER_META).is_file():
+        return path / ENCODER_META
+    if path.is_file() and (path.parent / ENCODER_META).is_file() and path.name == ENCODER_WEIGHTS:
+        return path.parent / ENCODER_META
     return None
 
 
@@ -64,38 +63,43 @@ def resolve(cfg: EncoderConfig) -> EncoderConfig:
         return cfg
     meta = json.loads(meta_path.read_text())
     shape = {k: meta["kwargs"].get(k) for k in _SHAPE_KEYS}
-    return dataclasses.replace(cfg, name=meta["model"], weights=str(meta_path.parent / EXPORT_WEIGHTS), **shape)
+    return dataclasses.replace(cfg, name=meta["model"], weights=str(meta_path.parent / ENCODER_WEIGHTS), **shape)
 
 
-def build_encoder(cfg: EncoderConfig) -> nn.Module:
+def build_encoder(cfg: EncoderConfig) -> VisionTransformer:
     """A timm ViT without classifier head (``num_classes=0``), weights loaded if given.
 
-    Returns the model in train mode; call ``.eval()`` for inference.
+    Returns the model in train mode; call ``.eval()`` for inference. Typed as timm's
+    ``VisionTransformer``, the interface every caller uses (patch embedding, blocks,
+    ``forward_features``); timm itself returns an untyped ``nn.Module``.
     """
     cfg = resolve(cfg)
     kwargs = model_kwargs(cfg)
     if cfg.weights:
-        return timm.create_model(
+        model = timm.create_model(
             cfg.name,
             pretrained=True,
             pretrained_cfg_overlay=dict(file=os.fspath(cfg.weights), num_classes=0),
             num_classes=0,
             **kwargs,
         )
-    return timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    else:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
+    return cast(VisionTransformer, model)
 
 
-def export_encoder(model: nn.Module, cfg: EncoderConfig, out_dir: str | os.PathLike) -> Path:
-    """Write ``encoder.safetensors`` + ``encoder.json`` into ``out_dir`` (atomically)."""
-    out = Path(out_dir)
+def export_contents(model: nn.Module, cfg: EncoderConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What an encoder export holds: the timm state dict without its head, and ``encoder.json``.
+
+    Returns:
+        ``(state, meta)``: contiguous CPU tensors, and ``{"model", "kwargs", "format"}``.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    write_atomic(out / EXPORT_WEIGHTS, lambda tmp: save_file(state, os.fspath(tmp)))
-    meta = {"model": cfg.name, "kwargs": model_kwargs(cfg), "format": "dataeff-encoder/1"}
-    write_json_atomic(out / EXPORT_META, meta, indent=2)
-    return out / EXPORT_WEIGHTS
+    meta = {"model": cfg.name, "kwargs": model_kwargs(cfg), "format": ENCODER_FORMAT}
+    return state, meta
 
 
-def pooled_features(model: nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
+def pooled_features(model: VisionTransformer, images: torch.Tensor, pool: str) -> torch.Tensor:
     """One vector per image from a timm ViT.
 
     Shape:

@@ -7,32 +7,34 @@ as a plain timm state dict. Only the visible 25 % of patches go through it; a li
 decoder (MAE paper defaults: 8 blocks x 512, fixed 2-D sin-cos positions) predicts
 the normalised pixels of the masked patches (MAE Sec. 3, "normalized pixels").
 
-Pure pieces (patchify, masking, losses, schedules) are functions; :class:`MAE` is the
+Pure pieces (patchify, masking, losses) are functions; :class:`MAE` is the
 LightningModule shell. Masks are drawn from generators seeded by (seed, micro-step,
 rank), never from the global RNG, so a resumed run draws the same masks as an
-uninterrupted one and :meth:`MAE.reconstruction_loss` is reproducible.
+uninterrupted one and :meth:`MAE.reconstruction_loss` is reproducible. The optimiser and
+schedule come from :mod:`dataeff.optim`; strategies, checkpoints and files belong to the
+shell (:mod:`dataeff.pretrain`, :mod:`dataeff.trainer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from timm.models.vision_transformer import Block
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from dataeff.config import ConfigError, EncoderConfig, option
+from dataeff.constants import MAE_CKPT, MAE_FORMAT
 from dataeff.models.encoder import build_encoder
-
-MAE_CKPT = "mae.ckpt"
-MAE_FORMAT = "dataeff-mae/1"
+from dataeff.optim import make_adamw, warmup_cosine_scheduler
 
 
 @dataclass
@@ -168,14 +170,6 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
-def lr_factor(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
-    """Linear warm-up then half-cosine decay to ``floor`` (fraction of the peak lr)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def mix_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from several integers (step, rank, ...)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
@@ -191,12 +185,14 @@ class MAE(pl.LightningModule):
         encoder_cfg: the encoder (``build_encoder``); random init needs ``allow_random_init``.
         mae_cfg: mask ratio, loss and decoder shape.
         optim_cfg: optimiser and schedule; ``lr`` is the already scaled peak lr.
-        lr: peak learning rate (``trainer.scaled_lr(base_lr, ...)``); None = ``optim_cfg.base_lr``.
+        lr: peak learning rate (``optim.scaled_lr(base_lr, ...)``); None = ``optim_cfg.base_lr``.
         max_steps: schedule length in optimiser steps.
         seed: mixes into every training mask.
 
     Batches are ``{"image": (B, 3, S, S), "key": list[str]}`` (ImageNet-normalised).
     """
+
+    decoder_pos_embed: torch.Tensor  # fixed sin-cos buffer, registered in __init__
 
     def __init__(
         self,
@@ -214,14 +210,16 @@ class MAE(pl.LightningModule):
         self.lr = lr if lr is not None else self.optim_cfg.base_lr
         self.max_steps = max_steps
         self.seed = seed
-        self.encoder = enc = build_encoder(encoder_cfg)
+        self.encoder: VisionTransformer = build_encoder(encoder_cfg)
+        enc: Any = self.encoder  # timm types many ViT attributes loosely (Optional, Module)
         for attr in ("patch_embed", "blocks", "norm", "pos_embed", "num_prefix_tokens"):
             if not hasattr(enc, attr) or getattr(enc, attr) is None:
                 raise ConfigError(f"encoder.name={encoder_cfg.name}: MAE needs a timm VisionTransformer with '{attr}'")
         if getattr(enc, "dynamic_img_size", False):
             raise ConfigError(f"encoder.name={encoder_cfg.name}: dynamic image size is not supported by MAE")
         self.patch = int(enc.patch_embed.patch_size[0])
-        self.grid = tuple(int(g) for g in enc.patch_embed.grid_size)
+        grid = enc.patch_embed.grid_size
+        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
         self.num_patches = self.grid[0] * self.grid[1]
         self.prefix = int(enc.num_prefix_tokens)
         dim = int(enc.embed_dim)
@@ -236,7 +234,8 @@ class MAE(pl.LightningModule):
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_blocks = nn.Sequential(
             *[
-                Block(ddim, mae_cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
+                # timm calls norm_layer(dim): any layer factory works, not only a class.
+                Block(ddim, mae_cfg.decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)  # type: ignore[arg-type]
                 for _ in range(mae_cfg.decoder_depth)
             ]
         )
@@ -275,6 +274,7 @@ class MAE(pl.LightningModule):
         enc = self.encoder
         x = enc.patch_embed(images)
         pos = enc.pos_embed
+        assert pos is not None  # checked in __init__
         patch_pos = pos if enc.no_embed_class else pos[:, self.prefix :]
         x = x + patch_pos
         ids_keep, ids_restore, mask = split_by_noise(noise.to(x.device), self.keep_count())
@@ -361,14 +361,16 @@ class MAE(pl.LightningModule):
         self.images_seen += images.shape[0] * self.trainer.world_size
         loss = self(images, noise)[0].mean()
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("lr", float(self.lr_schedulers().get_last_lr()[0]), on_step=True, on_epoch=False)
+        scheduler = cast(LRScheduler, self.lr_schedulers())  # the one configure_optimizers returns
+        self.log("lr", float(scheduler.get_last_lr()[0]), on_step=True, on_epoch=False)
         self.log("images_seen", float(self.images_seen), on_step=True, on_epoch=False)
         return loss
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (MAE/timm rule)."""
         no_decay_names = ("pos_embed", "cls_token", "reg_token", "mask_token")
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
@@ -378,14 +380,11 @@ class MAE(pl.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        from dataeff.trainer import make_adamw
-
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         o = self.optim_cfg
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         optimizer = make_adamw(self.param_groups(), self.lr, (o.beta1, o.beta2), o.weight_decay, device)
-        schedule = partial(lr_factor, warmup=o.warmup_steps, total=self.max_steps, floor=o.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = warmup_cosine_scheduler(optimizer, o.warmup_steps, self.max_steps, o.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

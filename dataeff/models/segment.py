@@ -12,26 +12,23 @@ fewer than a 512-channel UperNet — less to overfit and fast enough for CPU tes
 no artificial feature pyramid from a plain ViT, and still uses several encoder depths as
 the papers' protocol asks. GroupNorm rather than BatchNorm: batches are small and
 GroupNorm needs no SyncBN under DDP/DeepSpeed.
+
+The training shell (validation gather, best-weights tracking and writing) is
+:class:`dataeff.finetune_module.SegmentationModule`; this module holds the networks,
+the losses and the optimiser parameter groups only.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, cast
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-
-from dataeff.files import write_atomic
-from dataeff.metrics import confusion_matrix, segmentation_scores
-from dataeff.trainer import make_adamw
 
 
 def level_indices(depth: int, n_levels: int) -> list[int]:
@@ -67,7 +64,7 @@ class MLAHead(nn.Module):
         features: L tensors (B, D, H/p, W/p), shallow to deep -> (B, C, H/4, W/4)
     """
 
-    def __init__(self, in_dim: int, n_levels: int, patch_size: int, num_classes: int, channels: int = 128):
+    def __init__(self, in_dim: int, n_levels: int, patch_size: int, num_classes: int, channels: int = 128) -> None:
         super().__init__()
         self.lateral = nn.ModuleList(
             nn.Sequential(nn.Conv2d(in_dim, channels, 1, bias=False), _gn(channels)) for _ in range(n_levels)
@@ -79,7 +76,6 @@ class MLAHead(nn.Module):
         )
         self.fuse = _conv_block(channels * n_levels, channels)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
-        self.patch_size = patch_size
 
     def forward(self, features: list[torch.Tensor], out_hw: tuple[int, int]) -> torch.Tensor:
         lat = [proj(f) for proj, f in zip(self.lateral, features, strict=False)]
@@ -89,8 +85,9 @@ class MLAHead(nn.Module):
         quarter = (max(1, out_hw[0] // 4), max(1, out_hw[1] // 4))
         outs = []
         for x, stream in zip(lat, self.streams, strict=False):
-            x = stream[0](x)
-            for block in stream[1:]:
+            blocks = cast(nn.ModuleList, stream)
+            x = blocks[0](x)
+            for block in blocks[1:]:
                 x = block(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
             if x.shape[-2:] != quarter:  # patch sizes that are not 4·2^k
                 x = F.interpolate(x, size=quarter, mode="bilinear", align_corners=False)
@@ -111,7 +108,7 @@ class SegmentationModel(nn.Module):
         images: (B, 3, H, W) -> logits (B, C, H, W)
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, n_levels: int = 4, channels: int = 128):
+    def __init__(self, encoder: VisionTransformer, num_classes: int, n_levels: int = 4, channels: int = 128) -> None:
         super().__init__()
         if not hasattr(encoder, "forward_intermediates"):
             raise TypeError(f"{type(encoder).__name__} has no forward_intermediates; use a timm ViT")
@@ -192,29 +189,16 @@ def param_groups(
             groups[key] = {
                 "params": [],
                 "lr": lr * scale,
-                "lr_scale": scale,
                 "weight_decay": 0.0 if no_decay else weight_decay,
             }
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """lr multiplier: linear warm-up from ~0 to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
-
-
 @torch.no_grad()
 def predict_batches(
     model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu"
-) -> Iterable[tuple[dict[str, Any], torch.Tensor]]:
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
     """Yield ``(batch, predicted class map)`` for every batch, model in eval mode.
 
     Shape:
@@ -224,96 +208,3 @@ def predict_batches(
     for batch in batches:
         logits = model(batch["image"].to(device))
         yield batch, logits.argmax(dim=1).cpu()
-
-
-# --------------------------------------------------------------------------- Lightning shell
-
-
-class SegmentationModule(pl.LightningModule):
-    """Trains a :class:`SegmentationModel` with CE + Dice, AdamW, warm-up + cosine.
-
-    Validation accumulates one confusion matrix per epoch, sums it over ranks and logs
-    ``val/miou``; the weights of the epoch with the best val mIoU are kept (on CPU, in
-    ``best_state``) for the test evaluation. Under DDP/ZeRO-2 the model weights are
-    replicated, so every rank holds the same best state. Lightning's distributed sampler
-    may repeat a few val samples to even out ranks; that only affects model choice,
-    never the reported test scores (evaluated without repeats by the stage).
-
-    With ``best_path``, rank 0 also writes the best weights there (safetensors) at each
-    improvement, and checkpoints carry the best score, so a resumed run keeps its choice.
-    """
-
-    def __init__(
-        self,
-        model: SegmentationModel,
-        lr: float,
-        weight_decay: float,
-        layer_decay: float,
-        warmup_steps: int,
-        max_steps: int,
-        min_lr_ratio: float,
-        dice_weight: float,
-        best_path: str | os.PathLike | None = None,
-    ):
-        super().__init__()
-        self.model = model
-        self.lr, self.weight_decay, self.layer_decay = lr, weight_decay, layer_decay
-        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
-        self.dice_weight = dice_weight
-        self.best_path = Path(best_path) if best_path else None
-        self.best_miou = -1.0
-        self.best_step = -1
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.history: list[dict[str, float]] = []
-        self._val_cm: torch.Tensor | None = None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["image"])
-        loss = segmentation_loss(logits, batch["mask"], self.dice_weight)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        self.log("lr", self.optimizers().param_groups[-1]["lr"], batch_size=batch["image"].shape[0])
-        return loss
-
-    def on_validation_epoch_start(self) -> None:
-        n = self.model.num_classes
-        self._val_cm = torch.zeros(n, n, dtype=torch.long, device=self.device)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self.model(batch["image"])
-        self._val_cm += confusion_matrix(logits.argmax(1), batch["mask"], self.model.num_classes)
-
-    def on_validation_epoch_end(self) -> None:
-        cm = self.all_gather(self._val_cm)
-        cm = cm.sum(0) if cm.ndim == 3 else cm
-        scores = segmentation_scores(cm)
-        miou = scores["miou"] if scores["miou"] == scores["miou"] else 0.0  # NaN -> 0 for choice
-        # Identical on every rank after the gather; sync_dist just averages equal values.
-        self.log_dict({"val/miou": miou, "val/dice": scores["dice"], "val/fg_iou": scores["fg_iou"]}, sync_dist=True)
-        if self.trainer.sanity_checking:
-            return
-        self.history.append({"step": int(self.global_step), "val_miou": miou})
-        if miou > self.best_miou:
-            self.best_miou, self.best_step = miou, int(self.global_step)
-            self.best_state = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
-            if self.best_path is not None and self.trainer.is_global_zero:
-                write_atomic(self.best_path, lambda tmp: save_file(self.best_state, os.fspath(tmp)))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["dataeff_best"] = {"miou": self.best_miou, "step": self.best_step, "history": self.history}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        best = checkpoint.get("dataeff_best", {})
-        self.best_miou = float(best.get("miou", -1.0))
-        self.best_step = int(best.get("step", -1))
-        self.history = list(best.get("history", []))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        groups = param_groups(self.model, self.lr, self.weight_decay, self.layer_decay)
-        opt = make_adamw(groups, self.lr, (0.9, 0.999), self.weight_decay, self.device)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(self.warmup_steps, self.max_steps, self.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

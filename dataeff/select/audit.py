@@ -24,17 +24,54 @@ after the first), beside the same shares in the whole pool that reached selectio
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-QUALITY = ("dark", "blank", "overexposed", "blurred")
+from dataeff.config import ConfigError, option
+from dataeff.constants import (
+    EMBEDDING_REASONS,
+    KEPT,
+    NOT_SELECTED,
+    QUALITY_REASONS,
+    REDUNDANT_PREFIX,
+    TRUTH_FORMAT,
+)
+
+#: Columns of a ground-truth CSV.
+TRUTH_COLUMNS = ("source", "planted", "kind", "twin")
+
+
+@dataclass
+class AuditConfig:
+    """Planted-defect audit of the selection (printed and stored in summary.json)."""
+
+    truth: str = option("", help="planted-defect ground truth CSV (format dataeff-truth/1); empty = no audit")
+
+
+def read_truth(path: str) -> pd.DataFrame:
+    """The ground-truth CSV at ``path`` (every column as str).
+
+    Raises:
+        ConfigError: the file is missing or lacks a column of :data:`TRUTH_COLUMNS`.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"audit.truth={path}: no such file")
+    truth = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not set(TRUTH_COLUMNS) <= set(truth.columns):
+        raise ConfigError(f"audit.truth={path}: needs columns {sorted(TRUTH_COLUMNS)} (format {TRUTH_FORMAT})")
+    return truth
 
 
 def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 4) if b else None
 
 
-def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFrame) -> dict:
+def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
     """Precision/recall of dropped samples against planted defects (see module docstring)."""
     truth = truth.copy()
     idx = index.drop_duplicates("source").set_index("source")
@@ -49,7 +86,7 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
     t = truth[truth["status"] == "ok"].set_index("key")
     group = t["twin"].where((t["planted"] == "near_duplicate") & (t["twin"] != ""), t["source"])
     reason = rows["reason"].astype(str)
-    target = reason.str.extract(r"^redundant_of:(.*)$")[0]
+    target = reason.str.extract(f"^{re.escape(REDUNDANT_PREFIX)}(.*)$")[0]
     family = reason.where(target.isna(), "redundant")
     planted_kind = t["planted"].reindex(rows.index).fillna("none")
     grp = group.reindex(rows.index)
@@ -58,11 +95,11 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
         "none"
     ).eq("near_duplicate").values
     correct = np.where(
-        family.isin(QUALITY),
+        family.isin(QUALITY_REASONS),
         planted_kind == "invalid",
         np.where(family == "redundant", same_group & involves_dup, planted_kind != "none"),
     )
-    dropped = ~family.isin(["kept", "not_selected"])
+    dropped = ~family.isin([KEPT, NOT_SELECTED])
     per_reason = {}
     for fam in sorted(set(family[dropped])):
         sel = dropped & (family == fam)
@@ -80,12 +117,13 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
         if grp[k] == group.get(other, None):
             found_dup.update([k, other])
     reached = planted[planted["status"] == "ok"]
-    per_kind, per_cat = {}, {}
+    per_kind: dict[str, dict[str, Any]] = {}
+    per_cat: dict[str, dict[str, Any]] = {}
     for kind, sub in reached.groupby("kind"):
         keys = sub["key"].tolist()
         fam = family.reindex(keys)
         if (sub["planted"] == "invalid").all():
-            hit = fam.isin(QUALITY + ("outlier", "small_cluster"))
+            hit = fam.isin(QUALITY_REASONS + EMBEDDING_REASONS)
         else:
             hit = pd.Series([k in found_dup for k in keys], index=keys)
         per_kind[str(kind)] = {
@@ -127,12 +165,12 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
         "per_reason": per_reason,
         "per_category": per_cat,
         "per_kind": per_kind,
-        "kept": composition(rows.index[family == "kept"]),
+        "kept": composition(rows.index[family == KEPT]),
         "pool": composition(rows.index),
     }
 
 
-def format_audit(a: dict) -> str:
+def format_audit(a: dict[str, Any]) -> str:
     """A readable table of :func:`audit_selection`'s result (printed on stdout by select)."""
     lines = [
         f"planted-defect audit: dropped {a['dropped']}, precision {a['precision']}, recall {a['recall']}",

@@ -1,24 +1,44 @@
 """Spherical k-means with faiss, nearest-centroid assignment, work partitioning.
 
-Pure functions over numpy arrays (no I/O, no collectives). The selection
-stage trains k-means once (rank 0), broadcasts the centroids, assigns fixed-size
-row chunks round-robin over ranks and partitions clusters over ranks for the
-per-cluster work. Every result here depends only on the (key-sorted) input rows,
-never on the number of ranks: chunk boundaries are fixed, the k-means sample is
-drawn with a seeded generator, ties go to the lowest index.
+Pure functions over numpy arrays (no I/O, no collectives); the distributed wrapper
+beside it (``distributed_cluster.py``) trains k-means once (rank 0), broadcasts the
+centroids, assigns fixed-size row chunks round-robin over ranks and partitions
+clusters over ranks for the per-cluster work. Every result here depends only on the
+(key-sorted) input rows, never on the number of ranks: chunk boundaries are fixed,
+the k-means sample is drawn with a seeded generator, ties go to the lowest index.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-from dataeff.config import ConfigError
+from dataeff.config import ConfigError, option
 
 #: Rows per assignment chunk; fixed so that every chunk is computed identically on any rank.
 ASSIGN_CHUNK = 32768
+CLUSTER_DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass
+class ClusterConfig:
+    """Spherical k-means (faiss) shared by the clustering methods."""
+
+    k: int = option(0, help="clusters; 0 = round(sqrt(N)), at least 2 (PAPERS.md MedDEL step 2)")
+    niter: int = option(100, help="k-means iterations (PAPERS.md: about 100)")
+    max_points_per_centroid: int = option(256, help="k-means trains on at most k * this many seeded-sampled points")
+    device: str = option("auto", help="'auto' = faiss GPU index when faiss sees a GPU, else CPU; or 'cpu', 'gpu'")
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.niter < 1 or self.max_points_per_centroid < 1:
+            raise ConfigError(
+                "cluster.k must be >= 0 (0 = sqrt(N)); cluster.niter and cluster.max_points_per_centroid >= 1"
+            )
+        if self.device not in CLUSTER_DEVICES:
+            raise ConfigError(f"cluster.device={self.device!r}: choose auto, cpu or gpu")
 
 
 def default_k(n: int) -> int:
@@ -81,6 +101,7 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool = F
         min_points_per_centroid=1,
     )
     km.train(x)
+    assert km.centroids is not None, "faiss.Kmeans.train sets the centroids"
     c = km.centroids.astype(np.float32)
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 

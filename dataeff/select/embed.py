@@ -21,34 +21,56 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from dataeff import dist
-from dataeff.config import ConfigError, DataConfig, EncoderConfig, option, save_resolved, section, to_dict
+from dataeff.config import ConfigError, EncoderConfig, option, section, to_dict
+from dataeff.constants import EMBEDDINGS_FORMAT, EMBEDDINGS_HEADER
 from dataeff.data.stream import eval_transform, iter_shard, list_shards, shard_keys
-from dataeff.files import write_atomic, write_json_atomic
-from dataeff.models.encoder import build_encoder, resolve
+from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
+from dataeff.models.encoder import build_encoder, pooled_features, resolve
 
 log = logging.getLogger("dataeff")
 
-FORMAT = "dataeff-embeddings/1"
-HEADER_NAME = "header.json"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Pool = Literal["cls", "mean"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class EmbedDataConfig:
+    """The shard set to embed (embedding reads every ok sample in order: no crops, no shuffling)."""
+
+    shards: str = option("", help="shard directory (with index.parquet), or several joined by ','")
+    batch_size: int = option(64, help="images per forward pass per rank")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size={self.batch_size}: must be at least 1")
+
+
+@dataclass
+class EmbedEncoderConfig(EncoderConfig):
+    """The embedding ViT, plus how its tokens are pooled into one vector per image."""
+
+    pool: Pool = option("cls", help="embedding pooling: 'cls' token or 'mean' of patch tokens")
 
 
 @dataclass
 class EmbedConfig:
     """Embed every ok sample of a shard set."""
 
-    data: DataConfig = section(DataConfig, help="data.shards (input), data.batch_size (images per forward)")
-    encoder: EncoderConfig = section(EncoderConfig, help="the ViT; encoder=<path> sets encoder.weights")
+    data: EmbedDataConfig = section(EmbedDataConfig, help="data.shards (input), data.batch_size (images per forward)")
+    encoder: EmbedEncoderConfig = section(EmbedEncoderConfig, help="the ViT; encoder=<path> sets encoder.weights")
     out: str = option("", help="embeddings directory to write")
-    device: str = option("auto", help="'auto' (cuda:<local rank> when available, else cpu), 'cpu' or 'cuda'")
-    precision: str = option(
+    device: Device = option("auto", help="'auto' (cuda:<local rank> when available, else cpu), 'cpu' or 'cuda'")
+    precision: Precision = option(
         "auto", help="'auto' = bf16 autocast on GPU (fp16 without bf16), fp32 on CPU; or fp32/bf16/fp16"
     )
     seed: int = option(
@@ -61,16 +83,12 @@ class EmbedConfig:
             raise ConfigError("out is empty: set out=<embeddings dir>")
         if not self.data.shards:
             raise ConfigError("data.shards is empty: set data.shards=<shard dir written by 'dataeff shard'>")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
 
 # --------------------------------------------------------------------------- pure core
 
 
-def embed_batch(model: torch.nn.Module, images: torch.Tensor, pool: str, amp: torch.dtype | None) -> np.ndarray:
+def embed_batch(model: VisionTransformer, images: torch.Tensor, pool: str, amp: torch.dtype | None) -> np.ndarray:
     """L2-normalised pooled features of a batch, as float16.
 
     Normalisation happens in float32, after autocast, so rows are unit length up to
@@ -79,8 +97,6 @@ def embed_batch(model: torch.nn.Module, images: torch.Tensor, pool: str, amp: to
     Shape:
         images: (B, 3, S, S) on the model's device -> (B, D) float16.
     """
-    from dataeff.models.encoder import pooled_features
-
     ctx = torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext()
     with torch.inference_mode(), ctx:
         feats = pooled_features(model, images, pool)
@@ -113,10 +129,10 @@ def _batches(samples: Iterator[dict], transform, size: int) -> Iterator[tuple[li
 # --------------------------------------------------------------------------- files
 
 
-def _save_npz(path: Path, keys: np.ndarray, emb: np.ndarray, **extra: str) -> None:
+def _save_npz(path: Path, keys: np.ndarray, emb: np.ndarray, **extra: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-            np.savez(fh, keys=np.asarray(keys, dtype=str), embeddings=emb.astype(np.float16), **extra)
+            np.savez(fh, keys=np.asarray(keys, dtype=str), embeddings=emb.astype(np.float16), **extra)  # type: ignore[arg-type]
 
     write_atomic(path, write)
 
@@ -137,9 +153,9 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
         ConfigError: no header (not embedded or not finished), a missing rank file, or
             rank files whose embedding dimensions differ from each other or the header.
     """
-    path = Path(emb_dir) / HEADER_NAME
+    path = Path(emb_dir) / EMBEDDINGS_HEADER
     if not path.is_file():
-        raise ConfigError(f"embeddings={emb_dir}: no {HEADER_NAME}; run 'dataeff embed' (to completion) first")
+        raise ConfigError(f"embeddings={emb_dir}: no {EMBEDDINGS_HEADER}; run 'dataeff embed' (to completion) first")
     header = json.loads(path.read_text())
     for name in header["files"]:
         f = Path(emb_dir) / name
@@ -174,14 +190,6 @@ def load_embeddings(
     return k[order], e[order].astype(dtype, copy=False)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- stage
 
 
@@ -213,8 +221,8 @@ def main(cfg: EmbedConfig) -> None:
     enc = resolve(cfg.encoder)  # refuses to run without weights unless allow_random_init
     set_hash = shard_set_hash(tars, keys_per_shard)
     identity = {"encoder": {"name": enc.name, "weights": enc.weights}, "shard_set_hash": set_hash}
-    if (out / HEADER_NAME).is_file():
-        old = json.loads((out / HEADER_NAME).read_text())
+    if (out / EMBEDDINGS_HEADER).is_file():
+        old = json.loads((out / EMBEDDINGS_HEADER).read_text())
         if {
             "encoder": {k: old["encoder"][k] for k in ("name", "weights")},
             "shard_set_hash": old["shard_set_hash"],
@@ -247,7 +255,7 @@ def main(cfg: EmbedConfig) -> None:
         keys, embs = [], []
         for batch_keys, images in _batches(iter_shard(tars[i], set(expected)), transform, cfg.data.batch_size):
             keys += batch_keys
-            embs.append(embed_batch(model, images.to(device, non_blocking=True), enc.pool, amp))
+            embs.append(embed_batch(model, images.to(device, non_blocking=True), cfg.encoder.pool, amp))
             bar.update(len(batch_keys))
             done += len(batch_keys)
         if keys != expected:
@@ -300,15 +308,15 @@ def _finish(
             if stale.name not in files:
                 stale.unlink()
         header = {
-            "format": FORMAT,
+            "format": EMBEDDINGS_FORMAT,
             "encoder": {
                 "name": enc.name,
                 "weights": enc.weights,
-                "sha256": _sha256(enc.weights) if enc.weights else f"random-init(seed={cfg.seed})",
+                "sha256": file_sha256(enc.weights) if enc.weights else f"random-init(seed={cfg.seed})",
                 "config": to_dict(enc),
             },
             "image_size": enc.img_size,
-            "pool": enc.pool,
+            "pool": cfg.encoder.pool,
             "dim": dim,
             "count": total,
             "shards": cfg.data.shards,
@@ -316,6 +324,6 @@ def _finish(
             "world_size": world,
             "files": files,
         }
-        write_json_atomic(out / HEADER_NAME, header, indent=2)
+        write_json_atomic(out / EMBEDDINGS_HEADER, header, indent=2)
         shutil.rmtree(out / "parts", ignore_errors=True)
     dist.barrier()

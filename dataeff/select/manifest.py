@@ -3,12 +3,14 @@
 Format ``dataeff-selection/1`` (docs/architecture.md "Selection directory"). Building
 the table and the summary is pure; only :func:`write_selection` and
 :func:`read_selection` touch the disk (temp name, then rename; the summary last, so
-its presence means the selection is complete).
+its presence means the selection is complete). Every method keeps exactly
+:func:`target_count` samples, so methods are compared at the same size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dataeff.constants import KEPT, NOT_SELECTED, REDUNDANT_PREFIX, SELECTION_FORMAT, SELECTION_NAME, SUMMARY_NAME
 from dataeff.files import write_atomic, write_json_atomic
 
-FORMAT = "dataeff-selection/1"
-SELECTION_NAME = "selection.parquet"
-SUMMARY_NAME = "summary.json"
 COLUMNS = ("key", "kept", "reason", "cluster", "score", "generated")
 
 
@@ -39,7 +39,7 @@ class Decisions:
     reason: np.ndarray
     cluster: np.ndarray
     score: np.ndarray
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
     #: Rows for generated samples (columns key, kept, reason, cluster, score), e.g. OptiDEL mosaics.
     generated: pd.DataFrame | None = None
 
@@ -48,14 +48,31 @@ class Decisions:
         assert len(self.reason) == len(self.cluster) == len(self.score) == n, "decision arrays differ in length"
 
 
+def target_count(ratio: float, n: int) -> int:
+    """round(ratio * n), half up, at least 1 for a non-empty pool."""
+    return 0 if n == 0 else max(1, int(math.floor(ratio * n + 0.5)))
+
+
 def reasons_for(kept: np.ndarray, dropped_reason: np.ndarray) -> np.ndarray:
     """ "kept" where kept, else the drop reason ('' -> "not_selected").
 
     Shape:
         kept (N,) bool, dropped_reason (N,) object -> (N,) object.
     """
-    out = np.where(dropped_reason == "", "not_selected", dropped_reason).astype(object)
-    out[kept] = "kept"
+    out = np.where(dropped_reason == "", NOT_SELECTED, dropped_reason).astype(object)
+    out[kept] = KEPT
+    return out
+
+
+def redundant_reasons(reason: np.ndarray, redundant: np.ndarray, prev: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``reason`` with ``redundant_of:<key of the earlier member>`` on the redundant rows.
+
+    Shape:
+        reason (N,) object, redundant (N,) bool, prev (N,) int64 row ids, keys (N,) -> (N,) object.
+    """
+    out = reason.copy()
+    for i in np.flatnonzero(redundant):
+        out[i] = f"{REDUNDANT_PREFIX}{keys[prev[i]]}"
     return out
 
 
@@ -79,23 +96,24 @@ def selection_frame(keys: np.ndarray, d: Decisions) -> pd.DataFrame:
 
 def reason_family(reason: str) -> str:
     """ "redundant_of:<key>" -> "redundant"; other reasons unchanged."""
-    return "redundant" if reason.startswith("redundant_of:") else reason
+    return "redundant" if reason.startswith(REDUNDANT_PREFIX) else reason
 
 
 def counts_by_reason(frame: pd.DataFrame) -> dict[str, int]:
+    """Rows per reason family (:func:`reason_family`), sorted by family."""
     fam = frame["reason"].map(reason_family)
     return {str(k): int(v) for k, v in sorted(fam.value_counts().items())}
 
 
 def build_summary(
-    method: str, ratio: float, frame: pd.DataFrame, config: dict, inputs: dict, info: dict[str, Any]
-) -> dict:
+    method: str, ratio: float, frame: pd.DataFrame, config: dict[str, Any], inputs: dict[str, Any], info: dict[str, Any]
+) -> dict[str, Any]:
     """``summary.json`` content; N = pool rows (ok samples), kept_fraction = kept / N."""
     pool = frame[~frame["generated"]]
     n = len(pool)
     kept = int(frame["kept"].sum())
     return {
-        "format": FORMAT,
+        "format": SELECTION_FORMAT,
         "method": method,
         "ratio": ratio,
         "pool_size": n,
@@ -110,7 +128,7 @@ def build_summary(
     }
 
 
-def write_selection(out_dir: str | os.PathLike, frame: pd.DataFrame, summary: dict) -> Path:
+def write_selection(out_dir: str | os.PathLike, frame: pd.DataFrame, summary: dict[str, Any]) -> Path:
     """Write ``selection.parquet`` then ``summary.json`` (each atomically) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,13 +146,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:
+    """True when ``out_dir`` holds both manifest files (the summary is written last)."""
     out = Path(out_dir)
     return (out / SELECTION_NAME).is_file() and (out / SUMMARY_NAME).is_file()
 
 
-def read_selection(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
-    """The manifest table and summary of a selection directory."""
+def read_selection(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The manifest table (columns :data:`COLUMNS`) and summary of a selection directory.
+
+    Raises:
+        ValueError: ``out_dir`` is not a complete ``dataeff select`` output.
+    """
     out = Path(out_dir)
     if not is_complete(out):
-        raise ValueError(f"{out_dir} holds no complete selection ({SELECTION_NAME} + {SUMMARY_NAME})")
+        raise ValueError(
+            f"{out_dir} holds no complete selection ({SELECTION_NAME} + {SUMMARY_NAME}): "
+            "point data.selection at a 'dataeff select' output"
+        )
     return pd.read_parquet(out / SELECTION_NAME), json.loads((out / SUMMARY_NAME).read_text())

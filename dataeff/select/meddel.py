@@ -1,8 +1,9 @@
 """MedDEL: drop invalid and disruptive samples, then redundant ones, to an exact ratio.
 
-Pure numpy over key-sorted arrays (no I/O, no collectives); the selection
-stage runs :func:`cluster_redundancy` on the clusters a rank
-owns and :func:`decide` on the gathered results. Steps follow PAPERS.md "MedDEL":
+Pure numpy over key-sorted arrays (no I/O, no collectives); the shell
+(``meddel_run.py``, with ``distributed_cluster.py``) runs :func:`cluster_redundancy`
+on the clusters a rank owns and :func:`decide` on the gathered results. Steps follow
+PAPERS.md "MedDEL":
 
 1. quality (step 5, our rule): frames that are dark, blank, over-exposed or blurred
    by the statistics the shard stage recorded (index.parquet), each switchable;
@@ -24,15 +25,15 @@ owns and :func:`decide` on the gathered results. Steps follow PAPERS.md "MedDEL"
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from dataeff.config import ConfigError, option
+from dataeff.constants import QUALITY_REASONS
 
-QUALITY_REASONS = ("dark", "overexposed", "blank", "blurred")
 ORDERS = ("hard", "easy", "random")
 #: Similarity-matrix elements per block in :func:`max_earlier_similarity` (64 MB of float32).
 _BLOCK_ELEMS = 1 << 24
@@ -72,11 +73,6 @@ class MedDELConfig:
             raise ConfigError(f"meddel.order={self.order!r}: choose one of {', '.join(ORDERS)}")
         if self.epsilon is not None and not 0.0 <= self.epsilon <= 2.0:
             raise ConfigError(f"meddel.epsilon={self.epsilon}: must be in [0, 2] or null (= bisection)")
-
-
-def target_count(ratio: float, n: int) -> int:
-    """round(ratio * n), half up, at least 1 for a non-empty pool."""
-    return 0 if n == 0 else max(1, int(math.floor(ratio * n + 0.5)))
 
 
 def quality_reasons(quality: pd.DataFrame, cfg: MedDELConfig) -> np.ndarray:
@@ -242,7 +238,7 @@ def decide(
     invalid_reason: np.ndarray,
     target: int,
     epsilon: float | None,
-) -> tuple[np.ndarray, np.ndarray, dict]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Kept mask and redundancy mask for the whole pool, with exactly ``target`` kept if possible.
 
     Shape:
@@ -257,7 +253,7 @@ def decide(
         t = 1.0 - epsilon
     survivors = valid & (m <= t)
     redundant = valid & ~survivors
-    info: dict = {"epsilon": float(np.clip(1.0 - t, 0.0, 2.0)) if t != np.inf else None, "valid": n_valid}
+    info: dict[str, Any] = {"epsilon": float(np.clip(1.0 - t, 0.0, 2.0)) if t != np.inf else None, "valid": n_valid}
     n_surv = int(survivors.sum())
     if n_surv >= target:
         kept = balanced_pick(labels, pos.astype(np.float64), survivors, target)

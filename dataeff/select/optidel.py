@@ -7,7 +7,7 @@ The pipeline is SAM patches (``sam_hard.py``) -> hardness (MAE loss, fixed mask 
 -> top-N hardest under the caps -> 2x2 mosaics (``compose.py``), N = 4 * round(R * |D|).
 
 This file holds the config and the pure core (selection, mosaic assignment, coverage);
-the distributed shell (SAM + scoring per shard, gathering, composition, gallery) is
+the distributed shell (SAM + scoring per shard, gathering, composition) is
 ``optidel_run.py``, registered as the select stage's ``optidel`` method.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from dataeff.config import ConfigError, option
 from dataeff.select.compose import PATCHES_PER_MOSAIC
+from dataeff.select.manifest import target_count
 from dataeff.select.sam_hard import SamConfig, check_checkpoint
 
 log = logging.getLogger("dataeff")
@@ -62,8 +63,6 @@ def budget(ratio: float, pool_size: int, include_originals: bool, originals_frac
     Keeping the total at round(R * |D|) keeps NormDEL's R honest when originals are added.
     The count is the select stage's (half up, at least 1), so every method keeps the same number.
     """
-    from dataeff.select.meddel import target_count
-
     total = target_count(ratio, pool_size)
     originals = int(round(originals_fraction * total)) if include_originals else 0
     return total - originals, originals

@@ -9,7 +9,8 @@
 3. Composition: mosaic shard j is written by rank j % W. Each shard is a pure function
    of the plan and the source images (fixed tar headers, lossless PNG), so the bytes do
    not depend on W — splitting composition keeps its decode/encode cost parallel instead
-   of serialising it on rank 0. Rank 0 writes the shard index once all are written.
+   of serialising it on rank 0 (``mosaic_shards.py``). Rank 0 writes the shard index
+   once all are written.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,15 @@ import torch
 from tqdm import tqdm
 
 from dataeff import dist
-from dataeff.data.stream import IMAGENET_MEAN, IMAGENET_STD, iter_shard
+from dataeff.constants import GENERATED_DIR, IMAGENET_MEAN, IMAGENET_STD, MAE_CKPT
+from dataeff.data.stream import iter_shard
 from dataeff.files import write_atomic
 from dataeff.select import manifest
 from dataeff.select.compose import PATCHES_PER_MOSAIC
+from dataeff.select.config import SelectConfig
+from dataeff.select.distributed_cluster import cluster_pool
+from dataeff.select.gallery import write_optidel_gallery
+from dataeff.select.mosaic_shards import Records, write_generated
 from dataeff.select.optidel import assign_mosaics, budget, cluster_cap, coverage, select_hardest
 from dataeff.select.sam_hard import (
     RECORD_FIELDS,
@@ -39,13 +46,12 @@ from dataeff.select.sam_hard import (
     concat_records,
     extract_and_score,
     mask_generator,
-    mosaic_key,
-    read_crops,
-    write_generated,
 )
 
 log = logging.getLogger("dataeff")
 
+#: Table of every SAM patch with its provenance, score, cluster and mosaic slot.
+PATCHES_NAME = "patches.parquet"
 _PART_FIELDS = RECORD_FIELDS + ("image_keys", "image_scores", "skipped_keys", "skipped_reasons", "sam_s", "score_s")
 
 
@@ -62,6 +68,7 @@ def mae_scorer(path: str, device: torch.device, mask_seed: int) -> tuple[ScoreFn
     Returns:
         (score function on (B, S, S, 3) uint8 batches -> (B,) float32, the side S).
     """
+    # Imported here, not for a cycle: it pulls in pytorch_lightning (~2 s), which only this method needs.
     from dataeff.models.mae import MAE
 
     mae = MAE.load_for_scoring(path, device)
@@ -82,23 +89,26 @@ def pool_tars(quality: pd.DataFrame) -> list[str]:
     return [str(Path(d) / s) for d, s in pairs.itertuples(index=False)]
 
 
-def fingerprint(cfg: Any, scorer_path: str) -> str:
+def fingerprint(cfg: SelectConfig, scorer_path: str) -> str:
     """What a cached per-shard result depends on: SAM settings, scorer file, mask seed."""
     sam = {k: v for k, v in vars(cfg.sam).items() if k not in ("device", "cache_dir")}
     ckpt = Path(scorer_path)
-    ckpt = ckpt / "mae.ckpt" if ckpt.is_dir() else ckpt
+    ckpt = ckpt / MAE_CKPT if ckpt.is_dir() else ckpt
     stat = ckpt.stat()
     blob = json.dumps([sam, str(ckpt.resolve()), stat.st_size, stat.st_mtime_ns, cfg.optidel.mask_seed], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def extract_owned(tars: list[str], counts: dict[str, int], cfg: Any, rank: int, world: int) -> list[dict]:
+def extract_owned(
+    tars: list[str], counts: dict[str, int], cfg: SelectConfig, rank: int, world: int
+) -> list[dict[str, Any]]:
     """SAM patches + hardness of the shards this rank owns (i % W == rank), resuming finished ones."""
     owned = tars[rank::world]
     work = Path(cfg.sam.cache_dir) if cfg.sam.cache_dir else Path(cfg.out) / "sam"
     work.mkdir(parents=True, exist_ok=True)
     stamp = fingerprint(cfg, cfg.scorer)
-    parts, todo = [], []
+    parts: list[dict[str, Any]] = []
+    todo: list[tuple[str, Path]] = []
     for tar in owned:
         path = work / (Path(tar).stem + ".npz")
         if path.is_file():
@@ -120,14 +130,17 @@ def extract_owned(tars: list[str], counts: dict[str, int], cfg: Any, rank: int, 
             part = extract_and_score(
                 samples, generator, cfg.sam, side, score_fn, cfg.optidel.batch_size, lambda: bar.update(1)
             )
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, fingerprint=np.array(stamp), **part)
-            tmp.replace(path)
+            write_atomic(path, partial(_save_part, stamp=stamp, part=part), keep_suffix=True)
             parts.append(part)
     return parts
 
 
-def merge_parts(parts: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _save_part(tmp: Path, stamp: str, part: dict[str, Any]) -> None:
+    # keep_suffix: np.savez appends ".npz" to a name without it.
+    np.savez(tmp, fingerprint=np.array(stamp), **part)
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> tuple[Records, dict[str, Any]]:
     """All ranks' shard results -> (patch records sorted by (source, index), per-image arrays sorted by key)."""
     rec = concat_records(parts)
     order = np.lexsort((rec["index"], rec["source"]))
@@ -137,7 +150,10 @@ def merge_parts(parts: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, np.
         for n in ("image_keys", "image_scores", "skipped_keys", "skipped_reasons")
     }
     order = np.argsort(cat["image_keys"], kind="stable")
-    images = {"keys": cat["image_keys"][order].astype(str), "scores": cat["image_scores"][order].astype(np.float32)}
+    images: dict[str, Any] = {
+        "keys": cat["image_keys"][order].astype(str),
+        "scores": cat["image_scores"][order].astype(np.float32),
+    }
     images["skipped"] = dict(zip(cat["skipped_keys"].astype(str), cat["skipped_reasons"].astype(str), strict=False))
     images["sam_s"] = float(sum(float(p["sam_s"]) for p in parts))
     images["score_s"] = float(sum(float(p["score_s"]) for p in parts))
@@ -145,17 +161,19 @@ def merge_parts(parts: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, np.
 
 
 def run_optidel(
-    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame, cfg: Any, rank: int, world: int
+    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame | None, cfg: SelectConfig, rank: int, world: int
 ) -> manifest.Decisions:
     """OptiDEL for the select stage: same decisions on every rank, mosaics in ``<out>/generated``.
 
     Shape:
-        emb: (N, D) float16, keys: (N,) sorted; quality: the pool's ok index rows aligned to keys.
+        emb: (N, D) float16, keys: (N,) sorted; quality: the pool's ok index rows aligned to keys
+        (required: they locate each image's shard).
     """
-    from dataeff.select.stage import cluster_pool
-
-    oc, timings = cfg.optidel, {}
-    labels, _, k = cluster_pool(emb, cfg, rank, world, timings)
+    if quality is None:
+        raise ValueError("optidel needs the pool's index rows (shard, shard_dir) to read the images")
+    oc = cfg.optidel
+    timings: dict[str, float] = {}
+    labels, _, k = cluster_pool(emb, cfg.cluster, cfg.seed, rank, world, timings)
     tars = pool_tars(quality)
     counts = quality.groupby("shard").size().to_dict()
     parts = extract_owned(tars, counts, cfg, rank, world)
@@ -195,7 +213,9 @@ def run_optidel(
             strict=False,
         )
     )
-    gen = write_generated(Path(cfg.out) / "generated", run, groups, rec, cl, tar_of, oc.mosaics_per_shard, rank, world)
+    gen = write_generated(
+        Path(cfg.out) / GENERATED_DIR, run, groups, rec, cl, tar_of, oc.mosaics_per_shard, rank, world
+    )
     timings["compose"] = time.time() - t
 
     selected = np.zeros(len(rec["score"]), dtype=bool)
@@ -207,7 +227,9 @@ def run_optidel(
     if rank == 0:
         _write_patch_table(Path(cfg.out), rec, cl, selected, groups, gen["key"].to_numpy())
         if cfg.report.gallery:
-            pngs = write_gallery(Path(cfg.out), rec, selected, groups, tar_of, cfg.report.per_sheet)
+            pngs = write_optidel_gallery(
+                cfg.out, rec, selected, groups, gen["key"].tolist(), tar_of, cfg.report.per_sheet
+            )
             info["optidel_gallery"] = [str(p) for p in pngs]
     reason = np.array([images["skipped"].get(kk, "") for kk in keys], dtype=object)
     return manifest.Decisions(
@@ -220,8 +242,22 @@ def run_optidel(
     )
 
 
-def _v_information(rec, cl, labels, chosen, passes, images, orig_kept, k, cfg) -> dict[str, Any]:
-    """The V-information view of the selection (summary.json): hardness and cluster coverage."""
+def _v_information(
+    rec: Records,
+    cl: np.ndarray,
+    labels: np.ndarray,
+    chosen: np.ndarray,
+    passes: np.ndarray,
+    images: dict[str, Any],
+    orig_kept: np.ndarray,
+    k: int,
+    cfg: SelectConfig,
+) -> dict[str, Any]:
+    """The V-information view of the selection (summary.json): hardness and cluster coverage.
+
+    Shape:
+        cl: (P,) cluster of each patch's source, labels: (N,), chosen/passes: (K,), orig_kept: (N,) bool.
+    """
     scores = rec["score"]
     skipped: dict[str, int] = {}
     for reason in images["skipped"].values():
@@ -248,7 +284,7 @@ def _v_information(rec, cl, labels, chosen, passes, images, orig_kept, k, cfg) -
 
 
 def _write_patch_table(
-    out: Path, rec: dict, cl: np.ndarray, selected: np.ndarray, groups: np.ndarray, mosaic_keys: np.ndarray
+    out: Path, rec: Records, cl: np.ndarray, selected: np.ndarray, groups: np.ndarray, mosaic_keys: np.ndarray
 ) -> None:
     """``patches.parquet``: every SAM patch with its provenance, score, cluster and mosaic slot."""
     mosaic = np.full(len(cl), "", dtype=object)
@@ -274,82 +310,9 @@ def _write_patch_table(
             "quadrant": slot,
         }
     )
-    write_atomic(out / "patches.parquet", lambda tmp: frame.to_parquet(tmp, index=False))
+    write_atomic(out / PATCHES_NAME, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def _safe(name: str) -> str:
     """A key-safe run name (keys allow only [A-Za-z0-9_-])."""
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "run"
-
-
-def write_gallery(
-    out: Path, rec: dict, selected: np.ndarray, groups: np.ndarray, tar_of: dict, count: int
-) -> list[Path]:
-    """PNGs under ``<out>/gallery/``: sources with their SAM boxes, hardest/easiest patches, mosaics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from dataeff.select.compose import crop_patch
-
-    folder = out / "gallery"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    def sheet(name: str, items: list[tuple[np.ndarray, str]], draw=None) -> None:
-        if not items:
-            return
-        cols = min(len(items), 6)
-        rows = -(-len(items) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
-        for ax in axes.ravel():
-            ax.axis("off")
-        for i, (img, title) in enumerate(items):
-            ax = axes.ravel()[i]
-            ax.imshow(img)
-            ax.set_title(title, fontsize=7)
-            if draw is not None:
-                draw(ax, i)
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=100)
-        plt.close(fig)
-        written.append(folder / name)
-
-    order = np.argsort(-rec["score"], kind="stable")
-    hard, easy = order[:count], order[::-1][:count]
-    sources = list(dict.fromkeys(str(rec["source"][r]) for r in groups.ravel()))[:count]
-    rows_of = {s: np.flatnonzero(rec["source"] == s) for s in sources}
-    needed: dict[str, set] = {}
-    for r in np.concatenate([hard, easy]):
-        needed.setdefault(str(rec["source"][r]), set()).add(tuple(int(v) for v in rec["box"][r]))
-    crops, _ = read_crops(needed, tar_of)
-    full = {}
-    for s in sources:
-        for sample in iter_shard(tar_of[s], {s}):
-            full[s] = np.asarray(sample["image"], dtype=np.uint8)
-
-    def boxes(ax, i):
-        for r in rows_of[sources[i]]:
-            x0, y0, x1, y1 = rec["box"][r]
-            color = "red" if selected[r] else "yellow"
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
-
-    sheet("sources_sam_boxes.png", [(full[s], f"{s[:18]} ({len(rows_of[s])} boxes)") for s in sources], boxes)
-    for name, picked in (("hardest_patches.png", hard), ("easiest_patches.png", easy)):
-        items = []
-        for r in picked:
-            box = tuple(int(v) for v in rec["box"][r])
-            crop = crops[(str(rec["source"][r]), box)]
-            items.append((crop_patch(crop, (0, 0, crop.shape[1], crop.shape[0]), 96), f"score {rec['score'][r]:.4f}"))
-        sheet(name, items)
-    gen = out / "generated"
-    wanted = {mosaic_key(_safe(out.resolve().name), i) for i in range(min(count, len(groups)))}
-    mosaics = []
-    for tar in sorted(gen.glob("mosaic-*.tar")):
-        if len(mosaics) >= len(wanted):
-            break
-        mosaics += [(np.asarray(s["image"]), s["key"].rsplit("_", 1)[-1]) for s in iter_shard(str(tar), wanted)]
-    sheet("mosaics.png", mosaics)
-    return written

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.integration.test_optidel import build_inputs, run_select
 from tests.multiproc import run_ranks
-from tests.unit.test_optidel import build_inputs, run_select
 
 EXTRA = ("optidel.mosaics_per_shard=1",)  # one mosaic per tar, so both ranks compose
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from dataeff.config import DataConfig
 from dataeff.data.datamodules import PretrainDataModule
+from tests.fixtures import write_selection
 from tests.multiproc import run_ranks
-from tests.unit.test_stream import write_selection, write_shards
+from tests.unit.test_stream import write_shards
 
 
 def _cfg(shards: Path, **kw) -> DataConfig:

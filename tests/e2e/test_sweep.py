@@ -150,20 +150,18 @@ def test_rerun_skips_finished_cells(
     assert {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()} == mtimes
 
 
+def same_sweep(cfg: SweepConfig, *extra: str) -> SweepConfig:
+    """The finished sweep's config with ``extra`` key=value changes."""
+    root = cfg.datasets["tiny"]["data"]["root"]
+    return load_config(
+        SweepConfig, str(TINY), [f"out={cfg.out}", f"shards={cfg.shards}", f"datasets.tiny.data.root={root}", *extra]
+    )
+
+
 def test_changed_settings_are_not_mixed_into_finished_cells(sweep_run: tuple[SweepConfig, dict, dict]) -> None:
     cfg, _, _ = sweep_run
-    changed = load_config(
-        SweepConfig,
-        str(TINY),
-        [
-            f"out={cfg.out}",
-            f"shards={cfg.shards}",
-            f"datasets.tiny.data.root={cfg.datasets['tiny']['data']['root']}",
-            "pretrain.trainer.max_steps=7",
-        ],
-    )
     with pytest.raises(ConfigError, match="other settings"):
-        main(changed)
+        main(same_sweep(cfg, "pretrain.trainer.max_steps=7"))
 
 
 def test_keys_of_other_methods_leave_finished_cells_valid(sweep_run: tuple[SweepConfig, dict, dict]) -> None:
@@ -171,33 +169,10 @@ def test_keys_of_other_methods_leave_finished_cells_valid(sweep_run: tuple[Sweep
     cfg, _, _ = sweep_run
     cells = sorted(Path(cfg.out).glob("cells/*/cell.json"))
     before = [c.read_text() for c in cells]
-    main(
-        load_config(
-            SweepConfig,
-            str(TINY),
-            [
-                f"out={cfg.out}",
-                f"shards={cfg.shards}",
-                f"datasets.tiny.data.root={cfg.datasets['tiny']['data']['root']}",
-                "select.sam.points_per_side=3",
-                "select.semdedup.epsilon=0.2",
-            ],
-        )
-    )
+    main(same_sweep(cfg, "select.sam.points_per_side=3", "select.semdedup.epsilon=0.2"))
     assert [c.read_text() for c in cells] == before
     with pytest.raises(ConfigError, match="other settings"):  # MedDEL's own keys still count for its cells
-        main(
-            load_config(
-                SweepConfig,
-                str(TINY),
-                [
-                    f"out={cfg.out}",
-                    f"shards={cfg.shards}",
-                    f"datasets.tiny.data.root={cfg.datasets['tiny']['data']['root']}",
-                    "select.meddel.blur_var=81.0",
-                ],
-            )
-        )
+        main(same_sweep(cfg, "select.meddel.blur_var=81.0"))
 
 
 def test_config_errors(tmp_path: Path) -> None:
@@ -207,11 +182,12 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(SweepConfig, str(TINY), ["shards=x", "methods=[nope]"])
     with pytest.raises(ConfigError, match="ratios"):
         load_config(SweepConfig, str(TINY), ["shards=x", "ratios=[5]"])
-    cfg = load_config(
-        SweepConfig, str(TINY), [f"shards={tmp_path}", f"datasets.tiny.data.root={tmp_path}", "select.out=x"]
-    )
-    with pytest.raises(ConfigError, match="select.out is set by the sweep"):
-        main(cfg)
+    # Keys the sweep fills in every cell are not in its templates.
+    for key in ("select.out", "embed.data.shards", "pretrain.seed", "finetune.encoder.weights"):
+        with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+            load_config(
+                SweepConfig, str(TINY), [f"shards={tmp_path}", f"datasets.tiny.data.root={tmp_path}", f"{key}=x"]
+            )
 
 
 def test_plan_cells_protocol() -> None:

@@ -6,7 +6,6 @@ bf16 master weights and directory checkpoints); skipped with a reason on CPU mac
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,14 +19,18 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: DeepSpeed ZeRO-2 + bf16 is the GPU-only path", allow_module_level=True)
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
 
-import timm  # noqa: E402
 
 from dataeff import pretrain  # noqa: E402
 from dataeff.models.encoder import pooled_features  # noqa: E402
 from dataeff.models.mae import MAE  # noqa: E402
 from dataeff.trainer import find_resume_checkpoint  # noqa: E402
-from tests.unit.test_pretrain_resume import STEPS, _offline, _SigtermAt, shards  # noqa: E402,F401  (fixtures)
-from tests.unit.test_pretrain_resume import config as cpu_config  # noqa: E402
+from tests.pretrain_helpers import STEPS, SigtermAt, add_callback, load_exported, tiny_shards  # noqa: E402
+from tests.pretrain_helpers import config as cpu_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return tiny_shards(tmp_path_factory.mktemp("pool"))
 
 
 def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
@@ -36,15 +39,10 @@ def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
 
 def test_deepspeed_bf16_pretraining_export_and_resume(shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    original = pretrain.build_trainer
-    monkeypatch.setattr(
-        pretrain,
-        "build_trainer",
-        lambda *a, extra_callbacks=(), **k: original(*a, extra_callbacks=[*extra_callbacks, _SigtermAt(5)], **k),
-    )
-    with pytest.raises(SystemExit):
-        pretrain.main(config(shards, out))
-    monkeypatch.setattr(pretrain, "build_trainer", original)
+    with monkeypatch.context() as patched:
+        add_callback(patched, SigtermAt(5))
+        with pytest.raises(SystemExit):
+            pretrain.main(config(shards, out))
 
     ckpt = find_resume_checkpoint(out)
     assert ckpt is not None and ckpt.resolve().is_dir(), "DeepSpeed writes a checkpoint directory"
@@ -64,14 +62,7 @@ def test_deepspeed_bf16_pretraining_export_and_resume(shards, tmp_path, monkeypa
     assert lr[5] != lr[0] and lr[7] < lr[5], "the warm-up/cosine schedule continued after resume"
 
     # the export holds the fp32 master weights and loads in timm with the module's features
-    meta = json.loads((out / "encoder.json").read_text())
-    model = timm.create_model(
-        meta["model"],
-        pretrained=True,
-        num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(out / "encoder.safetensors")),
-        **meta["kwargs"],
-    ).eval()
+    model = load_exported(out)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     mae = MAE.load_for_scoring(out, device="cuda")
     images = torch.randn(4, 3, 32, 32)
@@ -83,7 +74,7 @@ def test_deepspeed_bf16_pretraining_export_and_resume(shards, tmp_path, monkeypa
 
 
 def test_fused_adamw_is_used_on_cuda():
-    from dataeff.trainer import make_adamw
+    from dataeff.optim import make_adamw
 
     p = torch.nn.Parameter(torch.zeros(4, device="cuda"))
     opt = make_adamw([p], 1e-3, (0.9, 0.95), 0.05, torch.device("cuda"))

@@ -5,10 +5,17 @@ import pytest
 
 from dataeff.config import ConfigError
 from dataeff.select import baselines as B
+from dataeff.select.baselines_run import run_full, run_random
+from dataeff.select.manifest import target_count
+from dataeff.select.semdedup import SemDeDupConfig, semdedup_decide
+from dataeff.select.semdedup_run import run_semdedup
+from tests.unit.test_meddel import select_cfg, synthetic_pool
 
 
 def test_full_keeps_everything():
-    assert B.select_full(7).all()
+    keys = np.array(["a", "b", "c"])
+    d = run_full(np.zeros((3, 2), np.float16), keys, None, select_cfg(method="full"), 0, 1)
+    assert d.kept.all() and (d.reason == "kept").all() and (d.cluster == -1).all()
 
 
 def test_random_is_seeded_exact_and_seed_dependent():
@@ -21,25 +28,21 @@ def test_random_is_seeded_exact_and_seed_dependent():
 
 def test_semdedup_trims_survivors_or_refills_from_removed():
     m = np.array([-np.inf, 0.5, 0.99, 0.2, 0.97, 0.1, 0.999, 0.3])
-    kept, red = B.semdedup_decide(m, epsilon=0.05, target=3, seed=0)
+    kept, red = semdedup_decide(m, epsilon=0.05, target=3, seed=0)
     survivors = m <= 0.95
     assert kept.sum() == 3 and not (kept & ~survivors).any()
     assert (red == ~survivors).all()
-    kept, red = B.semdedup_decide(m, epsilon=0.05, target=7, seed=0)
+    kept, red = semdedup_decide(m, epsilon=0.05, target=7, seed=0)
     assert kept.sum() == 7 and kept[survivors].all()
     assert red.sum() == 1 and not (kept & red).any()
 
 
 def test_semdedup_epsilon_validated():
     with pytest.raises(ConfigError, match="semdedup.epsilon"):
-        B.SemDeDupConfig(epsilon=-0.1)
+        SemDeDupConfig(epsilon=-0.1)
 
 
 def test_semdedup_shell_marks_planted_twins():
-    from dataeff.select.meddel import target_count
-    from dataeff.select.stage import run_random, run_semdedup
-    from tests.unit.test_meddel import select_cfg, synthetic_pool
-
     keys, emb, pairs, _ = synthetic_pool(seed=3)
     d = run_semdedup(emb, keys, None, select_cfg(method="semdedup", ratio=0.5, **{"semdedup.epsilon": 0.01}), 0, 1)
     reason = dict(zip(keys, d.reason, strict=False))

@@ -11,9 +11,9 @@ from dataeff.config import (
     describe_keys,
     load_config,
     option,
-    save_resolved,
     section,
 )
+from dataeff.files import save_resolved
 
 
 @dataclass

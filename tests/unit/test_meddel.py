@@ -4,8 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dataeff.config import ConfigError
+from dataeff.config import ConfigError, load_config
 from dataeff.select import meddel as M
+from dataeff.select.config import SelectConfig
+from dataeff.select.manifest import redundant_reasons, target_count
+from dataeff.select.meddel_run import run_meddel
 
 
 def synthetic_pool(seed=0, centres=8, per=40, dim=32, dups=10, outliers=3):
@@ -43,17 +46,23 @@ def quality_frame(n, dark=(), blurred=()):
 
 
 def select_cfg(**overrides):
-    from dataeff.config import load_config
-    from dataeff.select.stage import SelectConfig
-
     base = ["embeddings=unused", "out=unused", "cluster.niter=20"]
     return load_config(SelectConfig, None, base + [f"{k}={v}" for k, v in overrides.items()])
 
 
 def test_target_count_rounds_half_up():
-    assert M.target_count(0.05, 1000) == 50
-    assert M.target_count(0.25, 10) == 3  # 2.5 -> 3, not banker's 2
-    assert M.target_count(0.01, 10) == 1  # never empty for a non-empty pool
+    assert target_count(0.05, 1000) == 50
+    assert target_count(0.25, 10) == 3  # 2.5 -> 3, not banker's 2
+    assert target_count(0.01, 10) == 1  # never empty for a non-empty pool
+    assert target_count(0.5, 0) == 0
+
+
+def test_redundant_reasons_name_the_earlier_member():
+    reason = np.array(["", "dark", "", ""], dtype=object)
+    out = redundant_reasons(
+        reason, np.array([False, False, True, True]), np.array([-1, -1, 0, 2]), np.array(list("abcd"))
+    )
+    assert out.tolist() == ["", "dark", "redundant_of:a", "redundant_of:c"] and reason[2] == ""
 
 
 def test_quality_reasons_most_specific_first_and_switchable():
@@ -127,14 +136,12 @@ def test_decide_hits_target_exactly_or_reports_shortfall():
 
 
 def test_meddel_marks_twins_redundant_and_drops_outliers_at_exact_ratio():
-    from dataeff.select.stage import run_meddel
-
     keys, emb, pairs, outs = synthetic_pool()
     n = len(keys)
     quality = quality_frame(n, dark=[5], blurred=[6])
     for ratio in (0.5, 0.2):
         d = run_meddel(emb, keys, quality, select_cfg(ratio=ratio), 0, 1)
-        assert d.kept.sum() == M.target_count(ratio, n)
+        assert d.kept.sum() == target_count(ratio, n)
         reason = dict(zip(keys, d.reason, strict=False))
         for a, b in pairs:
             assert reason[a] == f"redundant_of:{b}" or reason[b] == f"redundant_of:{a}", (a, b, reason[a], reason[b])
@@ -150,10 +157,8 @@ def test_meddel_marks_twins_redundant_and_drops_outliers_at_exact_ratio():
 
 
 def test_meddel_without_quality_stats_still_selects():
-    from dataeff.select.stage import run_meddel
-
     keys, emb, _, _ = synthetic_pool(seed=1)
     q = quality_frame(len(keys)) * np.nan
     d = run_meddel(emb, keys, q, select_cfg(ratio=0.1), 0, 1)
-    assert d.kept.sum() == M.target_count(0.1, len(keys))
+    assert d.kept.sum() == target_count(0.1, len(keys))
     assert d.info["quality_checks"] == []

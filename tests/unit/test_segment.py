@@ -1,8 +1,6 @@
-"""Segmentation model: shapes, multi-level features, losses, param groups, schedule."""
+"""Segmentation model: shapes, multi-level features, losses, param groups (the schedule: ``test_optim.py``)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import timm
@@ -14,7 +12,6 @@ from dataeff.models.segment import (
     level_indices,
     param_groups,
     segmentation_loss,
-    warmup_cosine,
 )
 
 
@@ -108,13 +105,3 @@ def test_param_groups_layer_decay_and_no_decay():
     assert by_param[id(model.head.classifier.weight)]["lr"] == pytest.approx(1e-3)
     assert by_param[id(model.head.classifier.weight)]["weight_decay"] == 0.05
     assert by_param[id(model.head.classifier.bias)]["weight_decay"] == 0.0
-
-
-def test_warmup_cosine_schedule():
-    fn = warmup_cosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
-    assert fn(0) == pytest.approx(0.25)
-    assert fn(3) == pytest.approx(1.0)
-    assert fn(4) == pytest.approx(1.0)
-    assert fn(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert fn(14) == pytest.approx(0.1)
-    assert fn(100) == pytest.approx(0.1)

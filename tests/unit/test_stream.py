@@ -19,7 +19,7 @@ from PIL import Image
 from dataeff.config import DataConfig
 from dataeff.data import stream
 from dataeff.data.datamodules import PretrainDataModule
-from tests.fixtures import kvasir_images, make_shards, small_jpeg
+from tests.fixtures import kvasir_images, make_shards, small_jpeg, write_selection
 
 
 def write_shards(out: Path, sizes: list[int], name: str = "set", offset: int = 0) -> Path:
@@ -44,22 +44,6 @@ def write_shards(out: Path, sizes: list[int], name: str = "set", offset: int = 0
             row["offset"], row["length"] = spans[f"{row['key']}.jpg"]
     pd.DataFrame(rows).to_parquet(out / "index.parquet")
     return out
-
-
-def write_selection(sel: Path, keys: list[str], kept: set[str]) -> Path:
-    sel.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(
-        {
-            "key": keys,
-            "kept": [k in kept for k in keys],
-            "reason": "kept",
-            "cluster": -1,
-            "score": 0.0,
-            "generated": False,
-        }
-    )
-    table.to_parquet(sel / "selection.parquet")
-    return sel
 
 
 def epoch_batches(dm: PretrainDataModule) -> list[dict]:
@@ -253,7 +237,7 @@ def test_selection_filters_keys_and_streams_extra_and_generated(tmp_path, shards
     got = Counter(keys_of(epoch_batches(dm)))
     expected = kept | {f"extra_{i:04d}" for i in range(5)} | {f"gen_{i:04d}" for i in range(3)}
     assert set(got) == expected and set(got.values()) == {1}
-    assert stream.read_selection(sel) == (kept, [str(sel / "generated")])
+    assert stream.selection_keys(sel) == (kept, [str(sel / "generated")])
 
 
 def test_selection_of_other_shards_and_empty_selection_fail(tmp_path, shards):

@@ -1,4 +1,4 @@
-"""End-to-end ``dataeff finetune`` on 24 real Kvasir-SEG pairs at 64 px with a tiny random ViT.
+"""``dataeff finetune`` in one process on 24 real Kvasir-SEG pairs at 64 px with a tiny random ViT.
 
 One run through the CLI (module-scoped), then: the head learns (beats the untrained model
 on the same test split), results.json has the documented fields, the outputs exist, and a
@@ -18,9 +18,11 @@ from PIL import Image
 
 from dataeff import cli
 from dataeff.config import ConfigError, load_config
+from dataeff.constants import SPLIT_FORMAT
 from dataeff.data import downstream
 from dataeff.finetune import FinetuneConfig, build_model, evaluate_share, main
 from dataeff.metrics import segmentation_scores
+from tests.fixtures import tiny_encoder_config
 
 REPO = Path(__file__).resolve().parents[2]
 KVASIR = REPO / "data" / "kvasir-seg"
@@ -42,7 +44,7 @@ def make_kvasir_pairs(root: Path, n: int = N_PAIRS, size: int = SIZE) -> Path:
         mask.resize(wh, Image.Resampling.NEAREST).save(root / "masks" / f"{path.stem}.png")
         stems.append(path.stem)
     # Fixed split: 14 train / 4 val / 6 test.
-    split = {"format": downstream.SPLIT_FORMAT, "seed": 0, "train": stems[:14], "val": stems[14:18], "test": stems[18:]}
+    split = {"format": SPLIT_FORMAT, "seed": 0, "train": stems[:14], "val": stems[14:18], "test": stems[18:]}
     (root / "split.json").write_text(json.dumps(split))
     return root
 
@@ -180,18 +182,10 @@ def test_rank_shares_of_the_test_set_sum_to_the_whole(tmp_path):
 
 
 def test_build_model_from_a_pretrain_export_at_another_size(tmp_path):
-    from dataeff.config import EncoderConfig
-    from dataeff.models.encoder import build_encoder, export_encoder
+    from dataeff.models.encoder import build_encoder
+    from dataeff.pretrain import export_encoder
 
-    enc_cfg = EncoderConfig(
-        name="vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        embed_dim=64,
-        num_heads=2,
-        allow_random_init=True,
-    )
+    enc_cfg = tiny_encoder_config(32)
     torch.manual_seed(3)
     pretrained = build_encoder(enc_cfg)
     export_encoder(pretrained, enc_cfg, tmp_path / "pretrain")

@@ -1,13 +1,9 @@
-"""``dataeff pretrain`` end to end on tiny shards: resume after SIGTERM / a hard kill, export, skip.
-
-Also the pure trainer layout resolution (strategy, precision, devices per launcher).
-"""
+"""``dataeff pretrain`` on tiny shards in one process: resume after SIGTERM / a hard kill, export, skip."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,65 +11,21 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import pytorch_lightning as pl
-import timm
 import torch
 from safetensors.torch import load_file
 
 from dataeff import pretrain
-from dataeff.config import ConfigError, TrainerConfig, load_config
+from dataeff.config import ConfigError
 from dataeff.models.encoder import pooled_features
 from dataeff.models.mae import MAE
-from dataeff.trainer import find_resume_checkpoint, resolve_layout
-from tests.fixtures import REPO, make_shards
-
-TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
-STEPS = 8
+from dataeff.trainer import find_resume_checkpoint
+from tests.fixtures import REPO, write_selection
+from tests.pretrain_helpers import STEPS, SigtermAt, add_callback, config, load_exported, tiny_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return make_shards(tmp_path_factory.mktemp("pool"), n=24, size=40, samples_per_shard=7)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-
-
-def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
-    overrides = [
-        f"data.shards={shards}",
-        f"out={out}",
-        f"trainer.max_steps={STEPS}",
-        "trainer.checkpoint_every_n_steps=3",
-        "trainer.progress_bar=false",
-        "data.batch_size=6",
-        "panel_every_n_steps=4",
-        *extra,
-    ]
-    return load_config(pretrain.PretrainConfig, TINY, overrides)
-
-
-class _SigtermAt(pl.Callback):
-    """Sends this process SIGTERM after optimiser step ``step``, as SLURM does before pre-emption."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _with_callback(monkeypatch, callback: pl.Callback) -> None:
-    original = pretrain.build_trainer
-
-    def patched(*args, extra_callbacks=(), **kwargs):
-        return original(*args, extra_callbacks=[*extra_callbacks, callback], **kwargs)
-
-    monkeypatch.setattr(pretrain, "build_trainer", patched)
+    return tiny_shards(tmp_path_factory.mktemp("pool"))
 
 
 def _metrics(out: Path) -> pd.DataFrame:
@@ -120,7 +72,7 @@ def test_reference_run_outputs(reference):
 
 def test_sigterm_saves_checkpoint_and_resume_matches_uninterrupted(shards, reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    _with_callback(monkeypatch, _SigtermAt(5))
+    add_callback(monkeypatch, SigtermAt(5))
     with pytest.raises(SystemExit):
         pretrain.main(config(shards, out))
     monkeypatch.undo()
@@ -145,7 +97,7 @@ def test_hard_kill_resumes_from_periodic_checkpoint(shards, reference, tmp_path)
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
         import pytorch_lightning as pl
-        from tests.unit.test_pretrain_resume import config
+        from tests.pretrain_helpers import config
         from dataeff import pretrain
         from pathlib import Path
 
@@ -172,14 +124,7 @@ def test_hard_kill_resumes_from_periodic_checkpoint(shards, reference, tmp_path)
 
 
 def test_exported_encoder_loads_in_timm_with_same_features(reference):
-    meta = json.loads((reference / "encoder.json").read_text())
-    model = timm.create_model(
-        meta["model"],
-        pretrained=True,
-        num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(reference / "encoder.safetensors")),
-        **meta["kwargs"],
-    ).eval()
+    model = load_exported(reference)
     mae = MAE.load_for_scoring(reference / "mae.ckpt")
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -198,19 +143,7 @@ def test_complete_run_is_skipped(shards, reference):
 def test_selection_recorded_in_summary_and_tags(shards, tmp_path):
     index = pd.read_parquet(shards / "index.parquet")
     keys = sorted(index.loc[index["status"] == "ok", "key"])
-    sel = tmp_path / "sel"
-    sel.mkdir()
-    kept = set(keys[:8])
-    pd.DataFrame(
-        {
-            "key": keys,
-            "kept": [k in kept for k in keys],
-            "reason": "kept",
-            "cluster": -1,
-            "score": 0.0,
-            "generated": False,
-        }
-    ).to_parquet(sel / "selection.parquet")
+    sel = write_selection(tmp_path / "sel", keys, set(keys[:8]))
     (sel / "summary.json").write_text(json.dumps({"method": "random", "ratio": 0.4, "kept": 8, "kept_fraction": 0.4}))
     out = tmp_path / "run"
     summary = pretrain.main(config(shards, out, f"data.selection={sel}", "trainer.max_steps=3", "data.batch_size=4"))
@@ -224,37 +157,3 @@ def test_config_errors(shards, tmp_path):
         config(shards, tmp_path, "data.image_size=64")
     with pytest.raises(ConfigError, match="resume"):
         config(shards, tmp_path, "resume=/nonexistent.ckpt")
-
-
-# --------------------------------------------------------------------------- layout (pure)
-
-
-def test_layout_cpu_single_and_ddp():
-    one = resolve_layout(TrainerConfig(), {}, cuda_devices=0)
-    assert (one["strategy"], one["precision"], one["devices"], one["world_size"]) == ("auto", "32-true", 1, 1)
-    two = resolve_layout(TrainerConfig(), {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, cuda_devices=0)
-    assert (two["strategy"], two["devices"], two["num_nodes"]) == ("ddp", 2, 1)
-
-
-def test_layout_gpu_torchrun_and_slurm_multinode():
-    torchrun = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
-    lay = resolve_layout(TrainerConfig(), torchrun, cuda_devices=4)
-    assert (lay["strategy"], lay["precision"], lay["devices"], lay["num_nodes"]) == (
-        "deepspeed_stage_2",
-        "bf16-mixed",
-        4,
-        2,
-    )
-    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NODELIST": "gpu[01-02]"}
-    assert resolve_layout(TrainerConfig(), slurm, cuda_devices=4)["num_nodes"] == 2
-    single = resolve_layout(TrainerConfig(), {}, cuda_devices=2)
-    assert (single["devices"], single["strategy"]) == (2, "deepspeed_stage_2")
-
-
-def test_layout_errors():
-    with pytest.raises(ConfigError, match="DeepSpeed needs CUDA"):
-        resolve_layout(TrainerConfig(strategy="deepspeed_stage_2"), {}, cuda_devices=0)
-    with pytest.raises(ConfigError, match="no CUDA device"):
-        resolve_layout(TrainerConfig(accelerator="gpu"), {}, cuda_devices=0)
-    with pytest.raises(ConfigError, match="launcher started 4"):
-        resolve_layout(TrainerConfig(devices="3"), {"RANK": "0", "WORLD_SIZE": "4"}, cuda_devices=0)
