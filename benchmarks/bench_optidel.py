@@ -9,6 +9,7 @@ CPU default: the tiny random SAM (tests/demo model). With a GPU, ``--model vit_b
 times a randomly initialised ViT-B SAM (speed only; nothing is downloaded).
 
     python benchmarks/bench_optidel.py                       # tiny SAM, CPU, ~1 min
+    python benchmarks/bench_optidel.py --hardness-masks 1    # the single-mask hardness of before
     python benchmarks/bench_optidel.py --model vit_b --points-per-side 32 --size 320   # GPU
 """
 
@@ -26,6 +27,7 @@ from dataeff.config import EncoderConfig
 from dataeff.models.encoder import pooled_features
 from dataeff.models.mae import MAE, MAEConfig
 from dataeff.select.mosaic_shards import mosaic_sample
+from dataeff.select.optidel import mask_seeds
 from dataeff.select.sam_hard import SamConfig, build_sam, extract_and_score, mask_generator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +78,9 @@ def main() -> None:
     ap.add_argument(
         "--ratio", type=float, default=0.05, help="selection ratio R: R*|D| mosaics are composed per |D| images"
     )
+    ap.add_argument(
+        "--hardness-masks", type=int, default=4, help="MAE masks averaged per hardness score (optidel.hardness_masks)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = ap.parse_args()
@@ -105,8 +110,11 @@ def main() -> None:
     generator = mask_generator(sam, cfg)
     scorer = build_scorer(args.score_size, device)
 
-    def score(batch: np.ndarray) -> np.ndarray:
-        return scorer.reconstruction_loss(to_input(batch, device), 0).cpu().numpy()
+    seeds = mask_seeds(0, args.hardness_masks)
+
+    def score(batch: np.ndarray) -> np.ndarray:  # as optidel_run.mae_scorer: mean loss over K fixed masks
+        x = to_input(batch, device)
+        return (sum(scorer.reconstruction_loss(x, s) for s in seeds) / len(seeds)).cpu().numpy()
 
     generator.generate(images[0][1])  # warm-up (allocations, kernels)
     t0 = time.perf_counter()
@@ -159,7 +167,8 @@ def main() -> None:
     print(
         f"\nOptiDEL throughput — SAM {args.model} ({sum(p.numel() for p in sam.parameters()) / 1e6:.2f}M params, "
         f"{args.points_per_side}x{args.points_per_side} prompts), {n} frames at {args.size} px, {patches} patches "
-        f"({patches / n:.1f}/frame), scorer ViT 2x64 at {args.score_size} px, device {device}, {args.threads} thread(s)\n"
+        f"({patches / n:.1f}/frame), scorer ViT 2x64 at {args.score_size} px, {args.hardness_masks} mask(s) per score, "
+        f"device {device}, {args.threads} thread(s)\n"
     )
     print("| stage | own rate | pool images/s | share of OptiDEL time | time per image vs baseline |")
     print("|---|---:|---:|---:|---:|")

@@ -90,11 +90,13 @@ STAGES: dict[str, Stage] = {
     "select": Stage(_select, "select a subset (full, random, semdedup, meddel, optidel) and write a manifest"),
     "pretrain": Stage(_pretrain, "pre-train a masked autoencoder on a timm ViT over selected shards"),
     "finetune": Stage(_finetune, "fine-tune a segmentation head on a pre-trained encoder; report mIoU/Dice"),
-    "sweep": Stage(_sweep, "run select -> pretrain -> finetune for every (method, ratio) cell, then report"),
+    "sweep": Stage(_sweep, "run select -> pretrain -> finetune for every (method, ratio) cell and seed, then report"),
     "overlap": Stage(
         _overlap, "find pool samples that copy downstream images (exact, pHash, embedding): the leakage guard"
     ),
-    "report": Stage(_report, "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, plots", "run"),
+    "report": Stage(
+        _report, "tabulate a sweep: mIoU, Dice, NormDEL per method and ratio, t-intervals over seeds, plots", "run"
+    ),
 }
 
 
@@ -134,6 +136,21 @@ def build_parser(with_stage_help: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def load_stage_config(schema: type, config: str | None, overrides: list[str]) -> Any:
+    """:func:`load_config`, naming the replacement when a key is one the schema's ``RENAMED`` lists.
+
+    A stage whose key was renamed (the sweep's ``seed`` became ``seeds``) keeps the old
+    name out of its config, so an old file fails as an unknown key; this says what to write.
+    """
+    try:
+        return load_config(schema, config, overrides)
+    except ConfigError as exc:
+        for old, new in getattr(schema, "RENAMED", {}).items():
+            if f"unknown config key '{old}'" in str(exc):
+                raise ConfigError(f"{exc}: '{old}' was replaced by {new}") from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only import a stage's module (and torch) when its --help is asked for.
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     log = dist.setup_logging()
     try:
         run, schema = STAGES[args.stage].load()
-        cfg: Any = load_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
+        cfg: Any = load_stage_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
         run(cfg)
     except ConfigError as exc:
         print(f"dataeff {args.stage}: error: {exc}", file=sys.stderr)

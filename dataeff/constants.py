@@ -8,10 +8,12 @@ from __future__ import annotations
 
 # --------------------------------------------------------------------------- format ids
 # Bump the number when a reader of the old layout would misread the new one.
-SHARDS_FORMAT = "dataeff-shards/2"
+SHARDS_FORMAT = "dataeff-shards/3"
 EMBEDDINGS_FORMAT = "dataeff-embeddings/1"
 SELECTION_FORMAT = "dataeff-selection/1"
-SPLIT_FORMAT = "dataeff-split/1"
+# /2 adds "groups" (the groups of a group-aware split, or null); /1 files are still read.
+SPLIT_FORMAT = "dataeff-split/2"
+SPLIT_FORMATS_READ = ("dataeff-split/1", SPLIT_FORMAT)
 TRUTH_FORMAT = "dataeff-truth/1"
 DEMO_FORMAT = "dataeff-demo/1"
 ENCODER_FORMAT = "dataeff-encoder/1"
@@ -30,6 +32,7 @@ INDEX_NAME = "index.parquet"
 SELECTION_NAME = "selection.parquet"
 EMBEDDINGS_HEADER = "header.json"
 SPLIT_NAME = "split.json"
+PER_IMAGE_NAME = "per_image.csv"
 TRUTH_NAME = "pool_truth.csv"
 ENCODER_WEIGHTS = "encoder.safetensors"
 ENCODER_META = "encoder.json"
@@ -42,6 +45,10 @@ CELL_NAME = "cell.json"
 # --------------------------------------------------------------------------- quality
 #: Per-image statistics computed at shard time and stored as index columns.
 QUALITY_KEYS = ("mean", "std", "laplacian_var", "dark_frac", "bright_frac")
+#: Per-image signatures computed at shard time (``dataeff.data.signatures``), index columns
+#: since ``dataeff-shards/3``: decoded-pixel sha256 (hex), 64-bit pHash (int64, same bits),
+#: 16 x 16 grayscale thumbnail (256 bytes, row-major).
+SIGNATURE_KEYS = ("pixel_sha256", "phash", "thumb")
 #: Invalid-frame reasons judged from those statistics, most specific first.
 QUALITY_REASONS = ("dark", "overexposed", "blank", "blurred")
 #: Invalid-sample reasons judged from the embeddings.

@@ -6,15 +6,23 @@ optimiser and schedule in :mod:`dataeff.optim`, the scores in :mod:`dataeff.metr
 Trainer (strategy, loggers, checkpoints) in :mod:`dataeff.trainer`, the pairs and split
 in :class:`dataeff.data.datamodules.SegmentationDataModule`.
 
-Flow: train on the train split; validate on the val split and keep the weights of the
-best val mIoU; evaluate those on the test split — each rank scores a disjoint share
-(no sampler padding), confusion matrices are summed — and write ``results.json``,
+Flow: train on the train split; validate on the val split (at the training size) and keep
+the weights of the best val mIoU; evaluate those on the test split at each mask's native
+resolution (logits upsampled bilinearly from the input size before the argmax) — each
+rank scores a disjoint share (no sampler padding), confusion matrices are summed and the
+per-image rows gathered — and write ``results.json``, ``per_image.csv``,
 ``predictions.png``, ``model.safetensors`` and ``config.yaml`` under ``out``. A run whose
 ``results.json`` exists is skipped; an interrupted one resumes from its newest checkpoint.
+
+From-scratch reference: ``encoder.weights=""`` with ``encoder.allow_random_init=true``
+fine-tunes a randomly initialised encoder of the configured shape; ``seed`` sets its init
+(and the head's), and ``results.json`` says ``"encoder": "random-init"``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -46,15 +54,22 @@ from dataeff.constants import (
     FINETUNE_FORMAT,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PER_IMAGE_NAME,
     RESULTS_NAME,
 )
 from dataeff.data import downstream
 from dataeff.data.datamodules import SegmentationDataConfig, SegmentationDataModule
-from dataeff.files import save_resolved, write_atomic, write_json_atomic
+from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.finetune_module import SegmentationModule
-from dataeff.metrics import confusion_matrix, json_safe, segmentation_scores
-from dataeff.models.encoder import build_encoder, resolve
-from dataeff.models.segment import SegmentationModel, predict_batches
+from dataeff.metrics import (
+    confusion_matrix,
+    foreground_dice_iou,
+    json_safe,
+    per_image_summary,
+    segmentation_scores,
+)
+from dataeff.models.encoder import build_encoder, model_kwargs, resolve
+from dataeff.models.segment import SegmentationModel, predict_batches, predict_native_batches
 from dataeff.trainer import build_trainer, find_resume_checkpoint
 
 log = logging.getLogger("dataeff")
@@ -107,7 +122,9 @@ class FinetuneConfig:
     trainer: TrainerConfig = section(TrainerConfig, help="steps, strategy, precision, checkpoints")
     wandb: WandbConfig = section(WandbConfig, help="W&B logging (offline unless WANDB_MODE is set)")
     out: str = option("runs/finetune", help="run directory (results.json, predictions.png, checkpoints, logs)")
-    seed: int = option(0, help="seeds the head init and the data order")
+    seed: int = option(
+        0, help="seeds the head init (and the encoder's when it is randomly initialised) and the data order"
+    )
     run_name: str = option("", help="W&B run name (default: the name of out)")
     val_every_n_steps: int = option(0, help="validate every N optimiser steps (0 = after every epoch)")
     class_names: list = option([], help="class names for results.json (default: background, class_1, ...)")
@@ -137,7 +154,18 @@ def class_names(cfg: FinetuneConfig) -> list[str]:
 
 
 def build_model(cfg: FinetuneConfig) -> SegmentationModel:
-    """Encoder (weights loaded, resized to ``data.image_size``) + head."""
+    """Encoder (weights loaded, resized to ``data.image_size``) + head, initialised from ``cfg.seed``.
+
+    The init draws from a generator seeded here (the global one is restored after), so the
+    same seed gives the same head — and, for a from-scratch reference, the same random
+    encoder — whatever ran before.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _build_model(cfg)
+
+
+def _build_model(cfg: FinetuneConfig) -> SegmentationModel:
     encoder = build_encoder(cfg.encoder)
     size = cfg.data.image_size
     if tuple(encoder.patch_embed.img_size) != (size, size):
@@ -153,25 +181,62 @@ def build_model(cfg: FinetuneConfig) -> SegmentationModel:
 
 def evaluate_share(
     model: torch.nn.Module, pairs: list, cfg: SegmentationDataConfig, rank: int, world_size: int, device: torch.device
-) -> np.ndarray:
-    """Confusion matrix of this rank's share (every ``world_size``-th pair from ``rank``) of ``pairs``.
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Test scores of this rank's share (every ``world_size``-th pair from ``rank``) of ``pairs``.
 
-    Summing the matrices of all ranks gives the whole set's matrix, each pair counted once.
+    Scored at each mask's native resolution: the model sees the image resized to
+    ``cfg.image_size``, its logits are upsampled bilinearly to the mask's size before the
+    argmax, and every native pixel is counted. Summing the matrices (and joining the rows)
+    of all ranks gives the whole set's, each pair counted once.
+
+    Returns:
+        ``(confusion, rows)``: the confusion matrix and one row per image,
+        ``{"file", "dice", "iou", "both_empty"}`` (foreground Dice/IoU, see ``metrics``).
 
     Shape:
-        output: (C, C) int64, rows = target, columns = prediction
+        confusion: (C, C) int64, rows = target, columns = prediction
     """
     share = pairs[rank::world_size]
     cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.long)
+    rows: list[dict[str, Any]] = []
     if not share:
-        return cm.numpy()
+        return cm.numpy(), rows
     dataset = downstream.SegmentationDataset(
-        share, downstream.JointTransform(cfg.image_size, train=False), cfg.num_classes
+        share, downstream.JointTransform(cfg.image_size, train=False), cfg.num_classes, native=True
     )
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-    for batch, pred in predict_batches(model, loader, device):
-        cm += confusion_matrix(pred, batch["mask"], cfg.num_classes)
-    return cm.numpy()
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=downstream.collate_native,
+    )
+    for batch, preds in predict_native_batches(model, loader, device):
+        for pred, mask, name in zip(preds, batch["native_mask"], batch["file"], strict=True):
+            cm += confusion_matrix(pred, mask, cfg.num_classes)
+            dice, iou = foreground_dice_iou(pred, mask)
+            rows.append({"file": name, "dice": dice, "iou": iou, "both_empty": not (pred.any() or mask.any())})
+    return cm.numpy(), rows
+
+
+def per_image_csv(rows: list[dict[str, Any]]) -> str:
+    """``per_image.csv`` text: ``file,dice,iou``, one line per test image, sorted by file."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "dice", "iou"])
+    for row in sorted(rows, key=lambda r: r["file"]):
+        writer.writerow([row["file"], f"{row['dice']:.6f}", f"{row['iou']:.6f}"])
+    return buf.getvalue()
+
+
+def encoder_record(cfg: EncoderConfig) -> dict[str, Any]:
+    """What results.json says about the encoder: ``random-init`` or the weights and their sha256, and the shape."""
+    enc = resolve(cfg)
+    return {
+        "encoder": enc.weights or "random-init",
+        "encoder_sha256": file_sha256(enc.weights) if enc.weights else None,
+        "encoder_arch": {"name": enc.name, **model_kwargs(enc)},
+    }
 
 
 # Class colours for overlays (class 0 = background is left transparent).
@@ -300,15 +365,22 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     chosen = _load_best(module, out)
     device = trainer.strategy.root_device
     model.to(device)
-    cm_local = evaluate_share(model, data.pairs["test"], cfg.data, dist.rank(), dist.world_size(), device)
-    cm = np.sum(dist.all_gather_object(cm_local), axis=0)
+    share = evaluate_share(model, data.pairs["test"], cfg.data, dist.rank(), dist.world_size(), device)
+    gathered = dist.all_gather_object(share)
+    cm = np.sum([c for c, _ in gathered], axis=0)
+    rows = [row for _, part in gathered for row in part]
 
     results: dict[str, Any] | None = None
     if dist.is_main():
         scores = segmentation_scores(cm)
+        per_image = per_image_summary(
+            [r["dice"] for r in rows], [r["iou"] for r in rows], sum(r["both_empty"] for r in rows)
+        )
         results = {
             "format": FINETUNE_FORMAT,
             **scores,
+            "scoring": "native",
+            "per_image": per_image,
             "class_names": class_names(cfg),
             "n_test": len(data.pairs["test"]),
             "n_train": len(data.pairs["train"]),
@@ -321,25 +393,32 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             "steps": int(trainer.global_step),
             "train_time_s": round(train_s, 3),
             "resumed_from": os.fspath(ckpt) if ckpt else None,
-            "encoder": {"name": resolve(cfg.encoder).name, "weights": cfg.encoder.weights},
+            **encoder_record(cfg.encoder),
+            "seed": cfg.seed,
             "strategy": info["strategy"],
             "world_size": info["world_size"],
         }
+        text = per_image_csv(rows)
+        write_atomic(out / PER_IMAGE_NAME, lambda tmp: tmp.write_text(text))
         final = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
         write_atomic(out / BEST_WEIGHTS, lambda tmp: save_file(final, os.fspath(tmp)))
         if cfg.n_predictions:
             render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")
         for logger in trainer.loggers:
-            logger.log_metrics({f"test/{k}": results[k] for k in ("miou", "dice", "fg_iou")}, step=trainer.global_step)
+            metrics = {f"test/{k}": results[k] for k in ("miou", "dice", "fg_iou")}
+            metrics |= {"test/per_image_dice": per_image["dice_mean"], "test/per_image_iou": per_image["iou_mean"]}
+            logger.log_metrics(metrics, step=trainer.global_step)
         # results.json last: its presence marks the run complete.
         write_json_atomic(out / RESULTS_NAME, json_safe(results), indent=2)
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         log.info(
-            "finetune: test mIoU %.4f, Dice %.4f, fg IoU %.4f (%s)",
+            "finetune: test (native resolution) mIoU %.4f, Dice %.4f, fg IoU %.4f; per image Dice %.4f, IoU %.4f (%s)",
             results["miou"],
             results["dice"],
             results["fg_iou"],
+            per_image["dice_mean"],
+            per_image["iou_mean"],
             chosen,
         )
     trainer.strategy.barrier("finetune-results")  # a strategy barrier works on NCCL and gloo alike

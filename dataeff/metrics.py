@@ -12,6 +12,13 @@ Conventions, chosen to match the MedDEL / OptiDEL papers (arXiv 2401.17542, 2408
   IoU (0/0). It is **excluded from the mean** — counted neither as 1 nor as 0 — and is
   reported as ``NaN`` (``null`` in ``results.json``). A class that is predicted but absent
   from the target has IoU 0 and does count.
+* **Per-image scores** (``foreground_dice_iou``, ``per_image_summary``) are the figure polyp
+  papers quote: Dice and IoU of the foreground (all classes > 0 merged) of each image,
+  averaged over images. An image whose mask *and* prediction are both empty scores 1.0
+  (``BOTH_EMPTY_SCORE``: nothing to find and nothing found is a correct answer; excluding
+  it would make a model that flags every negative frame look no worse than one that does
+  not, and 1.0 is what the smoothed Dice of common polyp evaluation code gives there). An
+  empty mask with a non-empty prediction, or the reverse, scores 0.
 
 The pure functions here take tensors/arrays and return numbers; no I/O.
 """
@@ -19,6 +26,7 @@ The pure functions here take tensors/arrays and return numbers; no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -127,6 +135,56 @@ def segmentation_scores(cm: torch.Tensor | np.ndarray) -> dict[str, Any]:
         "fg_iou": float(per_class_iou(fg)[1]),
         "per_class_iou": [float(v) for v in iou],
         "pixel_accuracy": float(np.trace(m) / m.sum()) if m.sum() > 0 else float("nan"),
+    }
+
+
+#: Dice and IoU of an image whose mask and prediction are both empty (see the module docstring).
+BOTH_EMPTY_SCORE = 1.0
+#: How results.json states that rule.
+BOTH_EMPTY_RULE = "scored 1.0"
+
+
+def foreground_dice_iou(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Dice and IoU of the foreground (every class > 0 merged) of one image.
+
+    ``Dice = 2|P∩T| / (|P| + |T|)``, ``IoU = |P∩T| / |P∪T|``; both are
+    :data:`BOTH_EMPTY_SCORE` when prediction and mask are both empty.
+
+    Shape:
+        pred, target: (H, W) class ids, identical shapes -> (dice, iou)
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    p, t = pred.reshape(-1) > 0, target.reshape(-1).to(pred.device) > 0
+    inter = int((p & t).sum())
+    total = int(p.sum()) + int(t.sum())
+    if total == 0:
+        return BOTH_EMPTY_SCORE, BOTH_EMPTY_SCORE
+    return 2.0 * inter / total, inter / (total - inter)
+
+
+def per_image_summary(dice: Sequence[float], iou: Sequence[float], both_empty: int) -> dict[str, Any]:
+    """Mean per-image foreground Dice and IoU, and how many images they average.
+
+    Args:
+        dice, iou: one value per image (from :func:`foreground_dice_iou`).
+        both_empty: how many of those images had empty mask and prediction (scored 1.0).
+
+    Returns:
+        ``{"dice_mean", "iou_mean", "n", "both_empty", "n_both_empty"}`` (means NaN when ``n`` is 0).
+    """
+    if len(dice) != len(iou):
+        raise ValueError(f"{len(dice)} Dice values but {len(iou)} IoU values")
+    n = len(dice)
+    return {
+        "dice_mean": float(np.mean(dice)) if n else float("nan"),
+        "iou_mean": float(np.mean(iou)) if n else float("nan"),
+        "n": n,
+        "both_empty": BOTH_EMPTY_RULE,
+        "n_both_empty": int(both_empty),
     }
 
 

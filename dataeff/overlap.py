@@ -9,12 +9,14 @@ compares every image of every downstream dataset with the pool (signals and thre
 - ``files.parquet``: every downstream file with its status (``ok``, ``unreadable`` or
   ``skipped``) and reason, so no image goes unaccounted for;
 - ``overlap.png``: each matched pair side by side with its kind and similarities;
-- ``summary.json`` (written last): counts per dataset and kind, thresholds, inputs;
-- ``pool_signatures.npz``: the pool's pixel hashes, pHashes and thumbnails, reused by a
-  later run over the same shard set.
+- ``summary.json`` (written last): counts per dataset and kind, thresholds, inputs.
 
-The sweep calls :func:`pool_overlap` and drops the returned keys from every method with
-reason :data:`DOWNSTREAM_OVERLAP`.
+The pool's pixel hashes, pHashes and thumbnails are not computed here: the shard stage
+stored them in ``index.parquet`` (``dataeff-shards/3``), so no pass decodes the pool.
+
+The sweep runs this stage once and passes its directory to every select
+(``select.exclude``), which drops the matched pool keys for every method with reason
+:data:`DOWNSTREAM_OVERLAP`.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from dataeff import overlap_core as core
 from dataeff.config import ConfigError, EncoderConfig, option
-from dataeff.constants import CONFIG_NAME, OVERLAP_FORMAT, SUMMARY_NAME
+from dataeff.constants import CONFIG_NAME, OVERLAP_FORMAT, SHARDS_FORMAT, SIGNATURE_KEYS, SUMMARY_NAME
+from dataeff.data import signatures as sig
 from dataeff.data.downstream import LAYOUTS, SUPPORTED_EXTS, detect_layout
-from dataeff.data.stream import eval_transform, iter_shard, list_shards, read_index, shard_keys
+from dataeff.data.stream import eval_transform, list_shards, read_index, shard_keys
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.models.encoder import build_encoder
 from dataeff.select.embed import embed_batch, load_embeddings, read_header, shard_set_hash
@@ -52,7 +55,6 @@ log = logging.getLogger("dataeff")
 MATCHES_NAME = "matches.parquet"
 FILES_NAME = "files.parquet"
 SHEET_NAME = "overlap.png"
-POOL_SIGNATURES = "pool_signatures.npz"
 
 
 @dataclass
@@ -65,8 +67,8 @@ class OverlapConfig:
     pool: str = option("", help="pool shard dir(s); empty = the shards recorded in the embeddings header")
     layout: str = option("auto", help="downstream folder layout: auto, kvasir, cvc or generic")
     signals: list = option(list(core.KINDS), help="signals to use: any of exact, phash, embedding")
-    phash_max_distance: int = option(core.PHASH_MAX_DISTANCE, help="pHash candidate: Hamming distance <= this (of 64)")
-    min_thumb_corr: float = option(core.MIN_THUMB_CORR, help="pHash confirmation: thumbnail correlation >= this")
+    phash_max_distance: int = option(sig.PHASH_MAX_DISTANCE, help="pHash candidate: Hamming distance <= this (of 64)")
+    min_thumb_corr: float = option(sig.MIN_THUMB_CORR, help="pHash confirmation: thumbnail correlation >= this")
     min_cosine: float = option(core.MIN_COSINE, help="embedding match: cosine similarity >= this")
     device: str = option("auto", help="device embedding the downstream images: auto, cpu or cuda")
     batch_size: int = option(64, help="downstream images per forward pass")
@@ -100,51 +102,46 @@ class OverlapConfig:
 
 
 def image_signatures(images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-    """Pixel sha256, packed pHash and thumbnail of each image.
+    """Pixel sha256, packed pHash and thumbnail of each image (as the shard stage computes them).
 
     Shape:
         -> pixel_sha (N,) str, phash (N,) uint64, thumbs (N, S, S) uint8.
     """
-    size = core.THUMB_SIZE
-    return {
-        "pixel_sha": np.asarray([core.pixel_sha256(im) for im in images], dtype=str).reshape(-1),
-        "phash": core.pack_phash(np.stack([core.phash_bits(im) for im in images]).reshape(-1, 64)),
-        "thumbs": np.stack([core.thumbnail(im) for im in images]).reshape(-1, size, size),
-    }
+    rows = [sig.image_signature(im) for im in images]
+    sha, phash, thumbs, _ = sig.index_signatures(
+        [r["pixel_sha256"] for r in rows], [r["phash"] for r in rows], [r["thumb"] for r in rows]
+    )
+    return {"pixel_sha": sha, "phash": phash, "thumbs": thumbs}
 
 
-def pool_signatures(tars: list[str], keys: list[list[str]], cache: Path, set_hash: str) -> dict[str, np.ndarray]:
-    """Signatures of every ok pool sample, keyed like the index, cached in ``cache``.
+def pool_signatures(index: pd.DataFrame, keys: np.ndarray) -> dict[str, np.ndarray]:
+    """Signatures of the pool samples ``keys``, read from their shard index rows.
 
-    One decoding pass over the pool; a cache written for the same shard set is reused.
+    A sample whose row has no signature (null thumbnail: a generated sample) matches
+    nothing by pixel hash or pHash; the embedding signal still sees it.
+
+    Raises:
+        ConfigError: an index predates the signature columns (``dataeff-shards/3``); the
+            message names its shard directory and says to re-shard.
+
+    Shape:
+        index: rows with ``key`` and ``shard_dir``; keys (N,) -> pixel_sha (N,) str,
+        phash (N,) uint64, thumbs (N, S, S) uint8 (see :func:`signatures.index_signatures`).
     """
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as z:
-            if str(z["set_hash"]) == set_hash:
-                return {k: z[k] for k in ("keys", "pixel_sha", "phash", "thumbs")}
-    out: dict[str, list[np.ndarray]] = {"keys": [], "pixel_sha": [], "phash": [], "thumbs": []}
-    for tar, expected in zip(tars, keys, strict=True):
-        samples = list(iter_shard(tar, set(expected)))
-        if [s["key"] for s in samples] != expected:
-            raise ConfigError(f"{tar}: the tar and its index disagree on the ok samples; re-run 'dataeff shard'")
-        if not samples:
-            continue
-        sig = image_signatures([s["image"] for s in samples])
-        out["keys"].append(np.asarray(expected, dtype=str))
-        for name in ("pixel_sha", "phash", "thumbs"):
-            out[name].append(sig[name])
-    size = core.THUMB_SIZE
-    empty = {"keys": np.zeros(0, str), "pixel_sha": np.zeros(0, str), "phash": np.zeros(0, np.uint64)}
-    sigs = {k: np.concatenate(v) if v else empty.get(k, np.zeros((0, size, size), np.uint8)) for k, v in out.items()}
-
-    payload: dict[str, Any] = {"set_hash": np.array(set_hash), **sigs}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-            np.savez(fh, **payload)
-
-    write_atomic(cache, write)
-    return sigs
+    if not set(SIGNATURE_KEYS) <= set(index.columns):
+        where = sorted(set(index["shard_dir"]))
+        raise ConfigError(
+            f"pool={', '.join(where)}: index.parquet has no image signatures ({', '.join(SIGNATURE_KEYS)}), "
+            f"it was written before {SHARDS_FORMAT}; re-shard the raw images with 'dataeff shard ... "
+            "overwrite=true' (and re-embed), then rerun overlap"
+        )
+    rows = index.set_index("key").reindex(keys)
+    sha, phash, thumbs, _ = sig.index_signatures(
+        rows["pixel_sha256"].where(rows["pixel_sha256"].notna(), None).tolist(),
+        rows["phash"].fillna(0).astype(np.int64).tolist(),
+        rows["thumb"].where(rows["thumb"].notna(), None).tolist(),
+    )
+    return {"keys": np.asarray(keys, dtype=str), "pixel_sha": sha, "phash": phash, "thumbs": thumbs}
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -363,7 +360,9 @@ def main(cfg: OverlapConfig) -> dict[str, Any]:
             return old
     save_resolved(cfg, out)
 
-    pool = pool_signatures(tars, keys_per_shard, out / POOL_SIGNATURES, set_hash)
+    index = pd.concat([read_index(d).assign(shard_dir=str(d)) for d in sorted({Path(t).parent for t in tars})])
+    index = index[index["status"] == "ok"]
+    pool = pool_signatures(index, np.asarray([k for keys in keys_per_shard for k in keys], dtype=str))
     emb_keys, emb = load_embeddings(cfg.embeddings, dtype=np.float16)
     rows = pd.Index(emb_keys).get_indexer(pool["keys"])
     if (rows < 0).any():
@@ -380,7 +379,7 @@ def main(cfg: OverlapConfig) -> dict[str, Any]:
         parts += [sigs] if sigs else []
     files = pd.concat(tables, ignore_index=True)
     ok = files[files["status"] == "ok"].reset_index(drop=True)
-    size = core.THUMB_SIZE
+    size = sig.THUMB_SIZE
     empty = {
         "pixel_sha": np.zeros(0, str),
         "phash": np.zeros(0, np.uint64),
@@ -388,8 +387,6 @@ def main(cfg: OverlapConfig) -> dict[str, Any]:
         "emb": np.zeros((0, header["dim"]), np.float16),
     }
     query = {k: np.concatenate([p[k] for p in parts]) if parts else v for k, v in empty.items()}
-    index = pd.concat([read_index(d).assign(shard_dir=str(d)) for d in sorted({Path(t).parent for t in tars})])
-    index = index[index["status"] == "ok"]
     byte_sha = index.set_index("key")["sha256"].reindex(pool["keys"]).fillna("").astype(str).to_numpy()
 
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -453,13 +450,3 @@ def main(cfg: OverlapConfig) -> dict[str, Any]:
         "overlap: %d matched pairs, %d pool samples to exclude -> %s", len(matches), summary["excluded_pool_keys"], out
     )
     return summary
-
-
-def pool_overlap(cfg: OverlapConfig, kinds: Sequence[str] = core.KINDS) -> set[str]:
-    """Pool keys the sweep must drop (reason :data:`DOWNSTREAM_OVERLAP`) for every method.
-
-    Runs :func:`main` (a no-op when ``cfg.out`` already holds the result for the same
-    inputs) and returns the pool keys matched by any signal in ``kinds``.
-    """
-    main(cfg)
-    return core.excluded_keys(pd.read_parquet(Path(cfg.out) / MATCHES_NAME), kinds)

@@ -1,4 +1,4 @@
-"""Pure core of the leakage guard: image signatures and pool x downstream match tables.
+"""Pure core of the leakage guard: pool x downstream pair searches and match tables.
 
 Three signals say that a downstream image is (nearly) a pool image:
 
@@ -15,6 +15,8 @@ Three signals say that a downstream image is (nearly) a pool image:
 - ``embedding``: the cosine similarity of encoder embeddings is at least a threshold
   (catches what the hash misses: crops, small shifts, neighbouring video frames).
 
+The signatures themselves (pixel hash, pHash, thumbnail) are in
+:mod:`dataeff.data.signatures`: the shard stage stores them for every pool sample.
 Everything here works on arrays (hash lists, packed hashes, embedding matrices) and
 returns index pairs or tables; file reading lives in :mod:`dataeff.overlap`. Pair
 searches go block by block over the pool, so a pool of millions never builds the full
@@ -23,158 +25,20 @@ pool x downstream matrix.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-try:  # scipy's DCT is faster; the matrix form below gives the same numbers
-    from scipy.fft import dctn as _scipy_dctn
-except ImportError:  # pragma: no cover - scipy is in the venv
-    _scipy_dctn = None
+from dataeff.data.signatures import MIN_THUMB_CORR, PHASH_MAX_DISTANCE, hamming, popcount64, thumb_corr
 
 #: Match kinds, strongest first: a pair's ``kind`` is the first of these that fired.
 KINDS = ("exact", "phash", "embedding")
-#: Side of the grayscale image the DCT is taken of (the classic pHash recipe).
-PHASH_SIZE = 32
-#: Side of the low-frequency DCT block kept: 8 x 8 = 64 bits.
-PHASH_LOW = 8
-#: Default pHash threshold, bits out of 64. Measured on the 1000 Kvasir-SEG images
-#: (docs/overlap.md): copies resized to 0.3-0.7x, re-encoded as JPEG q30-q60 or
-#: brightened are at most 8 bits from their original (at 48 px; 4 at full size), but
-#: 0.2% of pairs of different images are also within 10 bits, hence the confirmation.
-PHASH_MAX_DISTANCE = 10
-#: Side of the grayscale thumbnail that confirms a pHash candidate.
-THUMB_SIZE = 16
-#: Default confirmation threshold: Pearson correlation of the two thumbnails. Copies
-#: score >= 0.998; different Kvasir-SEG scenes at most 0.979 (docs/overlap.md).
-MIN_THUMB_CORR = 0.99
 #: Default embedding threshold (cosine of L2-normalised embeddings): our unmeasured choice for a
 #: trained ViT; check it against summary.json's ``null_nearest_cosine`` (docs/overlap.md).
 MIN_COSINE = 0.95
 #: Columns of a match table, in order.
 MATCH_COLUMNS = ("pool_key", "dataset", "file", "kind", "signals", "phash_distance", "thumb_corr", "cosine")
-
-_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-# --------------------------------------------------------------------------- signatures
-
-
-def pixel_sha256(image: Image.Image) -> str:
-    """sha256 of an image's decoded 8-bit RGB pixels, prefixed by its size.
-
-    Two files match when they decode to the same pixels, whatever their format or
-    metadata (a PNG and its lossless re-save, a JPEG copied byte for byte).
-    """
-    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-    h = hashlib.sha256(f"{rgb.shape[1]}x{rgb.shape[0]}:".encode())
-    h.update(rgb.tobytes())
-    return h.hexdigest()
-
-
-def dct_matrix(n: int) -> np.ndarray:
-    """Orthonormal DCT-II matrix: ``dct_matrix(n) @ x`` is ``scipy.fft.dct(x, norm="ortho")``.
-
-    Shape:
-        -> (n, n) float64.
-    """
-    k = np.arange(n)[:, None]
-    i = np.arange(n)[None, :]
-    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
-    m[0] /= np.sqrt(2.0)
-    return m
-
-
-def dct2(x: np.ndarray) -> np.ndarray:
-    """Orthonormal 2-D DCT-II (scipy's ``dctn`` when importable, else the matrix form).
-
-    Shape:
-        x: (n, n) -> (n, n) float64.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if _scipy_dctn is not None:
-        return np.asarray(_scipy_dctn(x, type=2, norm="ortho"))
-    m = dct_matrix(x.shape[0])
-    return m @ x @ m.T
-
-
-def phash_bits(image: Image.Image) -> np.ndarray:
-    """64-bit DCT perceptual hash as bits.
-
-    Grayscale, resize to 32 x 32 (bilinear, antialiased), 2-D DCT, keep the top-left
-    8 x 8 low frequencies; bit = coefficient > median of the 63 non-DC coefficients
-    (the DC term only measures brightness and would dominate the median).
-
-    Shape:
-        -> (64,) bool, row-major over the 8 x 8 block.
-    """
-    gray = image.convert("L").resize((PHASH_SIZE, PHASH_SIZE), Image.Resampling.BILINEAR)
-    low = dct2(np.asarray(gray, dtype=np.float64))[:PHASH_LOW, :PHASH_LOW].ravel()
-    return low > np.median(low[1:])
-
-
-def thumbnail(image: Image.Image) -> np.ndarray:
-    """Grayscale thumbnail that confirms pHash candidates (antialiased bilinear resize).
-
-    Shape:
-        -> (THUMB_SIZE, THUMB_SIZE) uint8.
-    """
-    gray = image.convert("L").resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(gray, dtype=np.uint8)
-
-
-def thumb_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of paired thumbnails (invariant to brightness and contrast).
-
-    A constant thumbnail (blank frame) correlates 0 with everything.
-
-    Shape:
-        a, b: (K, S, S) or (K, S*S) -> (K,) float32.
-    """
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    # Explicit widths: reshape(0, -1) is ambiguous when no pair is a candidate.
-    x = a.reshape(len(a), int(np.prod(a.shape[1:])))
-    y = b.reshape(len(b), int(np.prod(b.shape[1:])))
-    x = x - x.mean(axis=1, keepdims=True)
-    y = y - y.mean(axis=1, keepdims=True)
-    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    return np.where(den > 0, (x * y).sum(axis=1) / np.maximum(den, 1e-12), 0.0).astype(np.float32)
-
-
-def pack_phash(bits: np.ndarray) -> np.ndarray:
-    """Pack hash bits into one unsigned 64-bit integer per row (first bit = most significant).
-
-    Shape:
-        bits: (N, 64) or (64,) bool -> (N,) uint64.
-    """
-    bits = np.atleast_2d(np.asarray(bits, dtype=bool))
-    if bits.shape[1] != 64:
-        raise ValueError(f"pack_phash: expected 64 bits per row, got {bits.shape[1]}")
-    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
-
-
-def popcount64(x: np.ndarray) -> np.ndarray:
-    """Number of set bits of each uint64 (``np.bitwise_count`` on numpy >= 2).
-
-    Shape:
-        x: (...) uint64 -> (...) uint8.
-    """
-    x = np.asarray(x, dtype=np.uint64)
-    if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x)
-    return _POPCOUNT8[x[..., None].view(np.uint8)].sum(axis=-1, dtype=np.uint8)
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamming distances between every packed hash of ``a`` and every one of ``b``.
-
-    Shape:
-        a: (N,) uint64, b: (M,) uint64 -> (N, M) uint8.
-    """
-    return popcount64(np.asarray(a, np.uint64)[:, None] ^ np.asarray(b, np.uint64)[None, :])
 
 
 # --------------------------------------------------------------------------- pair searches
@@ -347,7 +211,9 @@ def excluded_keys(matches: pd.DataFrame, kinds: Sequence[str] = KINDS) -> set[st
     bad = sorted(set(kinds) - set(KINDS))
     if bad:
         raise ValueError(f"excluded_keys: unknown kinds {bad}; choose from {KINDS}")
-    fired = matches["signals"].str.split("+").map(lambda s: bool(set(s) & set(kinds)))
+    if matches.empty:  # an empty parquet column reads back as float, which has no .str
+        return set()
+    fired = matches["signals"].astype(str).str.split("+").map(lambda s: bool(set(s) & set(kinds)))
     return set(matches.loc[fired.astype(bool), "pool_key"].astype(str))
 
 

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pytorch_lightning as pl
@@ -64,6 +64,9 @@ _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
 
+Budget = Literal["steps", "epochs"]
+
+
 @dataclass
 class PretrainEncoderConfig(EncoderConfig):
     """The encoder to pre-train. Pre-training starts from scratch unless ``encoder=<weights>`` is
@@ -84,6 +87,12 @@ class PretrainConfig:
     wandb: WandbConfig = section(WandbConfig, help="W&B logging (offline unless WANDB_MODE is set)")
     out: str = option("runs/pretrain", help="run directory (checkpoints, logs, exported encoder)")
     seed: int = option(0, help="seeds the model init, the data order, augmentations and masks")
+    budget: Budget = option(
+        "steps",
+        help="'steps' = trainer.max_steps optimiser steps for every subset; 'epochs' = every subset "
+        "is seen `epochs` times (steps = epochs x full global batches per epoch)",
+    )
+    epochs: int = option(100, help="passes over the streamed subset when budget=epochs (ignored for 'steps')")
     resume: str = option("auto", help="'auto' = newest checkpoint in out/checkpoints, 'never', or a checkpoint path")
     run_name: str = option("", help="W&B run name (default: derived from out and the selection)")
     panel_every_n_steps: int = option(200, help="save a reconstruction panel every N steps (0 = only at the end)")
@@ -99,9 +108,30 @@ class PretrainConfig:
             raise ConfigError(f"resume={self.resume!r}: 'auto', 'never' or an existing checkpoint path")
         if self.panel_every_n_steps < 0 or self.panel_images < 1:
             raise ConfigError("panel_every_n_steps must be >= 0 and panel_images >= 1")
+        if self.budget not in get_args(Budget):
+            raise ConfigError(f"budget={self.budget!r}: choose 'steps' or 'epochs'")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs={self.epochs}: must be at least 1 (used when budget=epochs)")
 
 
 # --------------------------------------------------------------------------- pure helpers
+
+
+def budget_record(budget: str, steps: int, global_batch: int, subset_size: int) -> dict[str, Any]:
+    """The budget fields of ``summary.json``: protocol, steps, images and passes over the subset.
+
+    With full batches only, ``images_seen = steps x global_batch`` exactly (global batch =
+    micro-batch x ranks x accumulation), and ``epochs_seen = images_seen / subset_size``.
+    """
+    images = steps * global_batch
+    return {
+        "budget": budget,
+        "steps": steps,
+        "global_batch": global_batch,
+        "images_seen": images,
+        "subset_size": subset_size,
+        "epochs_seen": images / subset_size,
+    }
 
 
 def panel_array(original: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor) -> np.ndarray:
@@ -236,9 +266,31 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
         )
     run_config = {**to_dict(cfg), "selection": selection}
 
+    accumulate = cfg.trainer.accumulate_grad_batches
+    data = PretrainDataModule(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size, accumulate=accumulate)
+    # Each key is read only under the protocol that uses it. An epoch budget counts full
+    # global batches (the stream drops the remainder), so every subset gets the same passes.
+    epochs = cfg.epochs if cfg.budget == "epochs" else None
+    steps = cfg.trainer.max_steps if epochs is None else epochs * data.steps_per_epoch
+    global_batch = cfg.data.batch_size * env.world_size * accumulate
+    log.info(
+        "pretrain: %s budget, %d steps of %d images over %d samples (%d steps per epoch)",
+        cfg.budget,
+        steps,
+        global_batch,
+        data.subset_size,
+        data.steps_per_epoch,
+    )
+    if cfg.optim.warmup_steps >= steps:
+        log.warning(
+            "pretrain: optim.warmup_steps=%d >= %d steps: the run ends before the warm-up does",
+            cfg.optim.warmup_steps,
+            steps,
+        )
+    trainer_cfg = dataclasses.replace(cfg.trainer, max_steps=steps)
     panel = ReconstructionPanel(out, cfg.panel_every_n_steps, cfg.panel_images)
     trainer, info = build_trainer(
-        cfg.trainer,
+        trainer_cfg,
         out,
         wandb,
         run_name,
@@ -248,17 +300,16 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
         use_distributed_sampler=False,
         limit_val_batches=0,
     )
-    lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, cfg.trainer.accumulate_grad_batches, info["world_size"])
-    log.info(
-        "pretrain: peak lr %.3g (base %.3g x global batch %d / 256)",
-        lr,
-        cfg.optim.base_lr,
-        cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * info["world_size"],
-    )
+    if info["world_size"] != env.world_size:
+        raise ConfigError(
+            f"the trainer runs {info['world_size']} ranks but this process group has {env.world_size}: "
+            "launch one process per device (torchrun / srun), so every rank streams its own share"
+        )
+    lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, accumulate, info["world_size"])
+    log.info("pretrain: peak lr %.3g (base %.3g x global batch %d / 256)", lr, cfg.optim.base_lr, global_batch)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = MAE(cfg.encoder, cfg.mae, cfg.optim, lr=lr, max_steps=cfg.trainer.max_steps, seed=cfg.seed)
-    data = PretrainDataModule(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+    model = MAE(cfg.encoder, cfg.mae, cfg.optim, lr=lr, max_steps=steps, seed=cfg.seed)
     ckpt: Path | None = None
     if cfg.resume == "auto":
         ckpt = find_resume_checkpoint(out)
@@ -276,11 +327,16 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     summary = None
     if trainer.is_global_zero:
         _export(cfg, model, _final_state(trainer, model, final_ckpt), out)
+        done = int(trainer.global_step)
+        record = budget_record(cfg.budget, done, global_batch, data.subset_size)
+        # Full batches only: the counted images must be the planned ones, exactly.
+        assert record["images_seen"] == model.images_seen, (record, model.images_seen)
         summary = {
             "format": PRETRAIN_FORMAT,
             "complete": True,
-            "steps": int(trainer.global_step),
-            "images_seen": int(model.images_seen),
+            **record,
+            "epochs": epochs,
+            "steps_per_epoch": data.steps_per_epoch,
             "final_loss": float(trainer.callback_metrics.get("loss", torch.tensor(float("nan")))),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "resumed_from": os.fspath(ckpt) if ckpt else None,

@@ -1,17 +1,24 @@
-"""``dataeff report run=runs/<sweep>``: one table, two plots and a markdown page per sweep.
+"""``dataeff report run=runs/<sweep>``: tables, plots and a markdown page per sweep, with intervals over seeds.
 
-Reads only what the stages wrote under ``<run>/cells/<method>-r<ratio>/`` (``cell.json``,
-``selection/summary.json``, ``pretrain/summary.json``, ``finetune/<dataset>/results.json``)
-and writes ``report.csv``, ``report.md`` and ``plots/*.png`` into ``<run>``. The core
-(``cell_row``, ``build_table``, ``markdown_report``) is pure; ``load_cells`` and ``main``
-are the file-reading shell.
+Reads only what the stages wrote under ``<run>/`` (layout: :mod:`dataeff.sweep_layout`):
+each unit's ``cells/<cell>/seed<k>/cell.json``, ``selection/summary.json``,
+``pretrain/summary.json``, ``finetune/<dataset>/results.json``; the leakage check's
+``overlap/summary.json`` and ``matches.parquet``; ``sweep.json``. Writes into ``<run>``:
+
+- ``report.csv``: one row per (method, ratio, dataset): ``n_seeds``, mean and 95% t-interval
+  of mIoU, Dice, per-image Dice and NormDEL, kept, kept fraction, images seen;
+- ``report_seeds.csv``: one row per (method, ratio, seed, dataset);
+- ``report_comparisons.csv``: every paired comparison (vs random, full, scratch);
+- ``report.md`` and ``plots/*.png``.
+
+This module is the file-reading shell; the numbers are :mod:`dataeff.report_table`, the
+page :mod:`dataeff.report_markdown`, the figures :mod:`dataeff.report_plots`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +26,32 @@ from typing import Any
 import pandas as pd
 
 from dataeff.config import ConfigError, WandbConfig, option, section
-from dataeff.constants import CELL_NAME, RESULTS_NAME, SUMMARY_NAME
+from dataeff.constants import CELL_NAME, DOWNSTREAM_OVERLAP, RESULTS_NAME, SUMMARY_NAME
 from dataeff.files import save_resolved, write_atomic
-from dataeff.metrics import del_score, normdel
+from dataeff.report_markdown import markdown_report
+from dataeff.report_plots import plot_miou, plot_normdel
+from dataeff.report_table import (
+    LEVEL,
+    MEAN,
+    comparisons,
+    overlap_kinds,
+    scratch_verdicts,
+    seed_table,
+    summary_table,
+)
+from dataeff.sweep_layout import (
+    CELLS_DIR,
+    OVERLAP_DIR,
+    PLOTS_DIR,
+    REPORT_COMPARISONS_CSV,
+    REPORT_CSV,
+    REPORT_MD,
+    REPORT_SEEDS_CSV,
+    SWEEP_JSON,
+    seed_of,
+)
 
 log = logging.getLogger("dataeff")
-
-# Width and depth of ViT-B/16, the papers' encoder: anything smaller is a demonstration.
-_PAPER_DIM, _PAPER_DEPTH = 768, 12
-DEMO_NOTE = (
-    "**Pipeline demonstration, not a paper reproduction.** These numbers come from tiny, "
-    "randomly initialised models trained for a few steps on a small pool{why}. They show that "
-    "every stage runs and how the table is built; they say nothing about which selection "
-    "method is better."
-)
 
 
 @dataclass
@@ -42,7 +61,7 @@ class ReportConfig:
     run: str = option("", help="sweep output directory (the one holding cells/)")
     alpha: float = option(1.0, help="NormDEL alpha: DEL = mIoU * exp(-alpha * R) (benchmark: 1.0)")
     plots: bool = option(True, help="write plots/miou_<dataset>.png and plots/normdel.png")
-    wandb: WandbConfig = section(WandbConfig, help="log the table and plots as a 'report' job of the sweep's group")
+    wandb: WandbConfig = section(WandbConfig, help="log the tables and plots as a 'report' job of the sweep's group")
 
     def __post_init__(self) -> None:
         if not self.run:
@@ -51,300 +70,7 @@ class ReportConfig:
             raise ConfigError(f"alpha={self.alpha}: must be >= 0")
 
 
-# --------------------------------------------------------------------------- pure core
-
-
-def _num(value: Any) -> float:
-    """A JSON number as float; None (how results.json stores NaN) and missing -> NaN."""
-    return math.nan if value is None else float(value)
-
-
-def _mean(values: list[float]) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def cell_row(cell: dict[str, Any], alpha: float) -> dict[str, Any]:
-    """One report row from a loaded cell (see ``load_cell``).
-
-    mIoU is a fraction, averaged over the cell's downstream datasets; NormDEL uses the
-    selection's ``kept_fraction`` as R (PAPERS.md, NormDEL). A cell without results
-    for some dataset gets NaN there and in the means.
-    """
-    sel = cell.get("selection") or {}
-    pre = cell.get("pretrain") or {}
-    results = cell.get("finetune") or {}
-    datasets = cell.get("datasets") or sorted(results)
-    row: dict[str, Any] = {
-        "method": cell["method"],
-        "ratio": float(cell["ratio"]),
-        "kept": _num(sel.get("kept")),
-        "pool_size": _num(sel.get("pool_size")),
-        "kept_fraction": _num(sel.get("kept_fraction")),
-        "images_seen": _num(pre.get("images_seen")),
-        "pretrain_steps": _num(pre.get("steps")),
-        "pretrain_hours": _device_hours(pre),
-        "device": _device_label(pre),
-        "cell_wall_s": sum(s.get("wall_s", 0.0) for s in (cell.get("stages") or {}).values()),
-    }
-    for ds in datasets:
-        res = results.get(ds) or {}
-        row[f"miou_{ds}"] = _num(res.get("miou"))
-        row[f"dice_{ds}"] = _num(res.get("dice"))
-    row["miou"] = _mean([row[f"miou_{ds}"] for ds in datasets])
-    row["dice"] = _mean([row[f"dice_{ds}"] for ds in datasets])
-    r = row["kept_fraction"]
-    ok = not (math.isnan(row["miou"]) or math.isnan(r))
-    row["del"] = del_score(row["miou"], r, alpha) if ok else math.nan
-    row["normdel"] = normdel(row["miou"], r, alpha) if ok else math.nan
-    row["done"] = bool(cell.get("done", False))
-    return row
-
-
-def _device_hours(pre: dict[str, Any]) -> float:
-    """Device-hours of pre-training: wall time times the number of devices (ranks)."""
-    wall = pre.get("wall_time_s", pre.get("wall_s"))
-    if wall is None:
-        return math.nan
-    return float(wall) * int(pre.get("world_size", 1)) / 3600.0
-
-
-def _device_label(pre: dict[str, Any]) -> str:
-    """What pretrain ran on, e.g. '2 x cpu' or '8 x NVIDIA H100'."""
-    return str(pre.get("device", "")) if pre else ""
-
-
-def build_table(cells: list[dict[str, Any]], alpha: float) -> pd.DataFrame:
-    """Rows = (method, ratio) cells sorted by method then ratio; columns as in ``cell_row``."""
-    rows = [cell_row(c, alpha) for c in cells]
-    if not rows:
-        return pd.DataFrame(columns=["method", "ratio", "kept", "miou", "normdel"])
-    df = pd.DataFrame(rows)
-    # Per-dataset columns of different cells may differ; keep them grouped after the fixed ones.
-    fixed = [c for c in rows[0] if not c.startswith(("miou_", "dice_"))]
-    per_ds = sorted(
-        {c for r in rows for c in r if c.startswith(("miou_", "dice_"))}, key=lambda c: (c[5:], c[:4] != "miou")
-    )
-    order = fixed[: fixed.index("cell_wall_s") + 1] + per_ds + fixed[fixed.index("cell_wall_s") + 1 :]
-    df = df[order].sort_values(["method", "ratio"], kind="stable").reset_index(drop=True)
-    for col in ("kept", "pool_size", "images_seen", "pretrain_steps"):
-        df[col] = df[col].astype("Int64")  # counts stay integers in the CSV; missing = empty
-    return df
-
-
-def datasets_of(df: pd.DataFrame) -> list[str]:
-    return [c[len("miou_") :] for c in df.columns if c.startswith("miou_")]
-
-
-def demonstration_reason(cells: list[dict[str, Any]]) -> str:
-    """Why these results are a demonstration only ('' when models are paper-sized)."""
-    why = []
-    for cell in cells:
-        enc = (cell.get("pretrain_config") or {}).get("encoder") or {}
-        dim, depth = enc.get("embed_dim"), enc.get("depth")
-        if (dim is not None and dim < _PAPER_DIM) or (depth is not None and depth < _PAPER_DEPTH):
-            why.append(f"ViT with {depth} blocks x {dim} wide")
-        if _tiny_sam(cell.get("selection") or {}):
-            why.append("OptiDEL patches from a tiny randomly initialised SAM")
-    return ", ".join(dict.fromkeys(why))
-
-
-def _tiny_sam(selection: dict[str, Any]) -> bool:
-    """OptiDEL ran with the random tiny SAM (summary ``sam_model`` starts with 'tiny')."""
-    return str(selection.get("sam_model", "")).startswith("tiny")
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or value is pd.NA:
-        return "–"
-    if isinstance(value, float):
-        return "–" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _pct(share: float | None) -> str:
-    return "–" if share is None else f"{100 * share:.1f}%"
-
-
-def _reasons(counts: dict[str, int]) -> str:
-    """Counts by reason, with ``redundant_of:<key>`` folded into ``redundant``."""
-    folded: dict[str, int] = {}
-    for reason, n in counts.items():
-        key = "redundant" if reason.startswith("redundant_of:") else reason
-        folded[key] = folded.get(key, 0) + int(n)
-    return ", ".join(f"{k} {v}" for k, v in sorted(folded.items())) or "–"
-
-
-def selection_lines(cells: list[dict[str, Any]]) -> list[str]:
-    """Markdown table of what each selection kept and dropped, with audit and OptiDEL scores."""
-    lines = [
-        "| cell | kept / pool | R | counts by reason | audit of drops: precision / recall | "
-        "kept originals: invalid / excess near-duplicates (pool) | OptiDEL |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for cell in sorted(cells, key=lambda c: (c["method"], float(c["ratio"]))):
-        sel = cell.get("selection") or {}
-        audit = sel.get("audit") or {}
-        audit_txt = kept_txt = "–"
-        if audit and audit.get("dropped", 1):  # methods that drop without reasons (random, OptiDEL): nothing to score
-            audit_txt = f"{_fmt(audit.get('precision'), 2)} / {_fmt(audit.get('recall'), 2)}"
-            per_cat = audit.get("per_category") or {}
-            recalls = [f"{cat} {_fmt(v.get('recall'), 2)}" for cat, v in sorted(per_cat.items())]
-            if recalls:
-                audit_txt += f" (recall: {', '.join(recalls)})"
-        kept, pool = audit.get("kept") or {}, audit.get("pool") or {}
-        if kept.get("samples"):
-            kept_txt = (
-                f"{_pct(kept['invalid_share'])} / {_pct(kept['excess_duplicate_share'])} "
-                f"({_pct(pool.get('invalid_share'))} / {_pct(pool.get('excess_duplicate_share'))})"
-            )
-        opti = "–"
-        if "mean_hardness_selected" in sel:
-            opti = (
-                f"hardness {_fmt(sel['mean_hardness_selected'], 3)} selected vs "
-                f"{_fmt(sel.get('mean_hardness_all', math.nan), 3)} all; cluster coverage "
-                f"{_fmt(sel.get('cluster_coverage', math.nan), 2)}"
-            )
-            if _tiny_sam(sel):
-                opti += "; **tiny random-init SAM (demo)**"
-        lines.append(
-            f"| {cell['cell']} | {sel.get('kept', '–')} / {sel.get('pool_size', '–')} | "
-            f"{_fmt(sel.get('kept_fraction', math.nan), 3)} | {_reasons(sel.get('counts_by_reason') or {})} | "
-            f"{audit_txt} | {kept_txt} | {opti} |"
-        )
-    return lines
-
-
-def markdown_report(
-    df: pd.DataFrame, cells: list[dict[str, Any]], meta: dict[str, Any], alpha: float, plots: list[str]
-) -> str:
-    """The whole ``report.md`` page."""
-    name = meta.get("name") or "sweep"
-    out = [f"# dataeff sweep report: {name}", ""]
-    why = demonstration_reason(cells)
-    if why:
-        out += ["> " + DEMO_NOTE.format(why=f" ({why})"), ""]
-    steps = sorted({int(s) for s in df["pretrain_steps"].dropna()}) if len(df) else []
-    seen = sorted({int(s) for s in df["images_seen"].dropna()}) if len(df) else []
-    out += [
-        "## Protocol",
-        "",
-        f"- Pre-training budget: the same number of optimiser steps for every cell "
-        f"({', '.join(map(str, steps)) or '–'} steps; images seen per cell: {', '.join(map(str, seen)) or '–'}), "
-        "so a smaller subset is seen for more epochs.",
-        "- `full` runs at ratio 1.0 only; `random` at 1.0 would repeat it and is skipped.",
-        f"- NormDEL = 1 / (1 + exp(-mIoU · exp(-{alpha:g} · R))), R = kept fraction of the pool, "
-        "mIoU a fraction averaged over the downstream datasets.",
-    ]
-    if meta.get("seed") is not None:
-        out.append(f"- Seed {meta['seed']} for every stage of every cell.")
-    for skipped in meta.get("skipped", []):
-        out.append(f"- Skipped {skipped['cell']}: {skipped['why']}")
-    out += ["", "## Results", ""]
-    datasets = datasets_of(df)
-    head = ["method", "ratio", "kept", "images seen", "pretrain h", "device"]
-    head += [f"mIoU {d}" for d in datasets] + [f"Dice {d}" for d in datasets] + ["mean mIoU", "NormDEL"]
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in df.iterrows():
-        vals = [
-            r["method"],
-            f"{r['ratio']:g}",
-            _fmt(r["kept"]),
-            _fmt(r["images_seen"]),
-            _fmt(r["pretrain_hours"], 4),
-            r["device"],
-        ]
-        vals += [_fmt(r[f"miou_{d}"]) for d in datasets] + [_fmt(r[f"dice_{d}"]) for d in datasets]
-        vals += [_fmt(r["miou"]), _fmt(r["normdel"])]
-        if not r["done"]:
-            vals[0] += " (unfinished)"
-        out.append("| " + " | ".join(map(str, vals)) + " |")
-    out += ["", "## Selections", ""] + selection_lines(cells) + [""]
-    if plots:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
-    return "\n".join(out)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-# One colour per method in every plot, so figures compare at a glance.
-_COLORS = {"full": "#444444", "random": "#1f77b4", "meddel": "#ff7f0e", "optidel": "#2ca02c", "semdedup": "#9467bd"}
-
-
-def _color(method: str) -> str:
-    extra = ["#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-    return _COLORS.get(method, extra[sum(map(ord, method)) % len(extra)])
-
-
-def plot_miou(df: pd.DataFrame, column: str, title: str, path: Path) -> None:
-    """mIoU (%) against the kept ratio, one line per method (the papers' Figure 6 shape).
-
-    ``full`` is a single point at 100 %, drawn as a dashed reference line across ratios.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ratios = sorted(df["ratio"].unique())
-    for method, part in df.groupby("method", sort=True):
-        part = part.dropna(subset=[column]).sort_values("ratio")
-        if part.empty:
-            continue
-        if method == "full":
-            ax.axhline(100 * part[column].iloc[-1], color=_color(method), ls="--", lw=1)
-            ax.plot(100 * part["ratio"], 100 * part[column], "*", color=_color(method), ms=10, label="full (100%)")
-        else:
-            ax.plot(100 * part["ratio"], 100 * part[column], "o-", color=_color(method), label=method)
-    ax.set_xscale("log")
-    ax.set_xticks([100 * r for r in ratios], [f"{100 * r:g}%" for r in ratios])
-    ax.minorticks_off()
-    ax.set_xlabel("pre-training data kept (ratio)")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_normdel(df: pd.DataFrame, path: Path) -> None:
-    """NormDEL per method: bars grouped by ratio, each group holding the methods run at it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ratios = sorted(df["ratio"].unique())
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    labelled: set[str] = set()
-    for j, ratio in enumerate(ratios):
-        part = df[(df["ratio"] == ratio) & df["normdel"].notna()].sort_values("method")
-        width = 0.8 / max(len(part), 1)
-        for i, (_, r) in enumerate(part.iterrows()):
-            x = j + (i - (len(part) - 1) / 2) * width
-            label = None if r["method"] in labelled else r["method"]
-            labelled.add(r["method"])
-            ax.bar(x, r["normdel"], width=width * 0.95, color=_color(r["method"]), label=label)
-            ax.annotate(f"{r['normdel']:.3f}", (x, r["normdel"]), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(ratios)), [f"{100 * r:g}%" for r in ratios])
-    finite = df["normdel"].dropna()
-    if len(finite):
-        ax.set_ylim(max(0.0, finite.min() - 0.05), min(1.0, finite.max() + 0.05))
-    ax.set_xlabel("pre-training data kept (ratio)")
-    ax.set_ylabel("NormDEL")
-    ax.set_title("NormDEL per method (higher = more data-effective)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- shell
+# --------------------------------------------------------------------------- reading
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -359,18 +85,19 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
 
 
-def load_cell(cell_dir: Path) -> dict[str, Any] | None:
-    """Everything the report needs from one cell directory (None if it is not a cell yet)."""
-    info = _read_json(cell_dir / CELL_NAME)
-    selection = _read_json(cell_dir / "selection" / SUMMARY_NAME)
+def load_unit(unit_dir: Path, cell: str, seed: int) -> dict[str, Any] | None:
+    """Everything the report needs from one (cell, seed) directory (None if nothing is written yet)."""
+    info = _read_json(unit_dir / CELL_NAME)
+    selection = _read_json(unit_dir / "selection" / SUMMARY_NAME)
     if info is None and selection is None:
         return None
     info = dict(info or {})
     info.setdefault("method", (selection or {}).get("method"))
     info.setdefault("ratio", (selection or {}).get("ratio"))
-    info.setdefault("cell", cell_dir.name)
+    info.setdefault("cell", cell)
+    info.setdefault("seed", seed)
     finetune = {}
-    ft_root = cell_dir / "finetune"
+    ft_root = unit_dir / "finetune"
     names = info.get("datasets") or (
         sorted(p.name for p in ft_root.iterdir() if p.is_dir()) if ft_root.is_dir() else []
     )
@@ -380,44 +107,108 @@ def load_cell(cell_dir: Path) -> dict[str, Any] | None:
             finetune[name] = res
     info["datasets"] = list(names)
     info["selection"] = selection
-    info["pretrain"] = _read_json(cell_dir / "pretrain" / SUMMARY_NAME)
-    info["pretrain_config"] = _read_yaml(cell_dir / "pretrain" / "config.yaml")
+    info["selection_dir"] = str(unit_dir / "selection")
+    info["pretrain"] = _read_json(unit_dir / "pretrain" / SUMMARY_NAME)
+    info["pretrain_config"] = _read_yaml(unit_dir / "pretrain" / "config.yaml")
     info["finetune"] = finetune
     return info
 
 
-def load_cells(run: Path) -> list[dict[str, Any]]:
-    cells_root = run / "cells"
+def load_units(run: Path, default_seed: int = 0) -> list[dict[str, Any]]:
+    """Every (cell, seed) unit under ``<run>/cells``; a cell without ``seed<k>/`` (older sweeps) is one unit."""
+    cells_root = run / CELLS_DIR
     if not cells_root.is_dir():
         raise ConfigError(f"run={run}: no cells/ directory; is this the out= of a 'dataeff sweep'?")
-    cells = [c for c in (load_cell(d) for d in sorted(cells_root.iterdir()) if d.is_dir()) if c]
-    if not cells:
+    units = []
+    for cell_dir in sorted(d for d in cells_root.iterdir() if d.is_dir()):
+        seeded = sorted((seed_of(d.name), d) for d in cell_dir.iterdir() if d.is_dir() and seed_of(d.name) is not None)
+        targets = [(d, s) for s, d in seeded] or [(cell_dir, default_seed)]
+        for unit_dir, seed in targets:
+            unit = load_unit(unit_dir, cell_dir.name, int(seed))  # type: ignore[arg-type]
+            if unit:
+                units.append(unit)
+    if not units:
         raise ConfigError(f"run={run}: cells/ holds no cell yet; run 'dataeff sweep' first")
-    return cells
+    return units
 
 
-def write_plots(df: pd.DataFrame, run: Path) -> list[str]:
-    """PNGs under ``<run>/plots``; returns their paths relative to ``run``."""
-    plot_dir = run / "plots"
+def _link(run: Path, path: str, base: Path) -> str | None:
+    """``path`` as a link relative to ``run`` (tried as given, then under ``base``); None if it does not exist."""
+    for candidate in (Path(path), base / path):
+        if candidate.is_file():
+            try:
+                return candidate.resolve().relative_to(run.resolve()).as_posix()
+            except ValueError:
+                return str(candidate.resolve())
+    return None
+
+
+def galleries(run: Path, units: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Every gallery PNG listed in a selection's summary (keys ending in ``gallery``), as links."""
+    found = []
+    for unit in sorted(units, key=lambda u: (u["method"], float(u["ratio"] or 0), int(u.get("seed", 0)))):
+        sel = unit.get("selection") or {}
+        paths = [p for key, v in sorted(sel.items()) if key.endswith("gallery") and isinstance(v, list) for p in v]
+        links = [link for p in paths if (link := _link(run, str(p), Path(unit["selection_dir"])))]
+        if links:
+            found.append((f"{unit['cell']} / seed {unit.get('seed', 0)}", links))
+    return found
+
+
+def overlap_extras(run: Path, units: list[dict[str, Any]]) -> dict[str, Any]:
+    """The leakage check's summary, pool samples per (dataset, kind), the drops each selection recorded."""
+    root = run / OVERLAP_DIR
+    summary = _read_json(root / SUMMARY_NAME)
+    matches_path = root / "matches.parquet"
+    matches = pd.read_parquet(matches_path) if matches_path.is_file() else pd.DataFrame()
+    dropped = {}
+    for unit in units:
+        counts = (unit.get("selection") or {}).get("counts_by_reason") or {}
+        if DOWNSTREAM_OVERLAP in counts:
+            dropped[f"{unit['cell']}/seed{unit.get('seed', 0)}"] = int(counts[DOWNSTREAM_OVERLAP])
+    sheet = root / "overlap.png"
+    return {
+        "overlap": summary,
+        "overlap_kinds": overlap_kinds(matches),
+        "overlap_dropped": dropped,
+        "overlap_sheet": f"{OVERLAP_DIR}/overlap.png" if sheet.is_file() else None,
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_plots(summary: pd.DataFrame, run: Path) -> list[str]:
+    """PNGs under ``<run>/plots``: mIoU per dataset (and their mean), NormDEL; paths relative to ``run``."""
+    plot_dir = run / PLOTS_DIR
     plot_dir.mkdir(parents=True, exist_ok=True)
     made = []
-    datasets = datasets_of(df)
-    targets = [(f"miou_{d}", f"mIoU on {d}", f"miou_{d}.png") for d in datasets]
-    if len(datasets) > 1:
-        targets.append(("miou", "mean mIoU over downstream datasets", "miou_mean.png"))
-    for column, title, name in targets:
+    datasets = sorted(summary["dataset"].unique(), key=lambda d: (d == MEAN, d))
+    for ds in datasets:
+        part = summary[summary["dataset"] == ds]
+        stem = "mean" if ds == MEAN else ds
+        title = "mean mIoU over downstream datasets" if ds == MEAN else f"mIoU on {ds}"
 
-        def plot(tmp: Path, column: str = column, title: str = title) -> None:
-            plot_miou(df, column, title, tmp)
+        def draw(tmp: Path, part: pd.DataFrame = part, title: str = title) -> None:
+            plot_miou(part, title, tmp)
 
-        write_atomic(plot_dir / name, plot, keep_suffix=True)
-        made.append(f"plots/{name}")
-    write_atomic(plot_dir / "normdel.png", lambda tmp: plot_normdel(df, tmp), keep_suffix=True)
-    made.append("plots/normdel.png")
+        write_atomic(plot_dir / f"miou_{stem}.png", draw, keep_suffix=True)
+        made.append(f"{PLOTS_DIR}/miou_{stem}.png")
+    # NormDEL on the mean mIoU over datasets, as the papers define it (the only dataset when there is one).
+    main_ds = MEAN if MEAN in datasets else (datasets[0] if datasets else None)
+    if main_ds is not None:
+        part = summary[summary["dataset"] == main_ds]
+        title = "NormDEL per method (higher = more data-effective)"
+        write_atomic(plot_dir / "normdel.png", lambda tmp: plot_normdel(part, title, tmp), keep_suffix=True)
+        made.append(f"{PLOTS_DIR}/normdel.png")
     return made
 
 
-def _log_wandb(cfg: ReportConfig, df: pd.DataFrame, run: Path, meta: dict[str, Any], plots: list[str]) -> None:
+def _write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _log_wandb(cfg: ReportConfig, tables: dict[str, pd.DataFrame], run: Path, meta: dict, plots: list[str]) -> None:
     import wandb
 
     group = cfg.wandb.group or meta.get("name") or run.name
@@ -429,29 +220,44 @@ def _log_wandb(cfg: ReportConfig, df: pd.DataFrame, run: Path, meta: dict[str, A
         dir=str(run),
         mode=cfg.wandb.mode,  # type: ignore[arg-type]  # WANDB_MODE, checked by wandb
         tags=list(cfg.wandb.tags),
-        config={"alpha": cfg.alpha},
+        config={"alpha": cfg.alpha, "level": LEVEL},
     )
     try:
-        wb.log({"report": wandb.Table(dataframe=df), **{Path(p).stem: wandb.Image(str(run / p)) for p in plots}})
+        logged: dict[str, Any] = {name: wandb.Table(dataframe=df) for name, df in tables.items()}
+        logged.update({Path(p).stem: wandb.Image(str(run / p)) for p in plots})
+        wb.log(logged)
     finally:
         wb.finish()
 
 
 def main(cfg: ReportConfig) -> dict[str, Any]:
-    """Write ``report.csv``, ``report.md`` and the plots into ``cfg.run``; return their paths."""
+    """Write the report's CSVs, ``report.md`` and plots into ``cfg.run``; return their paths."""
     run = Path(cfg.run)
     if not run.is_dir():
         raise ConfigError(f"run={cfg.run}: no such directory")
-    cells = load_cells(run)
+    meta = _read_json(run / SWEEP_JSON) or {"name": run.name}
+    units = load_units(run, int(meta.get("seed", 0)))
     save_resolved(cfg, run, name="report.yaml")
-    meta = _read_json(run / "sweep.json") or {"name": run.name}
-    df = build_table(cells, cfg.alpha)
-    plots = write_plots(df, run) if cfg.plots else []
-    csv, md = df.to_csv(index=False, float_format="%.6g"), markdown_report(df, cells, meta, cfg.alpha, plots)
-    write_atomic(run / "report.csv", lambda tmp: tmp.write_text(csv))
-    write_atomic(run / "report.md", lambda tmp: tmp.write_text(md))
+    seeds = seed_table(units, cfg.alpha)
+    summary = summary_table(seeds)
+    comps = comparisons(seeds)
+    verdicts = scratch_verdicts(comps, sorted(summary["dataset"].unique(), key=lambda d: (d == MEAN, d)))
+    plots = write_plots(summary, run) if cfg.plots else []
+    extras = {**overlap_extras(run, units), "galleries": galleries(run, units), "plots": plots}
+    md = markdown_report(summary, seeds, comps, verdicts, units, meta, cfg.alpha, extras)
+    outputs = {REPORT_CSV: summary, REPORT_SEEDS_CSV: seeds, REPORT_COMPARISONS_CSV: comps}
+    texts = {name: df.to_csv(index=False, float_format="%.6g") for name, df in outputs.items()}
+    texts[REPORT_MD] = md
+    for name, text in texts.items():
+        _write_text(run / name, text)
     if cfg.wandb.enabled:
-        _log_wandb(cfg, df, run, meta, plots)
-    unfinished = int((~df["done"]).sum())
-    log.info("report: %d cells (%d unfinished) -> %s, %s", len(df), unfinished, run / "report.md", run / "report.csv")
-    return {"csv": str(run / "report.csv"), "md": str(run / "report.md"), "plots": [str(run / p) for p in plots]}
+        _log_wandb(cfg, {"report": summary, "report_seeds": seeds, "comparisons": comps}, run, meta, plots)
+    unfinished = int((~seeds["done"].astype(bool)).sum()) if len(seeds) else 0
+    log.info("report: %d runs (%d unfinished) -> %s, %s", len(seeds), unfinished, run / REPORT_MD, run / REPORT_CSV)
+    return {
+        "csv": str(run / REPORT_CSV),
+        "seeds_csv": str(run / REPORT_SEEDS_CSV),
+        "comparisons_csv": str(run / REPORT_COMPARISONS_CSV),
+        "md": str(run / REPORT_MD),
+        "plots": [str(run / p) for p in plots],
+    }

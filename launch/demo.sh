@@ -2,7 +2,8 @@
 # `make demo`: the whole pipeline on the demo data shipped in data/kvasir-seg, on CPU.
 #
 #   demo data (demo/) -> shards (shards/demo-pool) -> sweep: bootstrap MAE encoder, embed,
-#   select (full / random / MedDEL / OptiDEL), pre-train, fine-tune per cell -> report
+#   leakage check, then per (cell, seed): select (full / random / MedDEL / SemDeDup / OptiDEL),
+#   pre-train, fine-tune, plus scratch (no pre-training) per seed -> report with 95% intervals
 #
 # usage: bash launch/demo.sh [key=value ...]   (extra keys go to the sweep, e.g.
 #        select.sam.checkpoint=<sam_vit_b.pth> select.sam.model=vit_b for OptiDEL with a real SAM)

@@ -3,10 +3,12 @@
 ``PretrainDataModule`` design (DESIGN.md "Distribution"): the index of every shard set
 gives each shard's kept-sample count, so every rank computes the same epoch plan
 without talking to the others (``stream.plan_epoch``): a ``(seed, epoch)``-seeded
-permutation of shards, samples in tar order, rank ``r`` the contiguous slice
-``[r*N//W, (r+1)*N//W)`` padded to ``ceil(N/W)`` with its own first sample. Every rank
-therefore yields exactly ``batches_per_epoch`` batches (no uneven-shard DDP hang) and
-every kept sample appears once per epoch. Dataloader workers split the rank's slice in
+permutation of shards, samples in tar order, a seeded remainder of fewer than one global
+batch (micro-batch x ranks x accumulation) dropped, rank ``r`` the contiguous slice
+``[r*M/W, (r+1)*M/W)`` of the ``M`` kept. Every rank therefore yields exactly
+``batches_per_epoch`` full batches (no uneven-shard DDP hang, and images seen = steps x
+global batch, exactly) and every sample appears at most once per epoch (a different
+remainder is left out each epoch). Dataloader workers split the rank's slice in
 whole batches, and a shuffle buffer mixes samples within a worker. The loader is
 stateful (``state_dict``/``load_state_dict``, which Lightning saves in checkpoints),
 so a resumed run skips exactly the batches it already consumed, without decoding them.
@@ -31,7 +33,14 @@ from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, option
 from dataeff.constants import SPLIT_NAME
 from dataeff.data import downstream
-from dataeff.data.stream import StreamDataset, list_shards, selection_keys, shard_samples, train_transform
+from dataeff.data.stream import (
+    StreamDataset,
+    full_batches,
+    list_shards,
+    selection_keys,
+    shard_samples,
+    train_transform,
+)
 
 log = logging.getLogger("dataeff")
 _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
@@ -92,11 +101,22 @@ class PretrainDataModule(pl.LightningDataModule):
         cfg: the ``data`` section (shards, selection, extra_shards, transforms, loader).
         seed: seeds the epoch plans, the shuffle buffers and the augmentations.
         rank, world_size: this process's place; default from ``dataeff.dist``.
+        accumulate: the trainer's gradient accumulation; batches per epoch are a multiple of it.
+
+    Raises:
+        ConfigError: (at ``setup``) the samples cannot fill one global batch.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        accumulate: int = 1,
+    ) -> None:
         super().__init__()
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.accumulate = cfg, seed, accumulate
         self.rank = dist.rank() if rank is None else rank
         self.world_size = dist.world_size() if world_size is None else world_size
         self._dataset: StreamDataset | None = None
@@ -128,6 +148,16 @@ class PretrainDataModule(pl.LightningDataModule):
         pairs = [(t, s) for t, s in zip(tars, samples, strict=True) if len(s)]
         if not pairs:
             raise ValueError(f"empty shard set: no kept samples in {cfg.shards} (selection={cfg.selection!r})")
+        total = sum(len(s) for _, s in pairs)
+        if full_batches(total, cfg.batch_size, self.world_size, self.accumulate) == 0:
+            # Refused rather than padded with repeats: a repeated sample would be counted as
+            # another image seen, and epochs_seen would no longer mean passes over the subset.
+            unit = cfg.batch_size * self.world_size * self.accumulate
+            raise ConfigError(
+                f"{total} samples to stream (data.shards={cfg.shards}, data.selection={cfg.selection!r}) cannot fill "
+                f"one global batch of {unit} = data.batch_size={cfg.batch_size} x {self.world_size} rank(s) x "
+                f"trainer.accumulate_grad_batches={self.accumulate}: lower data.batch_size or select more samples"
+            )
         self._dataset = StreamDataset(
             [t for t, _ in pairs],
             [list(s["key"]) for _, s in pairs],
@@ -139,10 +169,12 @@ class PretrainDataModule(pl.LightningDataModule):
             world_size=self.world_size,
             num_workers=cfg.num_workers,
             shuffle_buffer=cfg.shuffle_buffer,
+            accumulate=self.accumulate,
         )
         log.info(
-            "pretrain stream: %d shards, %d samples per rank, %d batches per epoch (rank %d/%d)",
+            "pretrain stream: %d shards, %d samples, %d per rank, %d full batches per epoch (rank %d/%d)",
             len(pairs),
+            total,
             self.samples_per_rank,
             self.batches_per_epoch,
             self.rank,
@@ -150,16 +182,27 @@ class PretrainDataModule(pl.LightningDataModule):
         )
 
     @property
+    def subset_size(self) -> int:
+        """Samples the stream draws from (kept pool samples + extra and generated ones)."""
+        self.setup()
+        return self._dataset.total  # type: ignore[union-attr]
+
+    @property
     def samples_per_rank(self) -> int:
-        """Samples every rank streams per epoch (``ceil(N / world_size)``, padding included)."""
+        """Samples every rank streams per epoch (``batches_per_epoch * batch_size``, no repeats)."""
         self.setup()
         return self._dataset.samples_per_rank  # type: ignore[union-attr]
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches every rank yields per epoch (identical on all ranks)."""
+        """Full batches every rank yields per epoch (identical on all ranks, a multiple of ``accumulate``)."""
         self.setup()
         return len(self._dataset)  # type: ignore[arg-type]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch: ``batches_per_epoch / accumulate``."""
+        return self.batches_per_epoch // self.accumulate
 
     def train_dataloader(self) -> StreamLoader:
         self.setup()
@@ -192,6 +235,11 @@ class SegmentationDataConfig:
     val_fraction: float = option(0.1, help="share of pairs for validation when no split.json exists")
     test_fraction: float = option(0.2, help="share of pairs for test when no split.json exists")
     seed: int = option(0, help="seed of the split (when made here) and of the augmentation")
+    groups: str = option(
+        "",
+        help="images that must stay in one split part (video, patient): 'regex:<pattern>' whose first capture "
+        "group, searched in the image stem, is the group; or a CSV with columns file (name or stem), group",
+    )
     num_classes: int = option(2, help="2 = binary masks thresholded at 128; more = index masks of class ids")
     augment: bool = option(True, help="random resized crop + flips on training pairs")
     hflip: bool = option(True, help="random horizontal flip (train)")
@@ -217,7 +265,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     """Train/val/test loaders of image/mask pairs.
 
     The split is ``<root>/split.json`` when present, else ``<out_dir>/split.json`` from a
-    previous run, else a new seeded split saved there (so reruns reuse it).
+    previous run, else a new seeded split saved there (so reruns reuse it). With
+    ``cfg.groups`` a new split keeps every group whole, and a split read from disk that
+    puts one group in two parts is an error.
 
     Batches: ``{"image": (B, 3, S, S), "mask": LongTensor (B, S, S), "key": list[str]}``.
     """
@@ -236,15 +286,27 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ConfigError("data.root is empty: give the segmentation dataset folder")
         pairs = downstream.find_pairs(cfg.root, cfg.layout)
         stems = [s for s, _, _ in pairs]
+        try:
+            group_of = downstream.read_groups(cfg.groups, pairs) if cfg.groups else None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for path in (Path(cfg.root) / SPLIT_NAME, self.out_dir / SPLIT_NAME):
             if path.is_file():
                 self.split, self.split_path = downstream.read_split(path, stems), path
                 break
         else:
             self.split_path = self.out_dir / SPLIT_NAME
-            self.split = downstream.split_pairs(stems, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+            if group_of is None:
+                self.split = downstream.split_pairs(stems, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+            else:
+                self.split = downstream.split_groups(
+                    group_of, cfg.val_fraction, cfg.test_fraction, cfg.seed, spec=cfg.groups
+                )
             if dist.is_main():
                 downstream.write_split(self.split, self.split_path)
+        if group_of is not None:
+            # Also a split found on disk: a given split that mixes a video's frames would leak.
+            downstream.check_groups(self.split, group_of, str(self.split_path))
         by_stem = {s: (s, i, m) for s, i, m in pairs}
         self.pairs = {part: [by_stem[s] for s in self.split[part]] for part in ("train", "val", "test")}
         log.info(

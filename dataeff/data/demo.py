@@ -4,7 +4,7 @@ From the vendored ``data/kvasir-seg`` (1,000 colonoscopy images with polyp masks
 one seed:
 
 - ``<out>/downstream/``: ``n_downstream`` image/mask pairs and ``split.json``
-  (``dataeff-split/1``); the pool never contains these images;
+  (``split.json``); the pool never contains these images;
 - ``<out>/pool/<centre>/<video>/frame0000.jpg``: the other images as raw frames the
   way archives look — grouped into videos of several centres, with planted
   near-duplicates of some frames next to them (small shift, zoom crop, brightness
@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from dataeff.config import ConfigError, option, to_dict
-from dataeff.files import save_resolved
 from dataeff.constants import DEMO_FORMAT, SPLIT_FORMAT, SPLIT_NAME, SUMMARY_NAME, TRUTH_NAME
+from dataeff.files import save_resolved
 
 __all__ = ["DemoDataConfig", "main", "plan_pool", "split_stems", "NEAR_KINDS", "INVALID_KINDS"]
 
@@ -229,6 +229,7 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
         "format": SPLIT_FORMAT,
         "seed": cfg.seed,
         **split_stems(held_out, cfg.n_val, cfg.n_test, rng),
+        "groups": None,  # held-out Kvasir-SEG frames carry no video ids
     }
     for sub in ("images", "masks"):
         (tmp / "downstream" / sub).mkdir(parents=True)

@@ -8,6 +8,11 @@ thumbnail in [0, 255] — mean and standard deviation of the intensity, variance
 the 3x3 Laplacian (a standard focus/blur measure: low variance = few edges), and
 the fractions of pixels below 16 (dark) and above 240 (over-exposed). MedDEL uses
 them to drop invalid frames (black, over-exposed, blurred) before clustering.
+
+Every stored sample also gets its image signatures (:mod:`dataeff.data.signatures`:
+decoded-pixel sha256, 64-bit pHash, 16 x 16 thumbnail), computed here from the image
+the check has just decoded, in the parallel shard workers, so the leakage guard and
+MedDEL read them from the index instead of decoding the pool again.
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ import contextlib
 import hashlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile
 
-from dataeff.constants import QUALITY_KEYS
+from dataeff.constants import QUALITY_KEYS, SIGNATURE_KEYS
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key, site_of
+from dataeff.data.signatures import GRAY_SIDE, gray_base, image_signature
+from dataeff.data.signatures import gray_thumbnail as gray_thumbnail  # re-export: mosaics compute stats with it
 
-THUMB_SIDE = 128
+#: Long side of the grayscale thumbnail the statistics are computed on (shared with the signatures).
+THUMB_SIDE = GRAY_SIDE
 DARK_LEVEL = 16
 BRIGHT_LEVEL = 240
 
@@ -90,20 +99,6 @@ def long_side_size(w: int, h: int, max_side: int) -> tuple[int, int]:
         return w, h
     scale = max_side / max(w, h)
     return max(1, round(w * scale)), max(1, round(h * scale))
-
-
-def gray_thumbnail(img: Image.Image, side: int = THUMB_SIDE) -> np.ndarray:
-    """Grayscale thumbnail whose long side is ``side`` (smaller images are kept as they are).
-
-    Shape:
-        returns (h, w) uint8, max(h, w) <= side.
-    """
-    gray = img if img.mode == "L" else img.convert("L")
-    size = long_side_size(*gray.size, side)
-    if size != gray.size:
-        # reducing_gap: box-average by an integer factor first, then a short bilinear step
-        gray = gray.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(gray)
 
 
 def _mean_var(x: np.ndarray) -> tuple[float, float]:
@@ -221,7 +216,7 @@ def _row(rel: str, data: bytes, opts: InspectOptions) -> dict[str, Any]:
         "width": 0,
         "height": 0,
     }
-    row.update({k: None for k in QUALITY_KEYS})
+    row.update({k: None for k in QUALITY_KEYS + SIGNATURE_KEYS})
     return row
 
 
@@ -277,10 +272,13 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
             return _reject(row, "decompression_bomb")
         size = long_side_size(w, h, opts.max_side)
         keep = fmt in ("JPEG", "PNG") and mode == "RGB" and size == (w, h)
-        if fmt == "JPEG":
+        if fmt == "JPEG" and (not keep or min(w, h) >= 2 * THUMB_SIDE):
             # libjpeg's DCT scaling still reads every entropy-coded block (so truncation and
             # damage are found exactly as in a full decode) but skips most of the inverse
-            # transform: a kept JPEG only needs its stats thumbnail, a resized one its target size.
+            # transform: a kept JPEG only needs its 128-px grayscale thumbnail (quality
+            # statistics, pHash, thumbnail), a resized one its target size. A kept JPEG that
+            # DCT scaling cannot halve (short side < 256 px) is decoded in full, in RGB, so
+            # its pixel hash comes for free.
             img.draft("L" if keep else mode, (THUMB_SIDE, THUMB_SIDE) if keep else size)
         try:
             img.load()  # decodes the whole file: a truncated one fails here, not at open()
@@ -303,7 +301,14 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
         as_jpeg = fmt in ("JPEG", "MPO")
         payload, ext = _encode(stored, as_jpeg, opts.jpeg_quality), ("jpg" if as_jpeg else "png")
     row["width"], row["height"] = size
-    row.update(quality_stats(gray_thumbnail(stored)))
+    base = gray_base(stored)  # once, for the quality statistics and the signatures
+    row.update(quality_stats(np.asarray(base)))
+    # Signatures of the pixels the stage encoded: the stored pixels whenever the payload is
+    # the original file or a PNG; for a re-encoded JPEG, the pixels before the lossy step.
+    # A kept JPEG decoded with DCT scaling never held its full-size pixels, and decoding
+    # them only to hash them would cost more than the rest of the stage (docs/ingest.md):
+    # no pixel hash then; the byte sha256 (same file) and the pHash (same picture) remain.
+    row.update(image_signature(stored, base, pixel_hash=stored.mode == "RGB" and stored.size == size))
     meta = {
         "key": row["key"],
         "source": row["source"],

@@ -1,11 +1,12 @@
 """``dataeff shard``: a tree of raw images -> WebDataset tar shards + ``index.parquet``.
 
-Format: docs/architecture.md, "Shard directory" (``dataeff-shards/2``).
+Format: docs/architecture.md, "Shard directory" (``dataeff-shards/3``).
 
 Design:
 - every input file is inspected by a pure function of its bytes
   (:func:`dataeff.data.quality.inspect_bytes`): checksum, full decode, mode conversion,
-  optional resize, quality statistics, and the bytes to store or a rejection reason;
+  optional resize, quality statistics, image signatures (pixel sha256, pHash, thumbnail),
+  and the bytes to store or a rejection reason;
 - worker processes inspect files in parallel and also build each sample's tar members
   (the writer only appends bytes); results come back *in input order* (``Pool.imap``)
   and one writer packs them into shards, so keys, shard boundaries and tar bytes never
@@ -29,7 +30,7 @@ import shutil
 import signal
 import tarfile
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,17 @@ from typing import Any
 from tqdm import tqdm
 
 from dataeff.config import ConfigError, option, to_dict
-from dataeff.files import save_resolved
-from dataeff.constants import DUPLICATE_PREFIX, INDEX_NAME, QUALITY_KEYS, SHARDS_FORMAT, SUMMARY_NAME
+from dataeff.constants import (
+    DUPLICATE_PREFIX,
+    INDEX_NAME,
+    QUALITY_KEYS,
+    SHARDS_FORMAT,
+    SIGNATURE_KEYS,
+    SUMMARY_NAME,
+)
 from dataeff.data.keys import IMAGE_EXTENSIONS
 from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits
-from dataeff.files import write_atomic, write_json_atomic
+from dataeff.files import save_resolved, write_atomic, write_json_atomic
 
 __all__ = [
     "ShardConfig", "main", "inspect_file", "scan_files", "list_files",
@@ -323,17 +330,41 @@ _INDEX_COLUMNS = (
     ("key", "string"), ("source", "string"), ("site", "string"), ("status", "string"),
     ("reason", "string"), ("shard", "string"), ("size", "int64"), ("sha256", "string"),
     ("width", "int64"), ("height", "int64"), ("offset", "int64"), ("length", "int64"),
-) + tuple((k, "float64") for k in QUALITY_KEYS)  # fmt: skip
+) + tuple((k, "float64") for k in QUALITY_KEYS) + tuple(
+    zip(SIGNATURE_KEYS, ("string", "int64", "binary"), strict=True)
+)  # fmt: skip
 
 
 def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the index rows (already in index order) to parquet, atomically."""
+    """Write the index rows (already in index order) to parquet, atomically.
+
+    A row without signatures (a rejected file, or a generated sample whose writer computes
+    none) gets null ``pixel_sha256`` and ``thumb`` and ``phash`` 0: never null, because
+    pandas reads a nullable int64 column with nulls as float64, which cannot hold 64 bits.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _INDEX_COLUMNS])
-    table = pa.Table.from_pylist([{n: r[n] for n, _ in _INDEX_COLUMNS} for r in rows], schema=schema)
+    records = [{n: r.get(n) for n, _ in _INDEX_COLUMNS} for r in rows]
+    for rec in records:
+        if rec["phash"] is None:
+            rec["phash"] = 0
+    table = pa.Table.from_pylist(records, schema=schema)
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def journal_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as JSON can hold them: the thumbnail bytes as hex (:func:`restore_rows` undoes it)."""
+    return [{**r, "thumb": r["thumb"].hex()} if r.get("thumb") is not None else r for r in rows]
+
+
+def restore_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows read back from a JSON journal (the thumbnail hex as bytes again)."""
+    for r in rows:
+        if r.get("thumb") is not None:
+            r["thumb"] = bytes.fromhex(r["thumb"])
+    return rows
 
 
 class _Packer:
@@ -383,7 +414,7 @@ class _Packer:
         if self.sink is None:
             return
         info: dict[str, Any] = {"file": self.sink.path.name, "samples": self.count, "bytes": self.sink.commit()}
-        journal = {"shard": info, "rows": self.pending, "next": self.pos}
+        journal = {"shard": info, "rows": journal_rows(self.pending), "next": self.pos}
         _write_json(self.out / _PARTS / (info["file"] + ".json"), journal, indent=None)
         self.shards.append(info)
         self.rows += self.pending
@@ -447,7 +478,7 @@ def _resume(out: Path, name: str) -> tuple[list[dict], list[dict], int]:
         rec = json.loads(journal.read_text())
         if tar.stat().st_size != rec["shard"]["bytes"]:
             break
-        rows += rec["rows"]
+        rows += restore_rows(rec["rows"])
         shards.append(rec["shard"])
         start = rec["next"]
     _drop_shards(out, name, len(shards))
@@ -500,7 +531,8 @@ def main(cfg: ShardConfig) -> dict:
     for marker in (summary_path, plan_path):
         if not marker.is_file():
             continue
-        previous = json.loads(marker.read_text()).get("signature")
+        record = json.loads(marker.read_text())
+        previous = record.get("signature")
         if previous == signature and marker is summary_path and (out / INDEX_NAME).is_file():
             done = json.loads(summary_path.read_text())
             shutil.rmtree(out / _PARTS, ignore_errors=True)  # killed between the summary and this cleanup
@@ -513,8 +545,14 @@ def main(cfg: ShardConfig) -> dict:
             return done
         if previous != signature:
             if not cfg.overwrite:
+                old_format = record.get("format", "unknown")
+                why = (
+                    f" (format {old_format}; this dataeff writes {SHARDS_FORMAT})"
+                    if old_format != SHARDS_FORMAT
+                    else ""
+                )
                 raise ConfigError(
-                    f"out={cfg.out} holds shards made from other inputs or settings; "
+                    f"out={cfg.out} holds shards made from other inputs or settings{why}; "
                     "choose another out or set overwrite=true to replace them"
                 )
             log.info("shard: overwrite=true, removing the previous shards in %s", out)

@@ -6,7 +6,7 @@ A shard set is a directory written by ``dataeff shard`` (``<name>-%06d.tar`` plu
 and JSON members only: any other member (``.pyd``, ``.pickle``, ``.pth`` ...) is
 never even read, so an untrusted shard cannot trigger pickle.
 
-Epoch planning is pure (``plan_epoch``, ``shuffle_order``, ``worker_batches``:
+Epoch planning is pure (``plan_epoch``, ``full_batches``, ``shuffle_order``, ``worker_batches``:
 integers in, index arrays out) and ``StreamDataset`` is the
 thin streaming shell over it; see ``PretrainDataModule`` for the design.
 """
@@ -275,40 +275,69 @@ def selection_keys(selection_dir: str | os.PathLike) -> tuple[set[str], list[str
 
 
 def plan_epoch(
-    counts: Sequence[int], seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True
+    counts: Sequence[int],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    multiple: int = 1,
+    shuffle: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The samples one rank streams in one epoch, as (shard, position-in-shard) pairs.
 
     All ranks derive the same global order: shards in a permutation seeded by
     ``(seed, epoch)`` (identity when ``shuffle`` is off), each shard's samples in tar
-    order. Rank ``r`` takes the contiguous slice ``[r*N//W, (r+1)*N//W)`` of it and,
-    when that slice is one short, repeats its own first sample, so every rank streams
-    exactly ``ceil(N / W)`` samples whatever the shard sizes (the
-    ``DistributedSampler`` rule that prevents the uneven-shard DDP hang).
+    order. The epoch keeps the largest multiple ``M`` of ``multiple * world_size``
+    samples (one *global batch* when ``multiple`` is micro-batch x accumulation) and
+    drops the other ``N - M`` (fewer than one global batch): positions drawn by a
+    generator seeded with ``(seed, epoch)``, so a different remainder every epoch and
+    every sample as likely to be dropped, whatever the shard layout (dropping the tail
+    would always drop the same samples when there is a single shard or no shuffling).
+    Rank ``r`` then takes the contiguous slice ``[r*M/W, (r+1)*M/W)``, so every rank
+    streams exactly ``M / W`` samples, a multiple of ``multiple``: the same batch count
+    on every rank (no uneven-shard DDP hang), only full batches, and every sample at
+    most once per epoch.
 
     Args:
         counts: samples per shard (after filtering), in shard-list order.
+        multiple: each rank's sample count is a multiple of this (micro-batch x accumulation).
 
     Returns:
-        ``(shard, local)``: int64 arrays of length ``ceil(N / W)``.
+        ``(shard, local)``: int64 arrays of length ``M / W``.
 
     Raises:
-        ValueError: when there are fewer samples than ranks.
+        ValueError: fewer samples than one global batch (``multiple * world_size``).
     """
     sizes = np.asarray(counts, dtype=np.int64)
     total = int(sizes.sum())
-    if total < world_size:
-        raise ValueError(f"only {total} samples for {world_size} ranks: every rank needs at least one sample")
+    unit = multiple * world_size
+    used = total // unit * unit
+    if used == 0:
+        raise ValueError(
+            f"only {total} samples for a global batch of {unit} ({multiple} per rank x {world_size} ranks): "
+            "every epoch needs at least one full global batch"
+        )
     order = np.random.default_rng([seed, epoch]).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
     ends = np.cumsum(sizes[order])
-    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-    per_rank = -(-total // world_size)
-    positions = np.arange(lo, hi, dtype=np.int64)
-    positions = np.concatenate([positions, positions[: per_rank - len(positions)]])
+    keep = np.arange(total, dtype=np.int64)
+    if used < total:
+        # A stream separate from the shard permutation's, so the permutation is unchanged by it.
+        dropped = np.random.default_rng([seed, epoch, 1]).choice(total, total - used, replace=False)
+        keep = np.delete(keep, dropped)
+    per_rank = used // world_size
+    positions = keep[rank * per_rank : (rank + 1) * per_rank]
     slot = np.searchsorted(ends, positions, side="right")
     shard = order[slot]
     local = positions - (ends[slot] - sizes[shard])
     return shard, local
+
+
+def full_batches(total: int, batch_size: int, world_size: int, accumulate: int = 1) -> int:
+    """Full micro-batches every rank streams per epoch of ``total`` samples (a multiple of ``accumulate``).
+
+    Images seen per epoch are then exactly ``full_batches * batch_size * world_size``.
+    """
+    return total // (batch_size * accumulate * world_size) * accumulate
 
 
 def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -354,7 +383,8 @@ class StreamDataset(IterableDataset):
     """Yields collated batches ``{"image": (B, 3, S, S), "key": list[str]}`` of one rank's epoch plan.
 
     The rank's stream (``plan_epoch``) is put through a seeded shuffle buffer
-    (``shuffle_order``) and cut into batches; batch ``i`` is then a fixed list of stream
+    (``shuffle_order``) and cut into full batches (the plan holds a whole number of them, a
+    multiple of ``accumulate``, on every rank); batch ``i`` is then a fixed list of stream
     positions, dealt to dataloader workers round-robin (``worker_batches``). A worker
     reads the images its batches need in stream order (one seek each, at the offsets of
     the index), keeps them undecoded and decodes + transforms a batch once it is complete. The augmentation
@@ -365,6 +395,11 @@ class StreamDataset(IterableDataset):
         tars: shard paths; ``keys[i]`` the kept keys of ``tars[i]`` in tar order.
         spans: ``spans[i][j]`` = (offset, length) of the image of ``keys[i][j]`` in ``tars[i]``.
         num_workers: the DataLoader's worker count.
+        accumulate: gradient-accumulation factor: batches per epoch are a multiple of it, so
+            no optimiser step straddles an epoch end with a partial accumulation.
+
+    Raises:
+        ValueError: the samples cannot fill one global batch (``batch_size * world_size * accumulate``).
     """
 
     def __init__(
@@ -379,19 +414,24 @@ class StreamDataset(IterableDataset):
         world_size: int,
         num_workers: int,
         shuffle_buffer: int,
+        accumulate: int = 1,
     ) -> None:
         super().__init__()
         self.tars, self.keys, self.spans, self.transform = tars, keys, spans, transform
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        total = sum(len(k) for k in keys)
-        if total < world_size:
-            raise ValueError(f"empty shard set: {total} kept samples for {world_size} ranks in {tars[:3]}...")
-        self.samples_per_rank = -(-total // world_size)
+        self.num_workers, self.shuffle_buffer, self.accumulate = num_workers, shuffle_buffer, accumulate
+        self.total = sum(len(k) for k in keys)
+        n_batches = full_batches(self.total, batch_size, world_size, accumulate)
+        if n_batches == 0:
+            raise ValueError(
+                f"{self.total} samples cannot fill one global batch of {batch_size * world_size * accumulate} "
+                f"(batch {batch_size} x {world_size} ranks x accumulation {accumulate}) in {tars[:3]}..."
+            )
+        self.samples_per_rank = n_batches * batch_size
         self.epoch, self.batches_consumed = 0, 0
 
     def __len__(self) -> int:
-        return -(-self.samples_per_rank // self.batch_size)
+        return self.samples_per_rank // self.batch_size
 
     def set_position(self, epoch: int, batches_consumed: int = 0) -> None:
         """Start the next iteration at batch ``batches_consumed`` of ``epoch``."""
@@ -403,7 +443,13 @@ class StreamDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, local = plan_epoch(
-            [len(k) for k in self.keys], self.seed, self.epoch, self.rank, self.world_size, self.shuffle_buffer > 0
+            [len(k) for k in self.keys],
+            self.seed,
+            self.epoch,
+            self.rank,
+            self.world_size,
+            multiple=self.batch_size * self.accumulate,
+            shuffle=self.shuffle_buffer > 0,
         )
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         order = shuffle_order(len(shard), self.shuffle_buffer, rng)

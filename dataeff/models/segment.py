@@ -208,3 +208,37 @@ def predict_batches(
     for batch in batches:
         logits = model(batch["image"].to(device))
         yield batch, logits.argmax(dim=1).cpu()
+
+
+def native_prediction(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class map at a mask's native size: bilinear upsampling of the logits, then argmax.
+
+    Upsampling logits (not the arg-maxed classes) keeps boundaries smooth and is how
+    segmentation benchmarks score at the original resolution (mmseg's ``resize`` in
+    ``slide``/``whole`` inference).
+
+    Shape:
+        logits: (C, h, w) -> (H, W) int64, (H, W) = ``size``
+    """
+    up = F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[0].argmax(dim=0)
+
+
+@torch.no_grad()
+def predict_native_batches(
+    model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu"
+) -> Iterator[tuple[dict[str, Any], list[torch.Tensor]]]:
+    """Yield ``(batch, predicted class maps at each native mask's size)``, model in eval mode.
+
+    Batches need ``"native_mask"``: a list of (H_i, W_i) masks (see ``downstream.collate_native``).
+
+    Shape:
+        batch["image"]: (B, 3, S, S) -> B predictions (H_i, W_i) int64 on CPU
+    """
+    model.eval()
+    for batch in batches:
+        logits = model(batch["image"].to(device))
+        preds = [
+            native_prediction(lg, tuple(m.shape[-2:])).cpu() for lg, m in zip(logits, batch["native_mask"], strict=True)
+        ]
+        yield batch, preds

@@ -43,6 +43,11 @@ class SelectConfig:
     ratio: float = option(0.05, help="fraction R of the pool to keep, in (0, 1]; kept = round(R*N)")
     out: str = option("", help="selection directory to write (selections/<run>)")
     seed: int = option(0, help="seed of k-means sampling, random choices and galleries")
+    exclude: str = option(
+        "",
+        help="'dataeff overlap' output dir of these embeddings: its matched pool samples are removed before any "
+        "method runs (reason downstream_overlap); the method keeps round(R*(N - excluded)); '' = none",
+    )
     data: SelectDataConfig = section(
         SelectDataConfig, help="data.shards overrides the shard directory recorded by embed"
     )

@@ -2,7 +2,9 @@
 
 k-means is trained once on rank 0 on a seeded sample and its centroids are broadcast;
 assignment runs on fixed-size row chunks dealt round-robin over ranks; the per-cluster
-redundancy scan runs on the clusters a rank owns (balanced by size^2). Every result is
+redundancy scan (embeddings, and optionally shard-time image signatures) runs on the
+clusters a rank owns (balanced by size^2); the optional pool-wide near-copy pass runs
+on rank 0 and is broadcast. Every result is
 gathered back into pool order, so it is the same on every rank and for any world size.
 """
 
@@ -15,9 +17,11 @@ from contextlib import AbstractContextManager
 import numpy as np
 
 from dataeff import dist
+from dataeff.data.signatures import MIN_THUMB_CORR, PHASH_MAX_DISTANCE
 from dataeff.select import cluster as C
 from dataeff.select.cluster import ClusterConfig
 from dataeff.select.meddel import cluster_redundancy
+from dataeff.select.near_copies import near_copy_parents
 
 
 def cluster_pool(
@@ -52,6 +56,26 @@ def cluster_pool(
     return labels, sims, k
 
 
+def near_copy_stats(
+    thumbs: np.ndarray, valid: np.ndarray, sharpness: np.ndarray, min_corr: float, k: int, rank: int
+) -> tuple[np.ndarray, dict[str, int]]:
+    """MedDEL's pool-wide near-copy pass (:func:`~dataeff.select.near_copies.near_copy_parents`), run once.
+
+    Rank 0 computes it over the gathered pool arrays and broadcasts the result, so every
+    rank (and every world size) gets the same groups whatever faiss's threading does.
+
+    Shape:
+        thumbs: (N, S, S) uint8, valid, sharpness: (N,) -> parent (N,) int64 (-1 = not removed), counts.
+    """
+    names = ("candidate_pairs", "confirmed_pairs", "groups", "removed")
+    packed = None
+    if rank == 0:
+        parent, info = near_copy_parents(thumbs, valid, sharpness, min_corr, k)
+        packed = np.concatenate([parent, np.array([info[a] for a in names], dtype=np.int64)])
+    packed = dist.broadcast_array(packed)
+    return packed[: len(thumbs)], {a: int(v) for a, v in zip(names, packed[len(thumbs) :], strict=True)}
+
+
 def redundancy_stats(
     emb: np.ndarray,
     labels: np.ndarray,
@@ -62,13 +86,20 @@ def redundancy_stats(
     seed: int,
     rank: int,
     world: int,
+    signatures: tuple[np.ndarray, np.ndarray] | None = None,
+    max_distance: int = PHASH_MAX_DISTANCE,
+    min_corr: float = MIN_THUMB_CORR,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-cluster redundancy (clusters partitioned over ranks), gathered into pool arrays.
 
+    Args:
+        signatures: pool pHashes and thumbnails for MedDEL's optional copy signal
+            (:func:`~dataeff.select.meddel.cluster_redundancy`); None = embeddings only.
+
     Shape:
-        emb: (N, D) float16, labels/sims/valid: (N,) -> m (N,) float32 (+inf for invalid
-        rows), prev (N,) int64 row of the duplicated earlier member (-1), pos (N,) int64
-        visit position in its cluster.
+        emb: (N, D) float16, labels/sims/valid: (N,), signatures: ((N,) uint64, (N, S, S)
+        uint8) -> m (N,) float32 (+inf for invalid rows), prev (N,) int64 row of the
+        duplicated earlier member (-1), pos (N,) int64 visit position in its cluster.
     """
     n = len(emb)
     members = C.members_by_cluster(np.where(valid, labels, -1), k)
@@ -86,7 +117,10 @@ def redundancy_stats(
             rows = members[c]
             if len(rows) == 0:
                 continue
-            m, prev, pos = cluster_redundancy(emb[rows].astype(np.float32), sims[rows], order, seed, int(c))
+            sig = None if signatures is None else (signatures[0][rows], signatures[1][rows])
+            m, prev, pos = cluster_redundancy(
+                emb[rows].astype(np.float32), sims[rows], order, seed, int(c), sig, max_distance, min_corr
+            )
             rows_l.append(rows)
             m_l.append(m)
             prev_l.append(np.where(prev >= 0, rows[np.maximum(prev, 0)], -1))

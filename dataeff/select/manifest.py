@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dataeff.constants import KEPT, NOT_SELECTED, REDUNDANT_PREFIX, SELECTION_FORMAT, SELECTION_NAME, SUMMARY_NAME
+from dataeff.constants import (
+    DOWNSTREAM_OVERLAP,
+    KEPT,
+    NOT_SELECTED,
+    REDUNDANT_PREFIX,
+    SELECTION_FORMAT,
+    SELECTION_NAME,
+    SUMMARY_NAME,
+)
 from dataeff.files import write_atomic, write_json_atomic
 
 COLUMNS = ("key", "kept", "reason", "cluster", "score", "generated")
@@ -31,8 +39,9 @@ class Decisions:
 
     Shape:
         kept (N,) bool; reason (N,) object: "kept", "not_selected", "outlier", "small_cluster",
-        "redundant_of:<key>", "dark", "blank", "overexposed", "blurred"; cluster (N,) int64
-        (-1 = none); score (N,) float32 (method-specific; MedDEL: cosine distance to centroid).
+        "redundant_of:<key>", "dark", "blank", "overexposed", "blurred", "downstream_overlap";
+        cluster (N,) int64 (-1 = none); score (N,) float32 (method-specific; MedDEL: cosine
+        distance to centroid; NaN = not scored, e.g. excluded before selection).
     """
 
     kept: np.ndarray
@@ -108,15 +117,23 @@ def counts_by_reason(frame: pd.DataFrame) -> dict[str, int]:
 def build_summary(
     method: str, ratio: float, frame: pd.DataFrame, config: dict[str, Any], inputs: dict[str, Any], info: dict[str, Any]
 ) -> dict[str, Any]:
-    """``summary.json`` content; N = pool rows (ok samples), kept_fraction = kept / N."""
+    """``summary.json`` content; N = pool rows (ok samples), kept_fraction = kept / N.
+
+    ``excluded`` counts the pool rows removed before selection (``downstream_overlap``);
+    the method chose among the ``eligible`` = N - excluded others, and ``target`` =
+    round(R * eligible). kept_fraction stays kept / N: the share of the pool pre-trained on.
+    """
     pool = frame[~frame["generated"]]
     n = len(pool)
     kept = int(frame["kept"].sum())
+    excluded = int((pool["reason"] == DOWNSTREAM_OVERLAP).sum())
     return {
         "format": SELECTION_FORMAT,
         "method": method,
         "ratio": ratio,
         "pool_size": n,
+        "excluded": excluded,
+        "eligible": n - excluded,
         "target": info.get("target"),
         "kept": kept,
         "kept_fraction": kept / n if n else 0.0,

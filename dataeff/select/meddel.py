@@ -17,10 +17,26 @@ PAPERS.md "MedDEL":
 4. eps by bisection (step 4) so that exactly round(R*N) samples are kept: the kept
    count is a step function of each member's largest similarity to an earlier one,
    so the bisection runs over those sorted similarities and is exact; the few extra
-   survivors a tie can leave are trimmed by cluster-balanced sampling (a fixed eps,
-   when configured, is filled or trimmed to the target the same way). A redundant
-   member records the earlier member it duplicates (``redundant_of:<key>``): with the
-   default order the member farther from the centroid of a near-duplicate pair stays.
+   rows tied at the cut are the only ones trimmed when too many survive (cluster-
+   balanced among them); every row below the cut is kept. A redundant member records
+   the earlier member it duplicates (``redundant_of:<key>``): with the default order
+   the member farther from the centroid of a near-duplicate pair stays.
+
+Our addition, off by default (``phash``; the paper has no such signal): inside each
+cluster, a member whose shard-time perceptual hash is within ``phash_max_distance``
+bits of an earlier member's and whose 16 x 16 thumbnail correlates with it at least
+``min_thumb_corr`` is a copy of that member whatever the embedding says: its
+similarity is raised to 1.0, so it goes first, and its reason names that member.
+A weak encoder scatters brightness-shifted and re-encoded copies of one frame
+(docs/selection.md); the signature comparison stays inside the cluster, so the
+cost stays ~N^1.5.
+
+Our second addition, off by default (``near_copies``): a pool-wide pass over the same
+thumbnails (``near_copies.py``: nearest neighbours of each thumbnail and of its zoomed
+versions, confirmed by a zoom- and shift-tolerant correlation, grouped by union-find)
+removes every member of a near-copy group but its sharpest before clustering, like an
+invalid frame, with ``redundant_of:<key>`` naming the member it copies. It finds the
+copies a weak encoder puts in another cluster, which no within-cluster rule can.
 """
 
 from __future__ import annotations
@@ -33,6 +49,8 @@ import pandas as pd
 
 from dataeff.config import ConfigError, option
 from dataeff.constants import QUALITY_REASONS
+from dataeff.data.signatures import MIN_THUMB_CORR, PHASH_MAX_DISTANCE, popcount64
+from dataeff.select.near_copies import COPY_K, MIN_COPY_CORR
 
 ORDERS = ("hard", "easy", "random")
 #: Similarity-matrix elements per block in :func:`max_earlier_similarity` (64 MB of float32).
@@ -60,6 +78,27 @@ class MedDELConfig:
     epsilon: float | None = option(
         None, help="fixed redundancy eps (similarity > 1-eps); null = bisection to the target ratio (paper)"
     )
+    phash: bool = option(
+        False,
+        help="our addition (not in the paper): inside a cluster, a member whose shard-time pHash and thumbnail "
+        "match an earlier member's is a copy of it (similarity 1.0); needs dataeff-shards/3",
+    )
+    phash_max_distance: int = option(
+        PHASH_MAX_DISTANCE, help="with phash: pHash copy candidate when at most this many bits of 64 differ"
+    )
+    min_thumb_corr: float = option(
+        MIN_THUMB_CORR, help="with phash: candidate confirmed when the 16x16 thumbnails correlate at least this"
+    )
+    near_copies: bool = option(
+        False,
+        help="our addition (not in the paper): before clustering, pool-wide near-copy groups from the shard-time "
+        "thumbnails keep only their sharpest member (redundant_of:<key>); needs dataeff-shards/3",
+    )
+    near_copy_min_corr: float = option(
+        MIN_COPY_CORR,
+        help="with near_copies: a pair is a copy when its zoom/shift-tolerant thumbnail correlation is at least this",
+    )
+    near_copy_k: int = option(COPY_K, help="with near_copies: nearest neighbours per thumbnail query (candidates)")
 
     def __post_init__(self) -> None:
         bad = [c for c in self.quality_checks if c not in QUALITY_REASONS]
@@ -73,6 +112,17 @@ class MedDELConfig:
             raise ConfigError(f"meddel.order={self.order!r}: choose one of {', '.join(ORDERS)}")
         if self.epsilon is not None and not 0.0 <= self.epsilon <= 2.0:
             raise ConfigError(f"meddel.epsilon={self.epsilon}: must be in [0, 2] or null (= bisection)")
+        if not 0 <= self.phash_max_distance <= 64:
+            raise ConfigError(f"meddel.phash_max_distance={self.phash_max_distance}: must be in 0..64")
+        if not 0.0 < self.min_thumb_corr <= 1.0:
+            # > 0: a row without a signature has a constant thumbnail (correlation 0), never a copy
+            raise ConfigError(f"meddel.min_thumb_corr={self.min_thumb_corr}: must be in (0, 1]")
+        if not 0.0 < self.near_copy_min_corr <= 1.0:
+            raise ConfigError(
+                f"meddel.near_copy_min_corr={self.near_copy_min_corr}: must be in (0, 1] (calibrated: {MIN_COPY_CORR})"
+            )
+        if self.near_copy_k < 1:
+            raise ConfigError(f"meddel.near_copy_k={self.near_copy_k}: must be >= 1 (default {COPY_K})")
 
 
 def quality_reasons(quality: pd.DataFrame, cfg: MedDELConfig) -> np.ndarray:
@@ -153,17 +203,63 @@ def max_earlier_similarity(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(m, 1.0), arg
 
 
+def earliest_copy(phash: np.ndarray, thumbs: np.ndarray, max_distance: int, min_corr: float) -> np.ndarray:
+    """For each row, the first earlier row it copies by perceptual signature, or -1.
+
+    Row j copies row i < j when their pHashes are at most ``max_distance`` bits apart and
+    their thumbnails correlate at least ``min_corr`` (the confirmation the hash needs on
+    endoscopy, docs/overlap.md). Computed in row blocks like :func:`max_earlier_similarity`.
+
+    Shape:
+        phash: (s,) uint64, thumbs: (s, S, S) uint8, rows in visiting order -> (s,) int64.
+    """
+    s = len(phash)
+    out = np.full(s, -1, dtype=np.int64)
+    t = thumbs.reshape(s, -1).astype(np.float32)
+    t -= t.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(t, axis=1, keepdims=True)
+    t = np.where(norm > 0, t / np.maximum(norm, 1e-12), 0.0)  # constant thumbnail: correlates 0
+    h = np.asarray(phash, dtype=np.uint64)
+    block = max(1, (_BLOCK_ELEMS // 2) // max(s, 1))  # the XOR block is uint64: half the elements
+    for a in range(1, s, block):
+        b = min(a + block, s)
+        near = popcount64(h[a:b, None] ^ h[None, :b]) <= max_distance  # (b-a, b)
+        near &= np.arange(a, b)[:, None] > np.arange(b)[None, :]  # strictly earlier members only
+        i, j = np.nonzero(near)  # row-major: for each row, candidates by ascending position
+        ok = np.einsum("kd,kd->k", t[a + i], t[j]) >= min_corr
+        i, j = i[ok], j[ok]
+        first = np.unique(i, return_index=True)[1]  # the earliest confirmed member of each row
+        out[a + i[first]] = j[first]
+    return out
+
+
 def cluster_redundancy(
-    x: np.ndarray, sims: np.ndarray, order: str, seed: int, cluster_id: int
+    x: np.ndarray,
+    sims: np.ndarray,
+    order: str,
+    seed: int,
+    cluster_id: int,
+    signatures: tuple[np.ndarray, np.ndarray] | None = None,
+    max_distance: int = PHASH_MAX_DISTANCE,
+    min_corr: float = MIN_THUMB_CORR,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cluster's redundancy statistics, aligned to its members in row order.
 
+    With ``signatures`` (pHashes and thumbnails of the members), a member that copies an
+    earlier one by :func:`earliest_copy` gets similarity 1.0 to it, whatever the
+    embeddings say (a weak encoder can put a brightness-shifted copy far from its original).
+
     Shape:
-        x: (s, D) float32 unit rows, sims: (s,) -> m (s,) largest similarity to an earlier
-        member, prev (s,) position (row order) of that member or -1, pos (s,) visit position.
+        x: (s, D) float32 unit rows, sims: (s,), signatures: ((s,) uint64, (s, S, S) uint8)
+        -> m (s,) largest similarity to an earlier member, prev (s,) position (row order)
+        of that member or -1, pos (s,) visit position.
     """
     perm = visit_order(sims, order, seed, cluster_id)
     m_v, arg_v = max_earlier_similarity(np.ascontiguousarray(x[perm], dtype=np.float32))
+    if signatures is not None:
+        copy_v = earliest_copy(signatures[0][perm], signatures[1][perm], max_distance, min_corr)
+        found = copy_v >= 0
+        m_v[found], arg_v[found] = 1.0, copy_v[found]
     m = np.empty(len(perm), dtype=np.float32)
     prev = np.empty(len(perm), dtype=np.int64)
     pos = np.empty(len(perm), dtype=np.int64)
@@ -241,27 +337,45 @@ def decide(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Kept mask and redundancy mask for the whole pool, with exactly ``target`` kept if possible.
 
+    The cut ``t`` (bisected, or ``1 - epsilon``) splits the valid rows into those below it
+    (``m < t``: always kept), those tied at it (``m == t``) and those above it (redundant).
+    Only the tied rows are trimmed when too many survive, cluster-balanced among the tied
+    rows alone (latest visited dropped first), and a trimmed tied row is redundant like the
+    rows above the cut: it has an earlier member exactly as similar as the cut allows.
+    Re-choosing among *all* survivors instead would drop unique rows (m far below t) while
+    keeping near-copies tied at t; with many exact copies (all clipped to m = 1.0) the cut
+    reaches 1.0 and redundancy would be ignored altogether.
+
+    A fixed ``epsilon`` that leaves more than ``target`` rows below or at its cut is lowered
+    to the bisected cut, so the surplus goes most-redundant first, as with bisection (info
+    ``epsilon`` is then the effective one); one that leaves too few is topped up from the
+    least redundant rows above the cut.
+
     Shape:
         labels, m, pos: (N,) gathered from :func:`cluster_redundancy`; invalid_reason: (N,) object
         ('' = valid) -> kept (N,) bool, redundant (N,) bool, info dict (epsilon, shortfall).
     """
     valid = invalid_reason == ""
     n_valid = int(valid.sum())
-    if epsilon is None:
-        t = bisect_threshold(m[valid], target)
-    else:
-        t = 1.0 - epsilon
-    survivors = valid & (m <= t)
-    redundant = valid & ~survivors
+    t = bisect_threshold(m[valid], target)
+    if epsilon is not None:
+        t = min(t, 1.0 - epsilon)
+    below = valid & (m < t)
+    tied = valid & (m == t)
     info: dict[str, Any] = {"epsilon": float(np.clip(1.0 - t, 0.0, 2.0)) if t != np.inf else None, "valid": n_valid}
-    n_surv = int(survivors.sum())
-    if n_surv >= target:
-        kept = balanced_pick(labels, pos.astype(np.float64), survivors, target)
+    n_below, n_tied = int(below.sum()), int(tied.sum())
+    if n_below + n_tied >= target:
+        # By construction n_below < target: bisection gives #{m < t} < target, and a
+        # lower fixed cut leaves even fewer below it.
+        kept = below | balanced_pick(labels, pos.astype(np.float64), tied, target - n_below)
+        # A first-visited member (m = -inf) has no earlier member to be redundant of: only
+        # possible when the target is below the number of clusters; it is then not selected.
+        redundant = valid & ~kept & np.isfinite(m)
     else:
         # Fixed eps left too few: fill back the least redundant, cluster-balanced.
-        fill = balanced_pick(labels, m.astype(np.float64), redundant, target - n_surv)
-        kept = survivors | fill
-        redundant &= ~fill
+        above = valid & (m > t)
+        kept = below | tied | balanced_pick(labels, m.astype(np.float64), above, target - n_below - n_tied)
+        redundant = valid & ~kept
     if n_valid < target:
         info["shortfall"] = (
             f"only {n_valid} valid samples remain after removing invalid frames and embedding outliers; "

@@ -8,14 +8,17 @@ the same decisions.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dataeff.constants import QUALITY_KEYS
+from dataeff.config import ConfigError
+from dataeff.constants import QUALITY_KEYS, REDUNDANT_PREFIX, SHARDS_FORMAT, SIGNATURE_KEYS
+from dataeff.data.signatures import index_signatures
 from dataeff.select import meddel as M
 from dataeff.select.config import SelectConfig
-from dataeff.select.distributed_cluster import cluster_pool, redundancy_stats
+from dataeff.select.distributed_cluster import cluster_pool, near_copy_stats, redundancy_stats
 from dataeff.select.manifest import Decisions, reasons_for, redundant_reasons, target_count
 
 
@@ -26,7 +29,8 @@ def run_meddel(
 
     Args:
         quality: the pool's index rows aligned to ``keys`` (quality statistics may be NaN:
-            the quality checks are then skipped), or None.
+            the quality checks are then skipped), or None. With ``meddel.phash`` or
+            ``meddel.near_copies`` its signature columns (``dataeff-shards/3``) feed the copy signals.
 
     Shape:
         emb: (N, D) float16 unit rows, keys: (N,) sorted -> decisions for N rows
@@ -36,14 +40,31 @@ def run_meddel(
     timings: dict[str, float] = {}
     has_quality = quality is not None and not quality[list(QUALITY_KEYS)].isna().all().all()
     qreason = M.quality_reasons(quality, mc) if quality is not None and has_quality else np.full(n, "", object)
+    copies: dict[str, Any] = {}
+    signatures = _signatures(quality, n) if mc.phash or mc.near_copies else None  # checked before any work
+    if mc.phash:  # our optional copy signal; its thresholds are read only when it is on
+        assert signatures is not None
+        copies = {"signatures": signatures, "max_distance": mc.phash_max_distance, "min_corr": mc.min_thumb_corr}
+    near = np.full(n, "", dtype=object)
+    near_info: dict[str, int] = {}
+    if mc.near_copies:  # our pool-wide pass: a removed near-copy is out before clustering, like an invalid frame
+        assert signatures is not None and quality is not None
+        t = time.time()
+        sharp = quality["laplacian_var"].to_numpy(np.float64) if has_quality else np.full(n, np.nan)
+        parent, near_info = near_copy_stats(
+            signatures[1], qreason == "", sharp, mc.near_copy_min_corr, mc.near_copy_k, rank
+        )
+        near[parent >= 0] = [f"{REDUNDANT_PREFIX}{keys[p]}" for p in parent[parent >= 0]]
+        timings["near_copies"] = time.time() - t
     labels, sims, k = cluster_pool(emb, cfg.cluster, cfg.seed, rank, world, timings)
+    ok = (qreason == "") & (near == "")
     invalid = np.where(
         qreason != "",
         qreason,
-        M.embedding_outliers(labels, sims, qreason == "", k, mc.outlier_quantile, mc.min_cluster_size),
+        np.where(near != "", near, M.embedding_outliers(labels, sims, ok, k, mc.outlier_quantile, mc.min_cluster_size)),
     )
     t = time.time()
-    m, prev, pos = redundancy_stats(emb, labels, sims, invalid == "", k, mc.order, cfg.seed, rank, world)
+    m, prev, pos = redundancy_stats(emb, labels, sims, invalid == "", k, mc.order, cfg.seed, rank, world, **copies)
     timings["dedup"] = time.time() - t
     t = time.time()
     kept, redundant, info = M.decide(labels, m, pos, invalid, target_count(cfg.ratio, n), mc.epsilon)
@@ -52,6 +73,32 @@ def run_meddel(
     info.update(
         k=k,
         quality_checks=mc.quality_checks if has_quality else [],
+        **({"near_copies": near_info} if mc.near_copies else {}),
         timings_s={a: round(b, 4) for a, b in timings.items()},
     )
     return Decisions(kept, reasons_for(kept, reason), labels, (1.0 - sims).astype(np.float32), info)
+
+
+def _signatures(quality: pd.DataFrame | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """pHashes and thumbnails of the pool rows from their index columns (``meddel.phash``, ``near_copies``).
+
+    Raises:
+        ConfigError: the shard index has no signature columns (written before dataeff-shards/3).
+
+    Shape:
+        quality: n index rows aligned to the keys -> phash (n,) uint64, thumbs (n, S, S) uint8.
+    """
+    if quality is None or not set(SIGNATURE_KEYS) <= set(quality.columns):
+        where = ", ".join(sorted(set(quality["shard_dir"]))) if quality is not None and "shard_dir" in quality else ""
+        raise ConfigError(
+            "meddel.phash=true or meddel.near_copies=true needs the image signatures ({', '.join(SIGNATURE_KEYS)}) of the shard index"
+            f"{' of ' + where if where else ''}, written since {SHARDS_FORMAT}; re-shard the raw images with "
+            "'dataeff shard ... overwrite=true' and re-embed, or set meddel.phash=false meddel.near_copies=false"
+        )
+    assert len(quality) == n, "quality rows are aligned to the embedding keys"
+    _, phash, thumbs, _ = index_signatures(
+        quality["pixel_sha256"].where(quality["pixel_sha256"].notna(), None).tolist(),
+        quality["phash"].fillna(0).astype(np.int64).tolist(),
+        quality["thumb"].where(quality["thumb"].notna(), None).tolist(),
+    )
+    return phash, thumbs

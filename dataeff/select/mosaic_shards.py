@@ -21,7 +21,8 @@ from PIL import Image
 from dataeff import dist
 from dataeff.constants import INDEX_NAME, KEPT, SHARDS_FORMAT, SUMMARY_NAME
 from dataeff.data.quality import gray_thumbnail, quality_stats
-from dataeff.data.shard import write_index, write_tar
+from dataeff.data.shard import journal_rows, restore_rows, write_index, write_tar
+from dataeff.data.signatures import image_signature
 from dataeff.data.stream import iter_shard
 from dataeff.files import write_json_atomic
 from dataeff.select.compose import compose_mosaic
@@ -123,6 +124,8 @@ def mosaic_sample(
         "width": width,
         "height": height,
         **stats,
+        # the leakage guard and MedDEL read these from every index row, mosaics included
+        **image_signature(mosaic),
     }
     return [(f"{key}.png", png), (f"{key}.json", blob)], row
 
@@ -161,7 +164,7 @@ def write_generated(
         if journal.is_file() and (gen_dir / name).is_file():
             done = json.loads(journal.read_text())
             if done.get("signature") == signature:
-                mine += done["rows"]
+                mine += restore_rows(done["rows"])
                 continue
         ids = range(j * per_shard, min(len(groups), (j + 1) * per_shard))
         needed: dict[str, set[tuple[int, ...]]] = {}
@@ -177,7 +180,7 @@ def write_generated(
         spans = write_tar(gen_dir / name, members)
         for row, (offset, length) in zip(rows, spans[::2], strict=False):  # each sample: image, then JSON
             row.update(offset=offset, length=length)
-        write_json_atomic(journal, {"signature": signature, "rows": rows})
+        write_json_atomic(journal, {"signature": signature, "rows": journal_rows(rows)})
         mine += rows
     rows = sorted((r for rank_rows in dist.all_gather_object(mine) for r in rank_rows), key=lambda r: r["key"])
     if rank == 0:

@@ -3,8 +3,20 @@
 PAPERS.md, "OptiDEL": maximising predictive V-information ``H_V(Y|0) - H_V(Y|X)`` asks
 for samples that are *hard* (the model is unsure: high MAE reconstruction loss) and
 *diverse* (they span the data: ours, a cap per embedding cluster and per source image).
-The pipeline is SAM patches (``sam_hard.py``) -> hardness (MAE loss, fixed mask seed)
--> top-N hardest under the caps -> 2x2 mosaics (``compose.py``), N = 4 * round(R * |D|).
+The pipeline is SAM patches (``sam_hard.py``) -> hardness -> top-N hardest under the
+caps -> 2x2 mosaics (``compose.py``), N = 4 * round(R * |D|). Invalid frames (MedDEL's
+quality rules, ``meddel.quality_checks`` and thresholds) never reach SAM.
+
+Hardness, two definitions (the paper names the MAE loss and is silent on the rest; ours):
+
+- ``mae_loss`` (default): the scorer's MAE reconstruction loss of the patch, averaged
+  over ``hardness_masks`` = K fixed random masks (:func:`mask_seeds`). One mask scores
+  a patch by which 75 % of it happened to be hidden; averaging K masks lowers that
+  variance (about 1/K) while staying reproducible and independent of the world size.
+- ``prototype_distance``: Sorscher et al. 2022's self-supervised prototype metric:
+  each patch is embedded by the scorer's encoder (mean of its patch tokens), k-means
+  (spherical faiss, seeded, k = round(sqrt(P))) runs over all P patch embeddings, and
+  hardness = cosine distance to the nearest centroid (far from every prototype = hard).
 
 This file holds the config and the pure core (selection, mosaic assignment, coverage);
 the distributed shell (SAM + scoring per shard, gathering, composition) is
@@ -17,6 +29,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -26,6 +39,10 @@ from dataeff.select.manifest import target_count
 from dataeff.select.sam_hard import SamConfig, check_checkpoint
 
 log = logging.getLogger("dataeff")
+
+#: Hardness definitions (module docstring).
+Hardness = Literal["mae_loss", "prototype_distance"]
+HARDNESS_NAMES: tuple[str, ...] = get_args(Hardness)
 
 
 @dataclass
@@ -42,7 +59,15 @@ class OptidelConfig:
     cluster_cap_factor: float = option(
         2.0, help="diversity cap per embedding cluster: ceil(factor * N / clusters) patches (0 = no cluster cap)"
     )
-    mask_seed: int = option(0, help="MAE masking seed for hardness scores (fixed, so scores are reproducible)")
+    hardness: Hardness = option(
+        "mae_loss",
+        help="patch hardness: mae_loss (MAE reconstruction loss, mean over hardness_masks masks) or "
+        "prototype_distance (cosine distance of the scorer's embedding to the nearest k-means prototype)",
+    )
+    hardness_masks: int = option(
+        4, help="mae_loss: average the loss over this many fixed random masks (1 = a single mask, mask_seed)"
+    )
+    mask_seed: int = option(0, help="mae_loss: seed of the first mask; the others derive from it (reproducible)")
     batch_size: int = option(32, help="patches per MAE scoring batch")
     mosaics_per_shard: int = option(256, help="mosaics per generated tar shard (also the composition work unit)")
 
@@ -53,8 +78,25 @@ class OptidelConfig:
             raise ConfigError(f"optidel.max_per_image={self.max_per_image}: must be at least 1")
         if self.cluster_cap_factor < 0:
             raise ConfigError(f"optidel.cluster_cap_factor={self.cluster_cap_factor}: must be >= 0 (0 = off)")
+        if self.hardness not in HARDNESS_NAMES:
+            raise ConfigError(f"optidel.hardness={self.hardness!r}: choose one of {', '.join(HARDNESS_NAMES)}")
+        if self.hardness_masks < 1:
+            raise ConfigError(f"optidel.hardness_masks={self.hardness_masks}: must be at least 1 (1 = one mask)")
         if self.batch_size < 1 or self.mosaics_per_shard < 1:
             raise ConfigError("optidel.batch_size and optidel.mosaics_per_shard must be at least 1")
+
+
+def mask_seeds(mask_seed: int, count: int) -> list[int]:
+    """Seeds of the ``count`` fixed MAE masks a patch is scored under.
+
+    The first is ``mask_seed`` itself (so K = 1 scores exactly as a single mask did); the
+    others are well-mixed 63-bit seeds of (mask_seed, j), the same on every rank and run.
+    """
+    extra = [
+        int(np.random.SeedSequence([mask_seed & 0xFFFFFFFF, j]).generate_state(2, np.uint64)[0] >> 1)
+        for j in range(1, count)
+    ]
+    return [int(mask_seed), *extra]
 
 
 def budget(ratio: float, pool_size: int, include_originals: bool, originals_fraction: float) -> tuple[int, int]:

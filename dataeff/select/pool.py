@@ -62,6 +62,10 @@ def gather_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, np.nda
 def align_quality(keys: np.ndarray, index: pd.DataFrame, emb_dir: str) -> pd.DataFrame:
     """The ok rows of the index aligned to ``keys``; quality columns are NaN when the index has none.
 
+    Every index column comes along, so a method also sees the shard-time image signatures
+    (``pixel_sha256``, ``phash``, ``thumb``; ``dataeff-shards/3``) that ``meddel.phash`` uses;
+    a method that needs them checks for them (an older index has none).
+
     Raises:
         ConfigError: the embedded keys and the index's ok keys differ.
 

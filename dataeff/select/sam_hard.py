@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -220,11 +220,17 @@ def filter_masks(masks: list[dict], height: int, width: int, cfg: SamConfig) -> 
     }
 
 
+#: (B, S, S, 3) uint8 -> (B,) hardness scores, or (B, D) embeddings when the hardness is computed
+#: later over the whole pool (``optidel.hardness=prototype_distance``).
 ScoreFn = Callable[[np.ndarray], np.ndarray]
 
 
 class _BatchScorer:
-    """Scores arrays in consecutive fixed-size batches as they arrive (bounded memory)."""
+    """Scores arrays in consecutive fixed-size batches as they arrive (bounded memory).
+
+    Keeps the scorer's trailing shape ((B,) scores or (B, D) embeddings) and float16
+    results as float16 (embeddings are stored compactly); anything else becomes float32.
+    """
 
     def __init__(self, score_fn: ScoreFn, batch_size: int) -> None:
         self.score_fn, self.batch_size = score_fn, batch_size
@@ -239,7 +245,9 @@ class _BatchScorer:
 
     def _flush(self) -> None:
         t0 = time.perf_counter()
-        self.scores.append(np.asarray(self.score_fn(np.stack(self.pending)), dtype=np.float32).reshape(-1))
+        out = np.asarray(self.score_fn(np.stack(self.pending)))
+        out = out if out.dtype == np.float16 else out.astype(np.float32)
+        self.scores.append(out.reshape(len(self.pending), *out.shape[1:]))
         self.seconds += time.perf_counter() - t0
         self.pending = []
 
@@ -257,6 +265,7 @@ def extract_and_score(
     score_fn: ScoreFn,
     batch_size: int,
     on_image: Callable[[], None] = lambda: None,
+    skip: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """SAM patches of a sequence of images (one shard) with their hardness scores.
 
@@ -267,7 +276,12 @@ def extract_and_score(
     Args:
         samples: ``(key, image)`` pairs, image (H, W, 3) uint8.
         score_size: side S the scorer takes; each crop (and each whole image) is resized to it.
-        score_fn: (B, S, S, 3) uint8 -> (B,) float32 hardness (higher = harder).
+        score_fn: (B, S, S, 3) uint8 -> (B,) float32 hardness (higher = harder), or (B, D)
+            embeddings; ``score``/``image_scores`` then hold (P, D)/(N, D) rows.
+        skip: key -> reason for images that must not reach SAM (invalid frames, e.g. "dark");
+            they are recorded as skipped with that reason, like an image SAM finds no mask in,
+            and yield no patch. Their whole image is still scored, so the image arrays stay
+            aligned with the samples.
 
     Returns:
         the patch record arrays (:data:`RECORD_FIELDS`), ``image_keys``/``image_scores``,
@@ -281,6 +295,11 @@ def extract_and_score(
         h, w = image.shape[:2]
         image_keys.append(key)
         image_scorer.add(crop_patch(image, (0, 0, w, h), score_size))
+        if skip and skip.get(key):
+            skipped.append(key)
+            reasons.append(skip[key])
+            on_image()
+            continue
         t0 = time.perf_counter()
         try:
             masks = generator.generate(image)
@@ -329,7 +348,8 @@ def concat_records(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     }
     out = {}
     for name, default in empty.items():
-        arrays = [p[name] for p in parts if name in p]
+        # Zero-row parts are left out: an empty score array is (0,) even when the others hold (P, D) embeddings.
+        arrays = [p[name] for p in parts if name in p and len(p[name])]
         out[name] = np.concatenate(arrays) if arrays else default
     if not any("score" in p for p in parts):
         del out["score"]

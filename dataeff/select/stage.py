@@ -5,6 +5,10 @@ The stage is a thin shell: load the pool (``pool.py``), call the method's functi
 (``manifest.py``; docs/architecture.md "Selection directory"), plus the audit and the
 gallery if asked. Every method returns the same decisions on every rank, so the
 manifest is the same for any world size.
+
+With ``exclude=<overlap dir>`` the pool samples that copy downstream images are removed
+before the method runs, whatever the method (``exclude.py``): the method sees only the
+eligible rows and the stage spreads its decisions back over the whole pool.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataeff.select.audit import audit_selection, format_audit, read_truth
 from dataeff.select.cluster import resolve_k
 from dataeff.select.config import SelectConfig
 from dataeff.select.embed import read_header
+from dataeff.select.exclude import Exclusion, eligible_mask, expand_decisions, read_exclusion
 from dataeff.select.gallery import write_gallery
 from dataeff.select.methods import METHODS
 from dataeff.select.pool import align_quality, gather_pool, read_pool_index
@@ -49,14 +54,24 @@ def main(cfg: SelectConfig) -> None:
     if cfg.cluster.k > 0:
         resolve_k(n_ok, cfg.cluster.k)  # a k larger than the pool fails here, before any work
     truth = read_truth(cfg.audit.truth) if cfg.audit.truth else None
+    ok_keys = index.loc[index["status"] == "ok", "key"]
+    exclusion = read_exclusion(cfg.exclude, header, ok_keys) if cfg.exclude else Exclusion()
+    if cfg.exclude:
+        log.info("exclude: %d pool samples copy downstream images; removed before %s", len(exclusion.keys), cfg.method)
     if rank == 0:
         save_resolved(cfg, out)
 
     t0 = time.time()
     keys, emb = gather_pool(cfg.embeddings, rank, world)
     quality = align_quality(keys, index, cfg.embeddings)
-    decisions = method(emb, keys, quality, cfg, rank, world)
-    decisions.info.setdefault("target", manifest.target_count(cfg.ratio, len(keys)))
+    # Removed before the method runs, so no method can keep (or even look at) a downstream copy.
+    eligible = eligible_mask(keys, exclusion.keys)
+    if eligible.all():  # no copy of the (N, D) embeddings when nothing is excluded
+        sub = method(emb, keys, quality, cfg, rank, world)
+    else:
+        sub = method(emb[eligible], keys[eligible], quality[eligible].reset_index(drop=True), cfg, rank, world)
+    decisions = expand_decisions(sub, eligible)
+    decisions.info.setdefault("target", manifest.target_count(cfg.ratio, int(eligible.sum())))
     decisions.info["wall_s"] = round(time.time() - t0, 3)
     if rank == 0:
         frame = manifest.selection_frame(keys, decisions)
@@ -64,13 +79,16 @@ def main(cfg: SelectConfig) -> None:
             "embeddings": cfg.embeddings,
             "shard_set_hash": header["shard_set_hash"],
             "encoder_sha256": header["encoder"]["sha256"],
+            **exclusion.inputs,
         }
+        gallery = decisions.info.pop("optidel_gallery", [])
         summary = manifest.build_summary(cfg.method, cfg.ratio, frame, to_dict(cfg), inputs, decisions.info)
         if truth is not None:
             summary["audit"] = audit_selection(frame, index, truth)
             print(format_audit(summary["audit"]))
         if cfg.report.gallery:
-            summary["gallery"] = [str(p) for p in write_gallery(out, frame, index, cfg.report, cfg.seed)]
+            sheets = write_gallery(out, frame, index, cfg.report, cfg.seed, keys, emb, cfg.meddel, exclusion.matched)
+            summary["gallery"] = [str(p) for p in sheets] + list(gallery)
         manifest.write_selection(out, frame, summary)
         log.info(
             "%s: kept %d of %d (%.4f) -> %s",

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Submit a sweep as SLURM jobs: one per stage of each (method, ratio) cell, then a report.
+# Submit a sweep as SLURM jobs: one job chain per (cell, seed) unit, then a report.
 #
 # usage: launch/slurm/sweep.sh [--sbatch-option=value ...] <sweep.yaml> [key=value ...]
 #
-# Every job runs 'dataeff sweep' restricted to one stage of one cell
-# (methods=[m] ratios=[r] stages=[s] report=false), with that stage's resources and time
-# limit from config.sh, and resumes where it left off when requeued:
-#   dataeff-sweep-embed                 bootstrap encoder + pool embedding, shared by all cells
-#   dataeff-sweep-<cell>-select         afterok: embed
-#   dataeff-sweep-<cell>-pretrain       afterok: the cell's select
-#   dataeff-sweep-<cell>-finetune       afterok: the cell's pretrain
-#   dataeff-sweep-report                afterany: every finetune job (a failed cell leaves a
-#                                       gap in the table, not no table)
-# Cells come from the sweep's own planner (full at 1.0 only, unavailable methods left out),
-# so this script submits exactly what 'dataeff sweep' would run. Prints one
-# "<job id> <job name>" line per job. Settings: launch/slurm/config.sh.
+# Every job runs 'dataeff sweep' restricted to one stage of one unit
+# (methods=[m] ratios=[r] seeds=[k] stages=[s] report=false), with that stage's resources
+# and time limit from config.sh, and resumes where it left off when requeued:
+#   dataeff-sweep-embed                       bootstrap encoder, pool embedding and leakage
+#                                             check, shared by every cell and seed
+#   dataeff-sweep-<cell>-s<k>-select          afterok: embed
+#   dataeff-sweep-<cell>-s<k>-pretrain        afterok: the unit's select
+#   dataeff-sweep-<cell>-s<k>-finetune        afterok: the unit's pretrain
+#   dataeff-sweep-scratch-s<k>-finetune       no dependency (random encoder: needs no pool)
+#   dataeff-sweep-report                      afterany: every finetune job (a failed unit
+#                                             leaves a gap in the table, not no table)
+# Units come from the sweep's own planner (dataeff.sweep_plan.slurm_jobs: full at 1.0 only,
+# unavailable methods left out, every cell once per seed), so this script submits exactly
+# what 'dataeff sweep' would run. Prints one "<job id> <job name>" line per job.
+# Settings: launch/slurm/config.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # shellcheck source=launch/slurm/config.sh
@@ -32,21 +35,18 @@ fi
 config="$1"
 shift
 
-# The sweep's own planner: "cell <method> <ratio> <cell name>" per cell, then
+# The sweep's own planner: "unit <name> <stages> <key=value ...>" per (cell, seed), then
 # "report <key=value ...>" with the arguments of the final report.
 plan="$("$PYTHON" -c '
 import sys
-from dataeff.config import ConfigError, load_config
-from dataeff.sweep import SweepConfig, plan_cells, unavailable_methods
+from dataeff.cli import load_stage_config
+from dataeff.config import ConfigError
+from dataeff.sweep_plan import SweepConfig, slurm_jobs
 try:
-    cfg = load_config(SweepConfig, sys.argv[1], sys.argv[2:])
+    cfg = load_stage_config(SweepConfig, sys.argv[1], sys.argv[2:])
 except ConfigError as exc:
     sys.exit(f"launch/slurm/sweep.sh: error: {exc}")
-for c in plan_cells(list(cfg.methods), list(cfg.ratios), unavailable_methods(cfg))[0]:
-    print("cell", c.method, repr(c.ratio), c.name)
-w = cfg.wandb
-print("report", f"run={cfg.out}", f"alpha={cfg.alpha}", f"wandb.enabled={w.enabled}",
-      f"wandb.project={w.project}", f"wandb.group={w.group or cfg.sweep_name}")
+print("\n".join(slurm_jobs(cfg)))
 ' "$config" "$@")"
 
 mkdir -p "$LOG_DIR"
@@ -61,13 +61,15 @@ submit() {  # submit <job name> <dependency or ""> <resources: a stage of config
 embed_id="$(submit dataeff-sweep-embed "" pretrain sweep "$config" "$@" "stages=[embed]" report=false)"
 echo "$embed_id dataeff-sweep-embed"
 finetune_ids=""
-while read -r kind method ratio cell; do
-  [[ "$kind" == cell ]] || continue
-  after="afterok:$embed_id"
-  for stage in select pretrain finetune; do
-    id="$(submit "dataeff-sweep-$cell-$stage" "$after" "$stage" sweep "$config" "$@" \
-      "methods=[$method]" "ratios=[$ratio]" "stages=[$stage]" report=false)"
-    echo "$id dataeff-sweep-$cell-$stage"
+while read -r kind name stages keys; do
+  [[ "$kind" == unit ]] || continue
+  read -r -a unit_args <<< "$keys"
+  after=""
+  [[ "$stages" == select,* ]] && after="afterok:$embed_id"
+  for stage in ${stages//,/ }; do
+    id="$(submit "dataeff-sweep-$name-$stage" "$after" "$stage" sweep "$config" "$@" \
+      "${unit_args[@]}" "stages=[$stage]" report=false)"
+    echo "$id dataeff-sweep-$name-$stage"
     after="afterok:$id"
   done
   finetune_ids+=":$id"

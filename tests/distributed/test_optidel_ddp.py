@@ -15,10 +15,10 @@ from tests.multiproc import run_ranks
 EXTRA = ("optidel.mosaics_per_shard=1",)  # one mosaic per tar, so both ranks compose
 
 
-def _select_on_rank(rank: int, world: int, inputs: dict, out: str) -> str:
+def _select_on_rank(rank: int, world: int, inputs: dict, out: str, extra: tuple[str, ...]) -> str:
     os.environ.setdefault("WANDB_MODE", "offline")
     torch.set_num_threads(1)  # same kernels as the 1-process run
-    run_select(inputs, Path(out), *EXTRA)
+    run_select(inputs, Path(out), *extra)
     return out
 
 
@@ -27,12 +27,15 @@ def _tars(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.timeout(600)
-def test_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("hardness", ["mae_loss", "prototype_distance"])
+def test_two_ranks_match_one_process(tmp_path, hardness):
     torch.set_num_threads(1)
     inputs = build_inputs(tmp_path)
-    one = run_select(inputs, tmp_path / "one" / "run", *EXTRA)
+    # mae_loss averages the default K = 4 masks; prototype_distance clusters the gathered patch embeddings.
+    extra = (*EXTRA, f"optidel.hardness={hardness}")
+    one = run_select(inputs, tmp_path / "one" / "run", *extra)
     two = tmp_path / "two" / "run"  # same run name -> same mosaic keys
-    run_ranks(_select_on_rank, world=2, args=(inputs, str(two)))
+    run_ranks(_select_on_rank, world=2, args=(inputs, str(two), extra))
 
     # Per-shard SAM work was split: both ranks wrote their own shards' results.
     assert sorted(p.name for p in (one / "sam").glob("*.npz")) == sorted(p.name for p in (two / "sam").glob("*.npz"))

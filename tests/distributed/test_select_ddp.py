@@ -11,7 +11,13 @@ from tests.multiproc import run_ranks
 REPO = Path(__file__).resolve().parents[2]
 
 
-METHODS = ("meddel", "semdedup")
+#: Run name -> select overrides; "meddel-phash" adds the shard-time signature copy signal.
+METHODS = {
+    "meddel": [],
+    "semdedup": [],
+    "meddel-phash": ["method=meddel", "meddel.phash=true"],
+    "meddel-near": ["method=meddel", "meddel.near_copies=true"],
+}
 
 
 def _pipeline(rank: int, world: int, shards: str, out: str) -> bool:
@@ -23,12 +29,12 @@ def _pipeline(rank: int, world: int, shards: str, out: str) -> bool:
             embed.EmbedConfig, str(REPO / "configs/embed/tiny.yaml"), [f"data.shards={shards}", f"out={out}/emb"]
         )
     )
-    for method in METHODS:
+    for run, extra in METHODS.items():
         stage.main(
             load_config(
                 stage.SelectConfig,
                 str(REPO / "configs/select/tiny.yaml"),
-                [f"embeddings={out}/emb", f"out={out}/{method}", f"method={method}", "ratio=0.3"],
+                [f"embeddings={out}/emb", f"out={out}/{run}", f"method={run}", "ratio=0.3", *extra],
             )
         )
     return True

@@ -172,7 +172,7 @@ def test_submit_report_is_one_cpu_task_and_unknown_stage_fails(tmp_path):
     assert bad.returncode == 2 and "stages:" in bad.stderr
 
 
-def test_sweep_submits_a_job_per_stage_of_each_cell_then_report(tmp_path):
+def test_sweep_submits_a_job_chain_per_cell_and_seed_then_report(tmp_path):
     bin_dir = _fake_bin(tmp_path, sbatch=FAKE_SBATCH)
     env = _clean_env(
         tmp_path, bin_dir, LOG_DIR=str(tmp_path / "logs"), TIME_SELECT="01:00:00", TIME_FINETUNE="03:00:00"
@@ -180,8 +180,9 @@ def test_sweep_submits_a_job_per_stage_of_each_cell_then_report(tmp_path):
     overrides = [
         "shards=shards/pool",
         "datasets.tiny.data.root=data/kvasir-seg",
-        "methods=[full,random,meddel]",
+        "methods=[full,random,meddel,scratch]",
         "ratios=[0.5,1.0]",
+        "seeds=[0,1]",
         "out=runs/s1",
     ]
     out = subprocess.run(
@@ -197,43 +198,64 @@ def test_sweep_submits_a_job_per_stage_of_each_cell_then_report(tmp_path):
         next(a for a in job if a.startswith("--job-name=")).split("=", 1)[1]: str(101 + i) for i, job in enumerate(jobs)
     }
     by_name = dict(zip(ids, jobs, strict=False))
-    # The sweep's planner: full only at 1.0; random at 1.0 is full again, so left out.
+    # The sweep's planner: full only at 1.0; random at 1.0 is full again, so left out; every
+    # cell once per seed, seed-major; scratch has a finetune job only.
     cells = ["full-r1", "random-r0.5", "meddel-r0.5", "meddel-r1"]
     stages = ("select", "pretrain", "finetune")
-    assert list(ids) == [
-        "dataeff-sweep-embed",
-        *[f"dataeff-sweep-{c}-{s}" for c in cells for s in stages],
-        "dataeff-sweep-report",
-    ]
+    expected = ["dataeff-sweep-embed"]
+    for seed in (0, 1):
+        expected += [f"dataeff-sweep-{c}-s{seed}-{s}" for c in cells for s in stages]
+        expected.append(f"dataeff-sweep-scratch-s{seed}-finetune")
+    assert list(ids) == [*expected, "dataeff-sweep-report"]
     embed = by_name["dataeff-sweep-embed"]
     assert not any(a.startswith("--dependency") for a in embed)
     assert embed[-2:] == ["stages=[embed]", "report=false"] and "--time=24:00:00" in embed  # bootstrap = pretraining
-    for cell in cells:
-        method, ratio = cell.split("-r")
-        after = "dataeff-sweep-embed"
-        for stage in stages:
-            job = by_name[f"dataeff-sweep-{cell}-{stage}"]
-            assert f"--dependency=afterok:{ids[after]}" in job
-            args = job[job.index("launch/slurm/sweep.sbatch") + 1 :]
-            assert args == [
-                "configs/sweep/tiny.yaml",
-                *overrides,
-                f"methods=[{method}]",
-                f"ratios=[{float(ratio)!r}]",
-                f"stages=[{stage}]",
-                "report=false",
-            ]
-            after = f"dataeff-sweep-{cell}-{stage}"
+    for seed in (0, 1):
+        for cell in cells:
+            method, ratio = cell.split("-r")
+            after = "dataeff-sweep-embed"
+            for stage in stages:
+                job = by_name[f"dataeff-sweep-{cell}-s{seed}-{stage}"]
+                assert f"--dependency=afterok:{ids[after]}" in job
+                args = job[job.index("launch/slurm/sweep.sbatch") + 1 :]
+                assert args == [
+                    "configs/sweep/tiny.yaml",
+                    *overrides,
+                    f"methods=[{method}]",
+                    f"ratios=[{float(ratio)!r}]",
+                    f"seeds=[{seed}]",
+                    f"stages=[{stage}]",
+                    "report=false",
+                ]
+                after = f"dataeff-sweep-{cell}-s{seed}-{stage}"
+        # A random encoder needs no pool embedding: the scratch job waits for nothing.
+        scratch = by_name[f"dataeff-sweep-scratch-s{seed}-finetune"]
+        assert not any(a.startswith("--dependency") for a in scratch)
+        assert scratch[-4:] == ["methods=[scratch]", f"seeds=[{seed}]", "stages=[finetune]", "report=false"]
     # Each stage gets its own resources and time limit from config.sh.
-    assert "--time=01:00:00" in by_name["dataeff-sweep-meddel-r1-select"]
-    assert "--time=03:00:00" in by_name["dataeff-sweep-meddel-r1-finetune"]
-    assert "--nodes=1" in by_name["dataeff-sweep-meddel-r1-finetune"]
+    assert "--time=01:00:00" in by_name["dataeff-sweep-meddel-r1-s1-select"]
+    assert "--time=03:00:00" in by_name["dataeff-sweep-meddel-r1-s1-finetune"]
+    assert "--nodes=1" in by_name["dataeff-sweep-meddel-r1-s0-finetune"]
     report = by_name["dataeff-sweep-report"]
-    finetunes = ":".join(ids[f"dataeff-sweep-{c}-finetune"] for c in cells)
+    finetunes = ":".join(ids[n] for n in ids if n.endswith("-finetune"))
     assert f"--dependency=afterany:{finetunes}" in report
     assert "launch/slurm/report.sbatch" in report and "run=runs/s1" in report
     assert all("--qos=low" in job for job in jobs)
     assert out.stdout.split() == [x for name, i in ids.items() for x in (i, name)]
+
+
+def test_sweep_names_the_replacement_of_an_old_seed_key(tmp_path):
+    bin_dir = _fake_bin(tmp_path, sbatch=FAKE_SBATCH)
+    env = _clean_env(tmp_path, bin_dir, LOG_DIR=str(tmp_path / "logs"))
+    out = subprocess.run(
+        [str(SLURM / "sweep.sh"), "configs/sweep/tiny.yaml", "shards=x", "datasets.t.data.root=y", "seed=3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0 and "'seed' was replaced by seeds" in out.stderr
+    assert not (tmp_path / "sbatch.log").exists()
 
 
 # --------------------------------------------------------------------------- requeue

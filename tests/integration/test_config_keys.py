@@ -6,8 +6,8 @@ Reads are counted only after ``load_config`` returns, and not while a config is 
 (``__post_init__`` checks) or copied wholesale (OmegaConf, ``dataclasses.replace``): a key
 counts only when stage code reads it. A sweep's template sections (``embed.*``,
 ``select.*``, ``pretrain.*``, ``finetune.*``) are copied whole into each cell's stage
-config, so such a key passes when the stage reads it; the sweep's own keys must be read by
-the sweep run. Reads are logged per (class, field), so two sections of one stage that
+config, so such a key passes when the stage reads it; the sweep's own keys (including those
+it adds to a section, like ``overlap.enabled``) must be read by the sweep run. Reads are logged per (class, field), so two sections of one stage that
 share a class share their reads.
 """
 
@@ -133,6 +133,11 @@ _ABSENT = object()
 # --------------------------------------------------------------------------- stage runs
 
 
+def has_key(schema: type, dotted: str) -> bool:
+    """Whether ``schema`` has the (dotted) key: runs for options still being added cover them once they land."""
+    return dotted in {k for k, _, _ in describe_keys(schema)}
+
+
 def _load(log: ReadLog, schema: type, config: Path | None, overrides: list[str]) -> Any:
     log.active = False
     cfg = load_config(schema, str(config) if config else None, overrides)
@@ -193,24 +198,31 @@ def run_pretrain(log: ReadLog, tmp: Path, shards: Path) -> Path:
     ]
     keys = [f"data.shards={shards}", f"out={out}", "wandb.enabled=true", "wandb.tags=[keys]", *steps]
     main(_load(log, PretrainConfig, CONFIGS / "pretrain/tiny.yaml", keys))
+    if has_key(PretrainConfig, "budget"):  # an epoch budget reads `epochs` (full batches: 24 // 8 = 3 steps each)
+        epochs = [f"data.shards={shards}", f"out={tmp / 'epochs'}", "budget=epochs", "epochs=1", "wandb.enabled=false"]
+        main(_load(log, PretrainConfig, CONFIGS / "pretrain/tiny.yaml", [*epochs, "optim.warmup_steps=1"]))
     return out
 
 
-def run_select(log: ReadLog, tmp: Path, shards: Path, emb: Path, scorer: Path) -> None:
+def run_select(log: ReadLog, tmp: Path, shards: Path, emb: Path, scorer: Path, overlap: Path | None) -> None:
     from dataeff.select.stage import SelectConfig, main
 
     common = [f"embeddings={emb}", f"data.shards={shards}"]
     for method in ("full", "random", "semdedup", "meddel"):
         keys = [*common, f"method={method}", f"out={tmp / method}", f"report.gallery={method == 'meddel'}"]
         main(_load(log, SelectConfig, CONFIGS / "select/tiny.yaml", keys))
-    main(
-        _load(
-            log,
-            SelectConfig,
-            CONFIGS / "select/optidel_tiny.yaml",
-            [*common, f"scorer={scorer}", f"out={tmp / 'optidel'}", "sam.points_per_side=2"],
-        )
-    )
+    if overlap is not None and has_key(SelectConfig, "exclude"):  # the sweep's leakage guard
+        keys = [*common, "method=random", f"out={tmp / 'exclude'}", f"exclude={overlap}"]
+        main(_load(log, SelectConfig, CONFIGS / "select/tiny.yaml", keys))
+    if has_key(SelectConfig, "meddel.phash"):  # MedDEL's shard-signature options (dataeff-shards/3)
+        keys = [*common, "method=meddel", f"out={tmp / 'meddel-phash'}", "meddel.phash=true"]
+        keys += ["meddel.near_copies=true"] if has_key(SelectConfig, "meddel.near_copies") else []
+        main(_load(log, SelectConfig, CONFIGS / "select/tiny.yaml", keys))
+    opti = [*common, f"scorer={scorer}", "sam.points_per_side=2", f"sam.cache_dir={tmp / 'sam-cache'}"]
+    main(_load(log, SelectConfig, CONFIGS / "select/optidel_tiny.yaml", [*opti, f"out={tmp / 'optidel'}"]))
+    if has_key(SelectConfig, "optidel.hardness"):  # the other hardness definition (same SAM pass, cached)
+        keys = [*opti, f"out={tmp / 'optidel-proto'}", "optidel.hardness=prototype_distance"]
+        main(_load(log, SelectConfig, CONFIGS / "select/optidel_tiny.yaml", keys))
 
 
 def run_finetune(log: ReadLog, tmp: Path, down: Path) -> None:
@@ -232,7 +244,8 @@ def run_sweep(log: ReadLog, tmp: Path, shards: Path, down: Path) -> Path:
     from dataeff.sweep import SweepConfig, main
 
     out = tmp / "sweep"
-    keys = [f"out={out}", f"shards={shards}", f"datasets.tiny.data.root={down}", "methods=[random]", "ratios=[0.5]"]
+    keys = [f"out={out}", f"shards={shards}", f"datasets.tiny.data.root={down}", "methods=[random,scratch]"]
+    keys += ["ratios=[0.5]", "seeds=[0]", "bootstrap.seed=1", "overlap.enabled=true"]
     keys += ["bootstrap.steps=1", "pretrain.trainer.max_steps=1", "pretrain.trainer.checkpoint_every_n_steps=1"]
     keys += [
         "finetune.trainer.max_steps=1",
@@ -245,11 +258,13 @@ def run_sweep(log: ReadLog, tmp: Path, shards: Path, down: Path) -> Path:
     return out
 
 
-def run_overlap(log: ReadLog, tmp: Path, emb: Path, down: Path) -> None:
+def run_overlap(log: ReadLog, tmp: Path, emb: Path, down: Path) -> Path:
     from dataeff.overlap import OverlapConfig, main
 
-    keys = [f"embeddings={emb}", f"datasets.tiny={down}", f"out={tmp / 'overlap'}", "device=cpu"]
+    out = tmp / "overlap"
+    keys = [f"embeddings={emb}", f"datasets.tiny={down}", f"out={out}", "device=cpu"]
     main(_load(log, OverlapConfig, None, keys))
+    return out
 
 
 def run_report(log: ReadLog, sweep_out: Path) -> None:
@@ -308,9 +323,9 @@ def read_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str] | 
         stage("demo-data", lambda: run_demo_data(log, tmp / "demo-data"))
         emb = stage("embed", lambda: run_embed(log, tmp / "embed", shards))
         pre = stage("pretrain", lambda: run_pretrain(log, tmp / "pretrain", shards))
-        stage("select", lambda: run_select(log, tmp / "select", shards, emb, pre))
+        over = stage("overlap", lambda: run_overlap(log, tmp / "overlap", emb, down))
+        stage("select", lambda: run_select(log, tmp / "select", shards, emb, pre, over))
         stage("finetune", lambda: run_finetune(log, tmp / "finetune", down))
-        stage("overlap", lambda: run_overlap(log, tmp / "overlap", emb, down))
         sweep_out = stage("sweep", lambda: run_sweep(log, tmp / "sweep", shards, down))
         stage("report", lambda: run_report(log, sweep_out))
     result: dict[str, set[str] | BaseException] = {}
@@ -341,9 +356,12 @@ def test_every_help_key_is_read(stage: str, read_keys: dict[str, set[str] | Base
     schema = _schemas()[stage]
     assert isinstance(schema, type)
     unread = []
+    schemas = _schemas()
     for key in key_owners(schema):
         section, _, rest = key.partition(".")
-        if stage == "sweep" and section in FILLED:  # copied whole into the cell's stage config
+        section_schema = schemas.get(section)
+        in_stage = isinstance(section_schema, type) and rest in key_owners(section_schema)
+        if stage == "sweep" and section in FILLED and in_stage:  # copied whole into the unit's stage config
             read = rest in read_keys[section]  # type: ignore[operator]
         else:
             read = key in read_keys[stage]  # type: ignore[operator]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dataeff.config import ConfigError
+from dataeff.constants import SPLIT_FORMAT
 from dataeff.data.demo import DemoDataConfig, main
 from tests.fixtures import KVASIR
 
@@ -44,7 +45,7 @@ def test_two_builds_are_identical(built, tmp_path):
 
 def test_downstream_split_and_pool_are_disjoint(built):
     split = json.loads((built / "downstream" / "split.json").read_text())
-    assert split["format"] == "dataeff-split/1" and split["seed"] == 0
+    assert split["format"] == SPLIT_FORMAT and split["seed"] == 0 and split["groups"] is None
     assert [len(split[k]) for k in ("train", "val", "test")] == [140, 30, 30]
     held = split["train"] + split["val"] + split["test"]
     assert len(set(held)) == 200

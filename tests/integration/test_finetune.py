@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -70,7 +71,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_results_json_fields(finished_run):
-    _, out = finished_run
+    data, out = finished_run
     results = json.loads((out / "results.json").read_text())
     for key in ("miou", "dice", "fg_iou", "per_class_iou", "n_test", "dataset", "best_val_miou", "confusion_matrix"):
         assert key in results, key
@@ -78,7 +79,19 @@ def test_results_json_fields(finished_run):
     assert len(results["per_class_iou"]) == 2
     assert results["n_test"] == 6 and results["dataset"] == "kvasir"
     cm = results["confusion_matrix"]
-    assert sum(map(sum, cm)) == 6 * SIZE * SIZE  # every test pixel counted exactly once
+    # scored at native resolution: every pixel of every test mask, at its own size, counted once
+    native = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in sorted((data / "masks").glob("*.png"))[18:])
+    assert results["scoring"] == "native" and sum(map(sum, cm)) == native != 6 * SIZE * SIZE
+    per_image = results["per_image"]
+    assert per_image["n"] == 6 and per_image["both_empty"] == "scored 1.0"
+    lines = (out / "per_image.csv").read_text().splitlines()
+    assert lines[0] == "file,dice,iou" and len(lines) == 7 and lines[1].split(",")[0].endswith(".jpg")
+    values = [[float(v) for v in line.split(",")[1:]] for line in lines[1:]]
+    assert per_image["dice_mean"] == pytest.approx(sum(d for d, _ in values) / 6, abs=1e-5)
+    assert per_image["iou_mean"] == pytest.approx(sum(i for _, i in values) / 6, abs=1e-5)
+    assert (results["encoder"], results["encoder_sha256"], results["seed"]) == ("random-init", None, 0)
+    arch = {"name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "depth": 2, "embed_dim": 64}
+    assert results["encoder_arch"] == {**arch, "num_heads": 2}  # the shape a from-scratch reference must match
     assert results["miou"] == pytest.approx(segmentation_scores(torch.tensor(cm))["miou"])
     assert results["miou"] == pytest.approx(sum(results["per_class_iou"]) / 2)
     for name in ("predictions.png", "config.yaml", "model.safetensors", "metrics.csv"):
@@ -95,7 +108,7 @@ def test_head_learns(finished_run):
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg)
     test_pairs = downstream.find_pairs(data, "kvasir")[18:]
-    cm = evaluate_share(untrained, test_pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
+    cm, _ = evaluate_share(untrained, test_pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
     baseline = segmentation_scores(cm)
     miou0 = 0.0 if math.isnan(baseline["miou"]) else baseline["miou"]
     assert results["miou"] > miou0 + 0.05, (results["miou"], miou0)
@@ -173,12 +186,65 @@ def test_rank_shares_of_the_test_set_sum_to_the_whole(tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg)
     pairs = downstream.find_pairs(data, "kvasir")
-    whole = evaluate_share(model, pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
+    whole, rows = evaluate_share(model, pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
     shares = [
         evaluate_share(model, pairs, cfg.data, rank=r, world_size=3, device=torch.device("cpu")) for r in range(3)
     ]
-    assert (sum(shares) == whole).all()  # 7 pairs over 3 ranks: 3 + 2 + 2, none repeated
-    assert whole.sum() == 7 * 32 * 32
+    assert (sum(cm for cm, _ in shares) == whole).all()  # 7 pairs over 3 ranks: 3 + 2 + 2, none repeated
+    assert sorted(r["file"] for _, part in shares for r in part) == sorted(r["file"] for r in rows)
+    native = sum(Image.open(m).size[0] * Image.open(m).size[1] for _, _, m in pairs)
+    assert whole.sum() == native  # native pixels, not 7 x 32 x 32
+
+
+class _LeftHalf(torch.nn.Module):
+    """Predicts foreground on the left half of its input, whatever the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        fg = torch.where(torch.arange(w) < w // 2, 1.0, -1.0).expand(b, h, w)
+        return torch.stack([torch.zeros_like(fg), fg], dim=1) + self.p
+
+
+def test_test_scores_at_native_resolution_hand_computed(tmp_path):
+    """Input 32 px, masks 48 x 40: the left-half prediction upsampled to 48 columns is exactly columns 0..23."""
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name, cols in (("a", slice(0, 24)), ("b", slice(12, 36)), ("c", slice(0, 0))):
+        Image.new("RGB", (48, 40)).save(root / "images" / f"{name}.jpg")
+        mask = np.zeros((40, 48), dtype=np.uint8)
+        mask[:, cols] = 255
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    cfg = load_config(FinetuneConfig, str(TINY), [f"data.root={root}", "data.image_size=32", "data.batch_size=2"])
+    pairs = downstream.find_pairs(root, "kvasir")
+    cm, rows = evaluate_share(_LeftHalf(), pairs, cfg.data, rank=0, world_size=1, device=torch.device("cpu"))
+    # per image, 40 rows: a = exact (24 TP cols); b = 12 TP cols, 12 FP, 12 FN; c = 24 FP cols, empty mask
+    assert cm.tolist() == [[40 * (24 + 12 + 24), 40 * (12 + 24)], [40 * 12, 40 * (24 + 12)]]
+    by_file = {r["file"]: (r["dice"], r["iou"]) for r in rows}
+    assert by_file["a.jpg"] == (1.0, 1.0) and by_file["c.jpg"] == (0.0, 0.0)
+    assert by_file["b.jpg"] == pytest.approx((2 * 12 / 48, 12 / 36))
+    assert not any(r["both_empty"] for r in rows)
+
+
+def test_seed_sets_the_random_init_and_results_name_the_weights(tmp_path):
+    from dataeff.files import file_sha256
+    from dataeff.finetune import encoder_record
+    from dataeff.models.encoder import build_encoder
+    from dataeff.pretrain import export_encoder
+
+    scratch = ["encoder.weights=''", "encoder.allow_random_init=true"]
+    a, b, c = (build_model(load_config(FinetuneConfig, str(TINY), [*scratch, f"seed={seed}"])) for seed in (0, 0, 1))
+    qkv = [m.encoder.blocks[0].attn.qkv.weight for m in (a, b, c)]
+    assert torch.equal(qkv[0], qkv[1]) and not torch.equal(qkv[0], qkv[2])
+    enc_cfg = tiny_encoder_config(32)
+    export_encoder(build_encoder(enc_cfg), enc_cfg, tmp_path / "pretrain")
+    record = encoder_record(load_config(FinetuneConfig, str(TINY), [f"encoder={tmp_path / 'pretrain'}"]).encoder)
+    weights = tmp_path / "pretrain" / "encoder.safetensors"
+    assert record["encoder"] == str(weights) and record["encoder_sha256"] == file_sha256(weights)
 
 
 def test_build_model_from_a_pretrain_export_at_another_size(tmp_path):

@@ -221,3 +221,82 @@ def test_planted_hard_patch_wins_through_the_real_mae_scorer(tmp_path):
     # Fixed mask seed: the same scores again, whatever the batch they are scored in.
     again = extract_and_score([("img", image)], Boxes(), cfg, side, score_fn, batch_size=3)
     assert np.allclose(again["score"], out["score"], rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_and_excluded_frames_are_never_patch_sources(tiny_run, tmp_path, monkeypatch):
+    from dataeff.data.stream import read_index
+    from dataeff.select import optidel_run
+    from tests.integration.test_select_stage import hand_made_overlap
+
+    inputs, out = tiny_run
+    pool = read_index(inputs["shards"])
+    pool = pool[pool["status"] == "ok"].sort_values("key")
+    lap = np.sort(pool["laplacian_var"].to_numpy())
+    threshold = float(lap[4] + lap[5]) / 2  # the 5 least sharp frames count as blurred
+    blurred = set(pool.loc[pool["laplacian_var"] < threshold, "key"])
+    leaked = [k for k in pool["key"] if k not in blurred][:2]
+    overlap = hand_made_overlap(tmp_path, Path(inputs["embeddings"]), leaked)
+    # The cached SAM pass saw every frame: a stricter quality rule and an exclusion need no new SAM run.
+    cache = tmp_path / "cache"
+    shutil.copytree(out / "sam", cache)
+    monkeypatch.setattr(optidel_run, "build_sam", lambda *a, **k: pytest.fail("SAM rebuilt although cached"))
+    run = run_select(
+        inputs, tmp_path / "strict", f"meddel.blur_var={threshold}", f"exclude={overlap}", f"sam.cache_dir={cache}"
+    )
+    table = pd.read_parquet(run / "selection.parquet").set_index("key")
+    patches = pd.read_parquet(run / "patches.parquet")
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(blurred) == 5 and (table.loc[sorted(blurred), "reason"] == "blurred").all()
+    assert (table.loc[leaked, "reason"] == "downstream_overlap").all()
+    assert not set(patches["source"]) & (blurred | set(leaked))
+    assert table.loc[sorted(blurred), "score"].isna().all()  # no hardness: never a candidate original
+    assert summary["images_skipped"]["blurred"] == 5 and summary["excluded"] == 2
+    # Budget: round(R * eligible) mosaics from the 14 eligible frames.
+    assert summary["mosaics"] == round(RATIO * 14) and summary["quality_checks"]
+
+
+def test_more_hardness_masks_invalidate_the_cache_and_average_single_mask_losses(tiny_run, tmp_path):
+    from dataeff.models.mae import MAE
+    from dataeff.select.optidel import mask_seeds
+    from dataeff.select.optidel_run import fingerprint, mae_scorer, scorer_input
+
+    inputs, out = tiny_run
+    cache = tmp_path / "cache"
+    shutil.copytree(out / "sam", cache)
+    run = run_select(inputs, tmp_path / "k1", "optidel.hardness_masks=1", f"sam.cache_dir={cache}")
+    with np.load(next(cache.glob("*.npz"))) as z:
+        stamp = str(z["fingerprint"])
+    with np.load(next((out / "sam").glob("*.npz"))) as z:
+        assert stamp != str(z["fingerprint"])  # K is part of the fingerprint: the K=4 entries were redone
+    assert json.loads((run / "summary.json").read_text())["hardness_masks"] == 1
+
+    batch = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    mae = MAE.load_for_scoring(inputs["scorer"])
+    singles = [mae.reconstruction_loss(scorer_input(batch), s).numpy() for s in mask_seeds(0, 4)]
+    four, _ = mae_scorer(inputs["scorer"], torch.device("cpu"), 0, 4)
+    one, _ = mae_scorer(inputs["scorer"], torch.device("cpu"), 0, 1)
+    np.testing.assert_allclose(four(batch), np.mean(singles, axis=0), rtol=1e-6)
+    assert np.array_equal(one(batch), singles[0])  # K = 1: today's single-mask score, bit for bit
+    assert np.allclose(four(batch[1:]), four(batch)[1:], rtol=1e-5)  # independent of the batch
+    from dataeff.config import load_config
+    from dataeff.select.stage import SelectConfig
+
+    base = [f"embeddings={inputs['embeddings']}", f"scorer={inputs['scorer']}", "out=x"]
+    cfgs = [
+        load_config(SelectConfig, str(REPO / "configs/select/optidel_tiny.yaml"), [*base, *extra])
+        for extra in ([], ["optidel.hardness_masks=2"], ["optidel.hardness=prototype_distance"])
+    ]
+    assert len({fingerprint(c, inputs["scorer"]) for c in cfgs}) == 3
+
+
+def test_prototype_distance_hardness_end_to_end(tiny_run, tmp_path):
+    inputs, _ = tiny_run
+    run = run_select(inputs, tmp_path / "proto", "optidel.hardness=prototype_distance", "report.gallery=true")
+    summary = json.loads((run / "summary.json").read_text())
+    patches = pd.read_parquet(run / "patches.parquet")
+    assert summary["hardness"] == "prototype_distance" and "hardness_masks" not in summary
+    assert summary["prototypes_patches"] == round(np.sqrt(len(patches)))
+    assert patches["score"].between(0.0, 2.0).all() and patches["score"].nunique() > 1
+    assert summary["mosaics"] == round(RATIO * 16)
+    names = {Path(p).name for p in summary["gallery"]}
+    assert {"mosaic_sources.png", "mosaics.png", "hardest_patches.png"} <= names

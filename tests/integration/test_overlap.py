@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dataeff import overlap_core as core
 from dataeff.config import ConfigError, load_config, to_dict
 from dataeff.constants import DOWNSTREAM_OVERLAP
 from dataeff.data.stream import read_index
-from dataeff.overlap import OverlapConfig, main, pool_overlap
+from dataeff.overlap import OverlapConfig, main
 from tests.fixtures import kvasir_images, make_embedded_pool, small_jpeg
 
 # The tiny encoder is random: different Kvasir frames reach cosine 0.999 under it, so the
@@ -104,22 +105,43 @@ def test_planted_overlaps_found_with_their_kind_and_clean_images_untouched(setup
     assert sheet.height > 4 * 128 and sheet.width > 256
 
 
+def _excluded(cfg: OverlapConfig, kinds: tuple[str, ...] = core.KINDS) -> set[str]:
+    main(cfg)  # a no-op when cfg.out already holds the result for the same inputs
+    return core.excluded_keys(pd.read_parquet(Path(cfg.out) / "matches.parquet"), kinds)
+
+
 def test_rerun_is_skipped_and_sweep_gets_the_keys(setup, tmp_path):
     out = tmp_path / "overlap"
     cfg = _cfg(setup, out, min_cosine=STRICT_COSINE)
-    keys = pool_overlap(cfg)
+    keys = _excluded(cfg)
     assert keys == {k for k, _ in setup["planted"].values()}
     assert DOWNSTREAM_OVERLAP == "downstream_overlap"
     stamp = (out / "matches.parquet").stat().st_mtime_ns
-    assert pool_overlap(cfg) == keys  # same inputs: nothing recomputed
+    assert _excluded(cfg) == keys  # same inputs: nothing recomputed
     assert (out / "matches.parquet").stat().st_mtime_ns == stamp
-    assert pool_overlap(cfg, kinds=["exact"]) == {
+    assert _excluded(cfg, kinds=("exact",)) == {
         setup["planted"][f][0] for f in ("images/copy.jpg", "images/resave.png")
     }
-    # A changed threshold reruns (on the cached pool signatures).
+    # A changed threshold reruns, on the pool signatures stored in the shard index (no cache file).
     main(_cfg(setup, out, min_cosine=STRICT_COSINE, phash_max_distance=0))
     assert (out / "matches.parquet").stat().st_mtime_ns != stamp
-    assert (out / "pool_signatures.npz").is_file()
+    assert not list(out.glob("*.npz"))
+
+
+def test_pool_index_without_signatures_asks_to_reshard(setup, tmp_path, monkeypatch):
+    import shutil
+
+    import dataeff.overlap as overlap
+
+    old = tmp_path / "old_pool"
+    shutil.copytree(setup["shards"], old)
+    index = pd.read_parquet(old / "index.parquet")
+    index.drop(columns=["pixel_sha256", "phash", "thumb"]).to_parquet(old / "index.parquet")  # dataeff-shards/2
+    decoded = []
+    monkeypatch.setattr(overlap.sig, "image_signature", lambda *a: decoded.append(1))  # no pool decode either
+    with pytest.raises(ConfigError, match=rf"{old}.*re-shard"):
+        main(_cfg(setup, tmp_path / "o", pool=str(old)))
+    assert not decoded
 
 
 def test_embedding_signal_alone_finds_the_identical_images(setup, tmp_path):

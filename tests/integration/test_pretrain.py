@@ -44,6 +44,9 @@ def reference(shards, tmp_path_factory) -> Path:
     finally:
         mp.undo()
     assert summary["steps"] == STEPS and summary["images_seen"] == STEPS * 6
+    # 24 samples in batches of 6: 4 full steps per epoch, so 8 steps are exactly 2 passes
+    assert (summary["budget"], summary["subset_size"], summary["global_batch"]) == ("steps", 24, 6)
+    assert (summary["steps_per_epoch"], summary["epochs_seen"], summary["epochs"]) == (4, 2.0, None)
     return out
 
 
@@ -149,7 +152,24 @@ def test_selection_recorded_in_summary_and_tags(shards, tmp_path):
     summary = pretrain.main(config(shards, out, f"data.selection={sel}", "trainer.max_steps=3", "data.batch_size=4"))
     assert summary["selection"]["method"] == "random" and summary["selection"]["ratio"] == 0.4
     # only selected samples are streamed: 3 steps x 4 = 12 images over 8 kept samples
-    assert summary["images_seen"] == 12
+    assert summary["images_seen"] == 12 and summary["subset_size"] == 8 and summary["epochs_seen"] == 1.5
+
+
+def test_epoch_budget_gives_every_subset_the_same_passes(shards, tmp_path):
+    """10 kept samples, batch 4: 2 full batches per epoch (2 samples left out each epoch), 3 epochs = 6 steps."""
+    index = pd.read_parquet(shards / "index.parquet")
+    keys = sorted(index.loc[index["status"] == "ok", "key"])
+    sel = write_selection(tmp_path / "sel", keys, set(keys[:10]))
+    (sel / "summary.json").write_text(json.dumps({"method": "random", "ratio": 0.5, "kept": 10}))
+    run = ["budget=epochs", "epochs=3", "trainer.max_steps=1000", "data.batch_size=4", "panel_every_n_steps=0"]
+    summary = pretrain.main(config(shards, tmp_path / "run", f"data.selection={sel}", *run))
+    assert (summary["budget"], summary["epochs"], summary["steps_per_epoch"]) == ("epochs", 3, 2)
+    assert summary["steps"] == 6 and summary["images_seen"] == 24  # trainer.max_steps is not the budget
+    assert (summary["subset_size"], summary["epochs_seen"]) == (10, 2.4)  # full batches only: 8 of 10 per epoch
+    losses = _metrics(tmp_path / "run")
+    assert list(losses.index) == list(range(6))
+    with pytest.raises(ConfigError, match=r"10 samples .* global batch of 12"):
+        pretrain.main(config(shards, tmp_path / "big", f"data.selection={sel}", "data.batch_size=12"))
 
 
 def test_config_errors(shards, tmp_path):
@@ -157,3 +177,7 @@ def test_config_errors(shards, tmp_path):
         config(shards, tmp_path, "data.image_size=64")
     with pytest.raises(ConfigError, match="resume"):
         config(shards, tmp_path, "resume=/nonexistent.ckpt")
+    with pytest.raises(ConfigError, match="budget"):
+        config(shards, tmp_path, "budget=images")
+    with pytest.raises(ConfigError, match="epochs"):
+        config(shards, tmp_path, "budget=epochs", "epochs=0")

@@ -129,3 +129,72 @@ def test_bad_select_input_fails_before_work(tmp_path, pool):
     (bad / "header.json").write_text(json.dumps({**header, "files": ["rank-00000.npz", "rank-00001.npz"]}))
     with pytest.raises(ConfigError, match="mismatched embedding dimensions"):
         stage.main(select_cfg(bad, tmp_path / "d"))
+
+
+def hand_made_overlap(root: Path, emb: Path, keys: list[str], **inputs_override) -> Path:
+    """A 'dataeff overlap' output written by hand: matches.parquet (match-table columns) + summary.json."""
+    from dataeff.constants import OVERLAP_FORMAT
+    from dataeff.overlap_core import MATCH_COLUMNS
+
+    header = json.loads((emb / "header.json").read_text())
+    out = root / "overlap"
+    out.mkdir(parents=True, exist_ok=True)
+    matches = pd.DataFrame(
+        {
+            "pool_key": keys,
+            "dataset": "kvasir",
+            "file": [f"images/{i}.jpg" for i in range(len(keys))],
+            "kind": ["exact", "phash", "embedding"][: len(keys)],
+            "signals": ["exact+phash", "phash", "embedding"][: len(keys)],
+            "phash_distance": [0, 4, 20][: len(keys)],
+            "thumb_corr": [1.0, 0.995, 0.7][: len(keys)],
+            "cosine": [0.999, 0.99, 0.96][: len(keys)],
+        },
+        columns=list(MATCH_COLUMNS),
+    )
+    matches.to_parquet(out / "matches.parquet", index=False)
+    inputs = {
+        "embeddings": str(emb.resolve()),
+        "encoder_sha256": header["encoder"]["sha256"],
+        "shard_set_hash": header["shard_set_hash"],
+        "signals": ["embedding", "exact", "phash"],
+        **inputs_override,
+    }
+    (out / "summary.json").write_text(json.dumps({"format": OVERLAP_FORMAT, "inputs": inputs}))
+    return out
+
+
+@pytest.mark.parametrize("method", ["full", "random", "semdedup", "meddel"])
+def test_every_method_drops_exactly_the_overlap_keys_before_selecting(tmp_path, pool, method):
+    _, emb = pool
+    keys, _ = embed.load_embeddings(emb)
+    leaked = [str(keys[3]), str(keys[10]), str(keys[17])]
+    overlap = hand_made_overlap(tmp_path, emb, leaked)
+    out = tmp_path / method
+    extra = ["report.gallery=true"] if method == "meddel" else []
+    stage.main(select_cfg(emb, out, f"method={method}", "ratio=0.5", f"exclude={overlap}", *extra))
+    frame, summary = read_selection(out)
+    dropped = frame[frame["reason"] == "downstream_overlap"]
+    assert sorted(dropped["key"]) == sorted(leaked) and not dropped["kept"].any()
+    assert (dropped["cluster"] == -1).all() and dropped["score"].isna().all()
+    # The method chose among the 21 eligible samples: round(0.5 * 21) = 11 (full: all 21).
+    assert summary["pool_size"] == 24 and summary["excluded"] == 3 and summary["eligible"] == 21
+    assert summary["kept"] == (21 if method == "full" else 11) and summary["target"] == 11
+    assert summary["kept_fraction"] == summary["kept"] / 24
+    assert summary["counts_by_reason"]["downstream_overlap"] == 3
+    assert summary["inputs"]["exclude"] == str(overlap.resolve())
+    assert len(summary["inputs"]["exclude_summary_sha256"]) == 64
+    if method == "meddel":
+        names = {Path(p).name for p in summary["gallery"]}
+        assert "removed_downstream_overlap.png" in names and "clusters.png" in names
+
+
+def test_an_overlap_from_other_embeddings_is_refused_before_work(tmp_path, pool):
+    _, emb = pool
+    keys, _ = embed.load_embeddings(emb)
+    overlap = hand_made_overlap(tmp_path, emb, [str(keys[0])], shard_set_hash="0" * 16)
+    with pytest.raises(ConfigError, match="another shard set"):
+        stage.main(select_cfg(emb, tmp_path / "sel", f"exclude={overlap}"))
+    assert not (tmp_path / "sel").exists()
+    with pytest.raises(ConfigError, match="no complete 'dataeff overlap' output"):
+        stage.main(select_cfg(emb, tmp_path / "sel", f"exclude={tmp_path / 'missing'}"))

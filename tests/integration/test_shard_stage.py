@@ -241,3 +241,46 @@ def test_cli_runs_the_stage_and_saves_the_resolved_config(tmp_path):
     assert not (out / ".parts").exists()
     assert cli(["shard", f"src={tmp_path / 'nope'}", f"out={out}"]) == 2
     assert cli(["shard", f"src={raw}", f"out={out}", "samples_per_shard=0"]) == 2
+
+
+# --------------------------------------------------------------------------- signatures (dataeff-shards/3)
+
+
+def test_index_holds_the_signatures_of_the_stored_pixels(tmp_path):
+    from dataeff.data import signatures as sig
+
+    raw = make_raw_tree(tmp_path / "raw", n=6, size=48)
+    first = sorted(raw.rglob("*.jpg"))[0]
+    Image.open(first).convert("RGB").save(raw / "site0" / "frame.png")  # lossless
+    (raw / "site0" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    shard_tree(raw, tmp_path / "out")
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert str(index["phash"].dtype) == "int64" and index["thumb"].map(type).eq(bytes).sum() == 7
+    stored = tar_samples(tmp_path / "out")
+    for row in index[index["status"] == "ok"].itertuples():
+        (data,) = [v for ext, v in stored[row.key].items() if ext != "json"]
+        image = Image.open(io.BytesIO(data)).convert("RGB")  # decoded in full, as a reader does
+        assert row.pixel_sha256 == sig.pixel_sha256(image), row.source
+        bits = sig.pack_phash(sig.phash_bits(image))
+        assert np.int64(row.phash).view(np.uint64) == bits[0], "same 64 bits, stored as int64"
+        assert row.thumb == sig.thumbnail(image).tobytes() and len(row.thumb) == 256
+    bad = index.set_index("source").loc["site0/cut.jpg"]
+    assert bad["status"] == "rejected" and bad[["pixel_sha256", "thumb"]].isna().all() and bad["phash"] == 0
+    # The lossless PNG re-save holds the same pixels as its JPEG: same pixel hash, other byte hash.
+    png, jpg = index.set_index("source").loc[["site0/frame.png", first.relative_to(raw).as_posix()]].itertuples()
+    assert png.sha256 != jpg.sha256 and png.pixel_sha256 == jpg.pixel_sha256 and png.phash == jpg.phash
+
+
+def test_output_of_an_older_format_is_refused_with_the_overwrite_hint(tmp_path):
+    from dataeff.constants import SHARDS_FORMAT
+
+    out = make_shards(tmp_path, n=4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["format"] == SHARDS_FORMAT == "dataeff-shards/3"
+    # What a dataeff-shards/2 run left: its signature did not include the new format id.
+    summary.update(format="dataeff-shards/2", signature="0" * 64)
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ConfigError, match=r"format dataeff-shards/2.*overwrite=true"):
+        shard_tree(tmp_path / "raw", out, min_side=8)
+    assert shard_tree(tmp_path / "raw", out, min_side=8, overwrite=True)["format"] == SHARDS_FORMAT
+    assert "thumb" in pd.read_parquet(out / "index.parquet").columns

@@ -162,3 +162,162 @@ def test_meddel_without_quality_stats_still_selects():
     d = run_meddel(emb, keys, q, select_cfg(ratio=0.1), 0, 1)
     assert d.kept.sum() == target_count(0.1, len(keys))
     assert d.info["quality_checks"] == []
+
+
+# --------------------------------------------------------------------------- ties at the cut-off
+
+
+def _one_cluster_decisions(x: np.ndarray, target: int) -> tuple[np.ndarray, list[str]]:
+    """Hand-made pool in one cluster, visited in row order: kept mask and reasons (keys k00, k01, ...)."""
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    keys = np.array([f"k{i:02d}" for i in range(n)])
+    sims = np.linspace(0.0, 1.0, n)  # order "hard" visits the lowest centroid similarity first: row order
+    m, prev, pos = M.cluster_redundancy(x, sims, "hard", 0, 0)
+    labels, invalid = np.zeros(n, np.int64), np.full(n, "", object)
+    kept, redundant, _ = M.decide(labels, m, pos, invalid, target, None)
+    reason = redundant_reasons(invalid, redundant, prev, keys)
+    return kept, ["kept" if k else (r or "not_selected") for k, r in zip(kept, reason, strict=True)]
+
+
+def _basis(dim: int, *idx: int) -> np.ndarray:
+    return np.eye(dim, dtype=np.float32)[list(idx)]
+
+
+def test_ties_at_the_cut_trim_only_the_tied_near_duplicates():
+    # Visit order: e0, copy(e0), e1, copy(e1), e2, copy(e2), e3, e4, e5, u with cosine 0.5 to e3.
+    # Each copy is at cosine exactly 0.9 to its original, so the three copies tie at the cut.
+    e = np.eye(16, dtype=np.float32)
+    r = np.float32(np.sqrt(1 - 0.81))
+
+    def copy(i: int) -> np.ndarray:
+        return np.float32(0.9) * e[i] + r * e[10 + i]
+
+    u = np.float32(0.5) * e[3] + np.float32(np.sqrt(0.75)) * e[13]
+    x = np.stack([e[0], copy(0), e[1], copy(1), e[2], copy(2), e[3], e[4], e[5], u])
+    kept, reason = _one_cluster_decisions(x, target=8)
+    # The 7 samples below the cut 0.9 (unique, or at 0.5) all stay; one copy of three is kept.
+    assert kept.sum() == 8
+    assert all(kept[[0, 2, 4, 6, 7, 8, 9]]), reason
+    assert reason[9] == "kept"  # the bug dropped this (m = 0.5) and kept two copies at 0.9
+    dropped = [i for i in (1, 3, 5) if not kept[i]]
+    assert len(dropped) == 2
+    for i in dropped:  # trimmed tied copies are redundant of their original, not "not_selected"
+        assert reason[i] == f"redundant_of:k{i - 1:02d}"
+    assert "not_selected" not in reason
+
+
+def test_cut_at_the_clip_value_still_removes_exact_duplicates_first():
+    # e0, then four exact copies of it (similarity clipped to 1.0), then seven unique frames.
+    x = np.concatenate([_basis(16, 0, 0, 0, 0, 0), _basis(16, 1, 2, 3, 4, 5, 6, 7)])
+    kept, reason = _one_cluster_decisions(x, target=10)
+    # 8 samples are below the cut (1.0): all kept; 2 of the 4 copies fill the target.
+    assert kept.sum() == 10 and all(kept[[0] + list(range(5, 12))]), reason
+    assert sorted(reason[1:5]) == ["kept", "kept", "redundant_of:k00", "redundant_of:k00"]
+    assert "not_selected" not in reason
+
+
+def test_tied_trim_is_balanced_over_clusters_among_the_tied_only():
+    # Cluster 0: 6 tied rows; cluster 1: 2 tied rows and 5 rows below the cut.
+    labels = np.array([0] * 6 + [1] * 7)
+    m = np.array([1.0] * 6 + [1.0, 1.0] + [0.1] * 5, dtype=np.float32)
+    pos = np.arange(13)
+    kept, redundant, info = M.decide(labels, m, pos, np.full(13, "", object), 9, None)
+    assert info["epsilon"] == pytest.approx(0.0)
+    assert kept[8:].all()  # everything below the cut
+    assert kept[:8].sum() == 4 and kept[:6].sum() == 2 and kept[6:8].sum() == 2  # 4 tied: 2 + 2
+    assert (redundant == ~kept).all()
+
+
+def test_fixed_epsilon_with_surplus_trims_the_most_redundant():
+    labels = np.zeros(6, np.int64)
+    m = np.array([-np.inf, 0.1, 0.2, 0.3, 0.35, 0.4], dtype=np.float32)
+    kept, redundant, info = M.decide(labels, m, np.arange(6), np.full(6, "", object), 4, 0.5)
+    assert kept.tolist() == [True, True, True, True, False, False]
+    assert redundant.tolist() == [False, False, False, False, True, True]
+    assert info["epsilon"] == pytest.approx(1 - 0.3)
+
+
+# --------------------------------------------------------------------------- perceptual-hash copies (meddel.phash)
+
+
+def _signatures(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random, mutually far pHashes and uncorrelated thumbnails for ``n`` distinct images."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2**63, size=n, dtype=np.uint64), rng.integers(0, 256, size=(n, 16, 16)).astype(np.uint8)
+
+
+def test_earliest_copy_needs_both_the_hash_and_the_thumbnail():
+    phash, thumbs = _signatures(6)
+    phash[3] = phash[1] ^ np.uint64(0b111)  # 3 bits from row 1 ...
+    thumbs[3] = np.clip(thumbs[1].astype(int) + 9, 0, 255)  # ... and the same picture, brighter: a copy
+    phash[4] = phash[1]  # same hash, other picture: not a copy
+    phash[5], thumbs[5] = phash[3], thumbs[3]  # copies row 1 and row 3: the earliest (1) is named
+    got = M.earliest_copy(phash, thumbs, max_distance=4, min_corr=0.99)
+    assert got.tolist() == [-1, -1, -1, 1, -1, 1]
+    # At 2 bits row 3 is no longer a copy of row 1, and row 5 (0 bits from row 3) copies row 3.
+    assert M.earliest_copy(phash, thumbs, max_distance=2, min_corr=0.99).tolist() == [-1, -1, -1, -1, -1, 3]
+    blank = np.zeros_like(thumbs)  # rows without a signature: constant thumbnails never match
+    assert (M.earliest_copy(np.zeros(6, np.uint64), blank, 64, 0.5) == -1).all()
+
+
+def test_earliest_copy_is_the_same_across_blocks(monkeypatch):
+    phash, thumbs = _signatures(40, seed=1)
+    for i in range(20, 40):  # rows 20.. copy rows 0..19
+        phash[i], thumbs[i] = phash[i - 20] ^ np.uint64(1 << (i % 64)), thumbs[i - 20]
+    ref = M.earliest_copy(phash, thumbs, 10, 0.99)
+    assert ref.tolist() == [-1] * 20 + list(range(20))
+    monkeypatch.setattr(M, "_BLOCK_ELEMS", 2 * 40 * 3)  # 3 rows per block
+    assert M.earliest_copy(phash, thumbs, 10, 0.99).tolist() == ref.tolist()
+
+
+def test_signature_copy_counts_as_duplicate_although_embeddings_disagree():
+    # Four orthogonal embeddings (nothing redundant to the embedding rule); row 3 is a
+    # brightened copy of row 0 by its signatures (a weak encoder put them far apart).
+    x = np.eye(4, dtype=np.float32)
+    phash, thumbs = _signatures(4, seed=2)
+    phash[3], thumbs[3] = phash[0], np.clip(thumbs[0].astype(int) + 20, 0, 255)
+    sims = np.array([0.1, 0.2, 0.3, 0.4])
+    m, prev, _ = M.cluster_redundancy(x, sims, "hard", 0, 0)
+    assert m[3] == 0.0 and prev[3] == 0  # argmax of an all-zero row: earliest member
+    m, prev, _ = M.cluster_redundancy(x, sims, "hard", 0, 0, (phash, thumbs), 10, 0.99)
+    assert m.tolist()[1:] == [0.0, 0.0, 1.0] and prev[3] == 0
+    kept, redundant, _ = M.decide(np.zeros(4, np.int64), m, np.arange(4), np.full(4, "", object), 3, None)
+    assert kept.tolist() == [True, True, True, False] and redundant[3]
+
+
+def _quality_with_signatures(keys, emb, copies):
+    """Index rows with signatures: distinct images, except each (original, copy) pair shares its picture."""
+    q = quality_frame(len(keys))
+    phash, thumbs = _signatures(len(keys), seed=3)
+    for a, b in copies:
+        phash[b], thumbs[b] = phash[a], np.clip(thumbs[a].astype(int) + 15, 0, 255)
+    q["pixel_sha256"] = [f"{i:064x}" for i in range(len(keys))]
+    q["phash"] = phash.view(np.int64)
+    q["thumb"] = [t.tobytes() for t in thumbs]
+    return q
+
+
+def test_meddel_phash_finds_copies_the_embeddings_miss_and_names_the_twin():
+    keys, emb, _, _ = synthetic_pool(seed=4, dups=0, outliers=0)
+    plain = run_meddel(emb, keys, quality_frame(len(keys)), select_cfg(ratio=0.8), 0, 1)
+    # Three "copies": pairs of kept members of one cluster, different embeddings, same picture.
+    kept = plain.reason == "kept"
+    members = np.flatnonzero(kept & (plain.cluster == plain.cluster[np.flatnonzero(kept)[0]]))
+    assert len(members) >= 6
+    copies = [(int(members[i]), int(members[i + 1])) for i in (0, 2, 4)]
+    quality = _quality_with_signatures(keys, emb, copies)
+    d = run_meddel(emb, keys, quality, select_cfg(ratio=0.8, **{"meddel.phash": "true"}), 0, 1)
+    assert d.kept.sum() == plain.kept.sum() == target_count(0.8, len(keys))
+    for a, b in copies:  # both were kept on embeddings alone; now one is redundant of the other
+        assert plain.kept[a] and plain.kept[b]
+        assert {d.reason[a], d.reason[b]} & {f"redundant_of:{keys[b]}", f"redundant_of:{keys[a]}"}, (a, b)
+
+
+def test_meddel_phash_without_signature_columns_asks_to_reshard():
+    keys, emb, _, _ = synthetic_pool(seed=5)
+    cfg = select_cfg(ratio=0.5, **{"meddel.phash": "true"})
+    with pytest.raises(ConfigError, match="re-shard"):
+        run_meddel(emb, keys, quality_frame(len(keys)), cfg, 0, 1)
+    with pytest.raises(ConfigError, match="meddel.min_thumb_corr"):
+        select_cfg(**{"meddel.min_thumb_corr": 0})

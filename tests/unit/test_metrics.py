@@ -12,9 +12,11 @@ import torch
 from dataeff.metrics import (
     confusion_matrix,
     del_score,
+    foreground_dice_iou,
     json_safe,
     normdel,
     per_class_iou,
+    per_image_summary,
     segmentation_scores,
 )
 
@@ -130,3 +132,37 @@ def test_del_inputs_validated():
         normdel(0.7, 0.5, alpha=-1)
     with pytest.raises(ValueError):
         normdel(float("nan"), 0.5)
+
+
+def test_per_image_foreground_dice_iou_hand_computed():
+    # target fg 4 px, pred fg 3 px, 2 shared: Dice 2*2/(3+4) = 4/7, IoU 2/(3+4-2) = 2/5
+    target = torch.tensor([[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+    pred = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 0]])
+    assert foreground_dice_iou(pred, target) == pytest.approx((4 / 7, 2 / 5))
+    # classes > 0 are merged: a class-2 pixel on a class-1 pixel is foreground found
+    assert foreground_dice_iou(torch.tensor([2, 0]), torch.tensor([1, 0])) == (1.0, 1.0)
+    empty = torch.zeros(3, 3, dtype=torch.long)
+    assert foreground_dice_iou(empty, empty) == (1.0, 1.0)  # both empty: scored 1.0 (documented choice)
+    fp = empty.clone()
+    fp[0, 0] = 1
+    assert foreground_dice_iou(fp, empty) == (0.0, 0.0) and foreground_dice_iou(empty, fp) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        foreground_dice_iou(torch.zeros(2, 2), torch.zeros(2, 3))
+
+
+def test_per_image_mean_differs_from_the_pooled_score():
+    # Image A: 16-px polyp found exactly (1.0, 1.0). Image B: 4-px polyp, 2 px found, no FP:
+    # Dice 2*2/(2+4) = 2/3, IoU 2/4. Per-image means weight both images alike; the pooled
+    # (whole-set) IoU is 18/20 because A's pixels dominate.
+    ta, pa = torch.ones(4, 4, dtype=torch.long), torch.ones(4, 4, dtype=torch.long)
+    tb, pb = torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)
+    tb[0, :] = 1
+    pb[0, :2] = 1
+    rows = [foreground_dice_iou(pa, ta), foreground_dice_iou(pb, tb)]
+    summary = per_image_summary([d for d, _ in rows], [i for _, i in rows], both_empty=0)
+    assert summary["dice_mean"] == pytest.approx((1 + 2 / 3) / 2)
+    assert summary["iou_mean"] == pytest.approx((1 + 1 / 2) / 2)
+    assert (summary["n"], summary["n_both_empty"], summary["both_empty"]) == (2, 0, "scored 1.0")
+    pooled = segmentation_scores(confusion_matrix(pa, ta, 2) + confusion_matrix(pb, tb, 2))["fg_iou"]
+    assert pooled == pytest.approx(18 / 20) and pooled != pytest.approx(summary["iou_mean"])
+    assert math.isnan(per_image_summary([], [], 0)["dice_mean"])

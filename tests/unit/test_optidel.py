@@ -144,3 +144,78 @@ def test_missing_checkpoint_message(capsys, tmp_path):
     assert "sam_vit_b_01ec64.pth" in err and "sam.checkpoint=" in err
     cli_main(["select", "method=optidel", "embeddings=e", f"out={tmp_path}/s", "sam.model=tiny"])
     assert "scorer=" in capsys.readouterr().err
+
+
+def test_hardness_settings_are_checked():
+    with pytest.raises(ConfigError, match="optidel.hardness_masks"):
+        OptidelConfig(hardness_masks=0)
+    with pytest.raises(ConfigError, match="optidel.hardness"):
+        OptidelConfig(hardness="loss")  # type: ignore[arg-type]
+
+
+def test_mask_seeds_start_at_mask_seed_and_are_fixed_and_distinct():
+    from dataeff.select.optidel import mask_seeds
+
+    assert mask_seeds(7, 1) == [7]  # K = 1 scores exactly as the single-mask scorer did
+    seeds = mask_seeds(7, 4)
+    assert seeds[0] == 7 and len(set(seeds)) == 4 and seeds == mask_seeds(7, 4)
+    assert mask_seeds(8, 4)[1:] != seeds[1:]
+
+
+def _part(keys, sources, skipped):
+    n = len(sources)
+    return {
+        "source": np.array(sources, dtype=str),
+        "index": np.arange(n, dtype=np.int32),
+        "box": np.zeros((n, 4), np.int32),
+        "area": np.ones(n, np.int64),
+        "area_frac": np.ones(n, np.float32),
+        "pred_iou": np.ones(n, np.float32),
+        "stability": np.ones(n, np.float32),
+        "score": np.arange(n, dtype=np.float32),
+        "image_keys": np.array(keys, dtype=str),
+        "image_scores": np.arange(len(keys), dtype=np.float32),
+        "skipped_keys": np.array(list(skipped), dtype=str),
+        "skipped_reasons": np.array(list(skipped.values()), dtype=str),
+        "sam_s": np.float64(1.0),
+        "score_s": np.float64(0.5),
+    }
+
+
+def test_a_cached_shard_is_reused_only_when_sam_saw_every_sample_valid_now():
+    from dataeff.select.optidel_run import covers, restrict
+
+    part = _part(["a", "b", "c", "d"], ["a", "a", "b", "d"], {"c": "sam_no_mask"})
+    assert covers(part, ["a", "b", "c"], {})  # a sample excluded since (d) does not matter
+    assert not covers(part, ["a", "e"], {})  # e was never processed
+    assert covers(part, ["a", "b"], {"b": "dark"})  # newly invalid: drop its patches, no SAM needed
+    cut = restrict(part, ["a", "b", "c"], {"b": "dark"})
+    assert cut["source"].tolist() == ["a", "a"] and cut["image_keys"].tolist() == ["a", "b", "c"]
+    assert dict(zip(cut["skipped_keys"], cut["skipped_reasons"], strict=True)) == {"b": "dark", "c": "sam_no_mask"}
+    # b was skipped for quality then; valid now, it needs SAM: the shard is redone.
+    dark_then = _part(["a", "b"], ["a"], {"b": "dark"})
+    assert not covers(dark_then, ["a", "b"], {})
+    assert covers(dark_then, ["a", "b"], {"b": "blurred"})
+
+
+def test_prototype_hardness_is_the_cosine_distance_to_the_nearest_sqrt_p_means_centroid():
+    from dataeff.select import cluster as C
+    from dataeff.select.config import SelectConfig
+    from dataeff.select.optidel_run import prototype_hardness
+
+    rng = np.random.default_rng(0)
+    tight = np.eye(8, dtype=np.float32)[0] + 0.01 * rng.standard_normal((200, 8)).astype(np.float32)
+    loose = np.eye(8, dtype=np.float32)[1] + 0.3 * rng.standard_normal((200, 8)).astype(np.float32)
+    x = np.concatenate([tight, loose])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    cfg = SelectConfig(embeddings="e", out="o")
+    cfg.cluster.device = "cpu"
+    scores, k = prototype_hardness(x, cfg, 0, 1)
+    assert k == 20 and scores.shape == (400,) and scores.dtype == np.float32  # k = round(sqrt(400))
+    # Reference: seeded spherical k-means (the select stage's functions), distance to the nearest centroid.
+    sample = C.kmeans_sample(400, k, cfg.cluster.max_points_per_centroid, cfg.seed)
+    centroids = C.train_kmeans(x[sample].astype(np.float32), k, cfg.cluster.niter, cfg.seed)
+    np.testing.assert_allclose(scores, 1.0 - C.assign(x, centroids)[1], atol=1e-6)
+    # Samples of the spread-out group lie farther from their prototypes: harder.
+    assert scores[200:].mean() > 5 * scores[:200].mean()
+    assert np.array_equal(prototype_hardness(x, cfg, 0, 1)[0], scores)  # seeded

@@ -146,3 +146,38 @@ def test_tiny_sam_extracts_scored_patches_deterministically():
         x0, y0, x1, y1 = box
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
         assert s == pytest.approx(score(crop_patch(images_by_key[src], box, 16)[None])[0])
+
+
+def test_invalid_frames_never_reach_sam_and_are_skipped_with_their_reason():
+    cfg = SamConfig(min_area_frac=0.01, max_area_frac=0.8, min_box_side=2)
+    images = [(f"k{i}", np.full((32, 32, 3), 10 * i, np.uint8)) for i in range(3)]
+    mask = _mask((2, 2, 20, 12), 150, 0.9, 0.9)
+    seen: list[int] = []
+
+    class Recording:
+        def generate(self, image):
+            seen.append(int(image[0, 0, 0]))
+            return [mask]
+
+    out = extract_and_score(
+        images, Recording(), cfg, 8, lambda x: x.reshape(len(x), -1).mean(1), batch_size=2, skip={"k1": "dark"}
+    )
+    assert seen == [0, 20]  # k1 was never given to SAM
+    assert out["skipped_keys"].tolist() == ["k1"] and out["skipped_reasons"].tolist() == ["dark"]
+    assert out["source"].tolist() == ["k0", "k2"]  # no patch of the invalid frame
+    # The image arrays stay aligned with the samples (the whole image is still scored).
+    assert out["image_keys"].tolist() == ["k0", "k1", "k2"] and len(out["image_scores"]) == 3
+
+
+def test_vector_scorers_keep_their_embedding_rows():
+    cfg = SamConfig(min_area_frac=0.01, max_area_frac=0.8, min_box_side=2)
+    images = [(f"k{i}", np.full((32, 32, 3), 10 * i, np.uint8)) for i in range(3)]
+    gen = _Fixed([[], [_mask((2, 2, 20, 12), 150, 0.9, 0.9)], [_mask((4, 4, 20, 20), 200, 0.9, 0.9)]])
+
+    def embed(x: np.ndarray) -> np.ndarray:  # (B, S, S, 3) -> (B, 2) float16, as the prototype scorer
+        m = x.reshape(len(x), -1).mean(1)
+        return np.stack([m, -m], axis=1).astype(np.float16)
+
+    out = extract_and_score(images, gen, cfg, 8, embed, batch_size=2)
+    assert out["score"].shape == (2, 2) and out["score"].dtype == np.float16
+    assert out["image_scores"].shape == (3, 2)

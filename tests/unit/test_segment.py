@@ -10,7 +10,9 @@ from dataeff.models.segment import (
     SegmentationModel,
     dice_loss,
     level_indices,
+    native_prediction,
     param_groups,
+    predict_native_batches,
     segmentation_loss,
 )
 
@@ -105,3 +107,23 @@ def test_param_groups_layer_decay_and_no_decay():
     assert by_param[id(model.head.classifier.weight)]["lr"] == pytest.approx(1e-3)
     assert by_param[id(model.head.classifier.weight)]["weight_decay"] == 0.05
     assert by_param[id(model.head.classifier.bias)]["weight_decay"] == 0.0
+
+
+def test_native_prediction_upsamples_logits_before_the_argmax():
+    # 4-px logits: foreground on columns 0-1. At 6 px, bilinear sampling puts the 0/1 boundary
+    # exactly between output columns 2 and 3 (source x = (j + 0.5) * 4/6 - 0.5).
+    fg = torch.tensor([1.0, 1.0, -1.0, -1.0]).expand(4, 4)
+    logits = torch.stack([torch.zeros(4, 4), fg])
+    pred = native_prediction(logits, (5, 6))
+    assert pred.shape == (5, 6) and pred.dtype == torch.long
+    assert pred.tolist() == [[1, 1, 1, 0, 0, 0]] * 5
+    # a soft boundary decides by the upsampled scores, not by nearest-neighbour class ids
+    soft = torch.stack([torch.zeros(1, 2), torch.tensor([[5.0, -1.0]])])  # nearest: [1, 1, 0, 0]
+    assert native_prediction(soft, (1, 4)).tolist() == [[1, 1, 1, 0]]
+
+
+def test_predict_native_batches_one_map_per_mask_size():
+    model = torch.nn.Conv2d(3, 2, 1)
+    batch = {"image": torch.randn(2, 3, 8, 8), "native_mask": [torch.zeros(5, 7), torch.zeros(12, 3)]}
+    ((_, preds),) = list(predict_native_batches(model, [batch]))
+    assert [tuple(p.shape) for p in preds] == [(5, 7), (12, 3)]

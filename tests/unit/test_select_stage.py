@@ -126,3 +126,127 @@ def test_audit_scores_planted_defects():
     }
     random_like = frame.assign(kept=[True, True, False, False, False], reason=["kept", "kept"] + ["not_selected"] * 3)
     assert audit_selection(random_like, index, truth)["kept"]["excess_duplicate_share"] == 0.5
+
+
+# --------------------------------------------------------------------------- leakage exclusion
+
+
+def _overlap_dir(tmp_path, pool_keys, shard_set_hash="set", encoder_sha="enc", matches=None):
+    """A hand-made 'dataeff overlap' output: matches.parquet with the match-table columns + summary.json."""
+    import json
+
+    from dataeff.constants import OVERLAP_FORMAT
+    from dataeff.overlap_core import MATCH_COLUMNS
+
+    out = tmp_path / "overlap"
+    out.mkdir(exist_ok=True)
+    if matches is None:
+        matches = pd.DataFrame(
+            {
+                "pool_key": pool_keys,
+                "dataset": "kvasir",
+                "file": [f"images/{k}.jpg" for k in pool_keys],
+                "kind": "exact",
+                "signals": "exact+phash",
+                "phash_distance": 0,
+                "thumb_corr": 1.0,
+                "cosine": 0.999,
+            },
+            columns=list(MATCH_COLUMNS),
+        )
+    matches.to_parquet(out / "matches.parquet", index=False)
+    inputs = {"embeddings": "/x", "encoder_sha256": encoder_sha, "shard_set_hash": shard_set_hash, "signals": ["exact"]}
+    (out / "summary.json").write_text(json.dumps({"format": OVERLAP_FORMAT, "inputs": inputs}))
+    return out
+
+
+HEADER = {"shard_set_hash": "set", "encoder": {"sha256": "enc"}}
+
+
+def test_read_exclusion_returns_matched_keys_and_records_the_summary_hash(tmp_path):
+    from dataeff.files import file_sha256
+    from dataeff.select.exclude import read_exclusion
+
+    out = _overlap_dir(tmp_path, ["b", "d"])
+    ex = read_exclusion(out, HEADER, ["a", "b", "c", "d"])
+    assert ex.keys == {"b", "d"} and ex.matched["b"] == "kvasir/images/b.jpg"
+    assert ex.inputs["exclude_summary_sha256"] == file_sha256(out / "summary.json")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shard_set_hash": "other"}, "another shard set"),
+        ({"encoder_sha": "other"}, "another encoder"),
+    ],
+)
+def test_read_exclusion_refuses_an_overlap_made_from_other_embeddings(tmp_path, kwargs, match):
+    from dataeff.select.exclude import read_exclusion
+
+    out = _overlap_dir(tmp_path, ["b"], **kwargs)
+    with pytest.raises(ConfigError, match=match):
+        read_exclusion(out, HEADER, ["a", "b"])
+
+
+def test_an_overlap_without_matches_excludes_nothing(tmp_path):
+    from dataeff.overlap_core import MATCH_COLUMNS
+    from dataeff.select.exclude import read_exclusion
+
+    empty = pd.DataFrame({c: [] for c in MATCH_COLUMNS})  # float columns, as an empty match list gives
+    ex = read_exclusion(_overlap_dir(tmp_path, [], matches=empty), HEADER, ["a"])
+    assert ex.keys == set() and ex.matched == {} and ex.inputs["exclude_summary_sha256"]
+
+
+def test_read_exclusion_refuses_missing_incomplete_or_foreign_outputs(tmp_path):
+    from dataeff.select.exclude import read_exclusion
+
+    with pytest.raises(ConfigError, match="no complete 'dataeff overlap' output"):
+        read_exclusion(tmp_path / "nowhere", HEADER, ["a"])
+    out = _overlap_dir(tmp_path, ["b"])
+    (out / "summary.json").unlink()  # the summary is written last: without it the run did not finish
+    with pytest.raises(ConfigError, match="no complete"):
+        read_exclusion(out, HEADER, ["a", "b"])
+    out = _overlap_dir(tmp_path, ["zz"])
+    with pytest.raises(ConfigError, match="not ok samples of this pool"):
+        read_exclusion(out, HEADER, ["a", "b"])
+
+
+def test_expand_decisions_marks_excluded_rows_and_keeps_the_method_rows():
+    from dataeff.select.exclude import eligible_mask, expand_decisions
+    from dataeff.select.manifest import Decisions
+
+    keys = np.array(["a", "b", "c", "d"])
+    eligible = eligible_mask(keys, {"b"})
+    assert eligible.tolist() == [True, False, True, True]
+    sub = Decisions(
+        np.array([True, False, True]),
+        np.array(["kept", "not_selected", "kept"], dtype=object),
+        np.array([0, 1, 0]),
+        np.array([0.1, 0.2, 0.3], np.float32),
+        {"x": 1},
+    )
+    d = expand_decisions(sub, eligible)
+    assert d.kept.tolist() == [True, False, False, True]
+    assert d.reason.tolist() == ["kept", "downstream_overlap", "not_selected", "kept"]
+    assert d.cluster.tolist() == [0, -1, 1, 0] and np.isnan(d.score[1]) and d.info == {"x": 1}
+    assert expand_decisions(sub, np.ones(3, bool)) is sub
+
+
+def test_gallery_captions_name_the_tripped_statistic_and_the_pair_similarity():
+    from dataeff.select.gallery import pair_similarity, pick_per_reason, tripped_statistic
+    from dataeff.select.meddel import MedDELConfig
+
+    cfg = MedDELConfig()
+    stats = {"mean": 12.0, "std": 3.0, "laplacian_var": 40.0, "dark_frac": 0.9, "bright_frac": 0.0}
+    assert tripped_statistic("dark", stats, cfg) == "mean 12<25"
+    assert tripped_statistic("dark", {**stats, "mean": 60.0}, cfg) == "dark px 0.90>0.8"
+    assert tripped_statistic("blank", stats, cfg) == "std 3.0<8"
+    assert tripped_statistic("blurred", stats, cfg) == "lap var 40<80"
+    keys = np.array(["a", "b", "c"])
+    emb = np.array([[1, 0], [0.6, 0.8], [0, 1]], np.float16)
+    assert pair_similarity(keys, emb, [("b", "a"), ("c", "x")])[0] == pytest.approx(0.6, abs=1e-3)
+    assert np.isnan(pair_similarity(keys, emb, [("c", "x")])[0])
+    frame = pd.DataFrame({"key": list("abcde"), "reason": ["dark", "dark", "dark", "blurred", "kept"]})
+    picked = pick_per_reason(frame, ("dark", "overexposed", "blurred"), 4, 0)
+    # 4 tiles shared by the 2 reasons present (2 each, fewer where fewer exist), in reason order.
+    assert list(picked) == ["dark", "blurred"] and len(picked["dark"]) == 2 and picked["blurred"] == ["d"]

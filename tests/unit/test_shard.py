@@ -68,3 +68,24 @@ def test_wide_to_uint8_scales_16_bit():
     assert wide_to_uint8(v).tolist() == [[0, 1, 128, 255]]
     # out-of-range 32-bit values are stretched from their own range
     assert wide_to_uint8(np.array([[-100, 0, 155]], dtype=np.int32)).tolist() == [[0, 100, 255]]
+
+
+def test_signatures_of_a_large_kept_jpeg_come_from_its_dct_scaled_decode():
+    from PIL import Image
+
+    from dataeff.data import signatures as sig
+    from dataeff.data.quality import InspectOptions, inspect_bytes, pil_limits
+    from tests.fixtures import kvasir_images
+
+    data = kvasir_images(1)[0].read_bytes()  # 320 px wide: DCT scaling halves it
+    with pil_limits(0):
+        row = inspect_bytes(data, "a/frame.jpg", InspectOptions()).row
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    assert row["status"] == "ok" and min(full.size) >= 256
+    # Its full-size pixels were never decoded: no pixel hash (the byte sha256 stands in) ...
+    assert row["pixel_sha256"] is None and row["sha256"]
+    # ... but pHash and thumbnail agree with a full decode's (what the leakage guard computes).
+    bits = np.int64(row["phash"]).view(np.uint64)
+    assert int(sig.popcount64(bits ^ sig.pack_phash(sig.phash_bits(full))[0])) <= 4
+    thumb = np.frombuffer(row["thumb"], np.uint8).reshape(1, 16, 16)
+    assert sig.thumb_corr(thumb, sig.thumbnail(full)[None])[0] >= 0.999

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataeff.config import DataConfig
+from dataeff.config import ConfigError, DataConfig
 from dataeff.data import stream
 from dataeff.data.datamodules import PretrainDataModule
 from tests.fixtures import kvasir_images, make_shards, small_jpeg, write_selection
@@ -149,19 +149,31 @@ def test_transforms_shape_and_normalisation():
     assert y.shape == (3, 24, 24)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
-def test_plan_epoch_covers_every_sample_once_with_equal_counts(world):
+@pytest.mark.parametrize(("world", "multiple"), [(1, 1), (2, 1), (3, 1), (4, 3), (7, 1), (2, 4), (3, 2)])
+def test_plan_epoch_full_batches_every_sample_at_most_once(world, multiple):
     counts = [10, 3, 0, 7]
-    per_rank = -(-20 // world)
-    unique: list[tuple[int, int]] = []
+    unit = world * multiple
+    per_rank = 20 // unit * multiple
+    seen: list[tuple[int, int]] = []
     for rank in range(world):
-        shard, local = stream.plan_epoch(counts, seed=3, epoch=1, rank=rank, world_size=world)
-        assert len(shard) == per_rank
-        pairs = list(zip(shard.tolist(), local.tolist(), strict=False))
-        own = list(dict.fromkeys(pairs))
-        assert len(pairs) - len(own) <= 1 and set(pairs) == set(own)  # padding repeats its own samples
-        unique += own
-    assert sorted(unique) == sorted((s, i) for s, n in enumerate(counts) for i in range(n))
+        shard, local = stream.plan_epoch(counts, seed=3, epoch=1, rank=rank, world_size=world, multiple=multiple)
+        assert len(shard) == per_rank and per_rank % multiple == 0  # whole batches, same count on every rank
+        seen += list(zip(shard.tolist(), local.tolist(), strict=True))
+    everything = {(s, i) for s, n in enumerate(counts) for i in range(n)}
+    assert len(seen) == len(set(seen)) and set(seen) <= everything  # no repeats, no padding
+    assert len(everything) - len(seen) == 20 % unit < unit  # the dropped remainder is under one global batch
+
+
+def test_plan_epoch_drops_a_different_remainder_each_epoch():
+    counts = [22]  # one shard: dropping the tail would drop the same two samples every epoch
+    dropped = []
+    for epoch in range(6):
+        shard, local = stream.plan_epoch(counts, seed=0, epoch=epoch, rank=0, world_size=1, multiple=4)
+        assert len(local) == 20 and np.all(np.diff(local) > 0)  # tar order kept: sequential reads
+        dropped.append(frozenset(range(22)) - frozenset(local.tolist()))
+    assert all(len(d) == 2 for d in dropped) and len(set(dropped)) > 1
+    again = stream.plan_epoch(counts, seed=0, epoch=5, rank=0, world_size=1, multiple=4)[1]
+    assert frozenset(range(22)) - frozenset(again.tolist()) == dropped[5]  # seeded
 
 
 def test_plan_epoch_seeded_by_epoch():
@@ -169,8 +181,13 @@ def test_plan_epoch_seeded_by_epoch():
     a = stream.plan_epoch(counts, seed=0, epoch=0, rank=0, world_size=1)
     assert all(np.array_equal(x, y) for x, y in zip(a, stream.plan_epoch(counts, 0, 0, 0, 1), strict=False))
     assert not np.array_equal(a[0], stream.plan_epoch(counts, 0, 1, 0, 1)[0])
-    with pytest.raises(ValueError, match="ranks"):
+    with pytest.raises(ValueError, match="global batch of 2"):
         stream.plan_epoch([1], 0, 0, 0, 2)
+    with pytest.raises(ValueError, match="only 7 samples for a global batch of 8"):
+        stream.plan_epoch([3, 4], 0, 0, 0, 2, multiple=4)
+    assert stream.full_batches(23, batch_size=4, world_size=2, accumulate=1) == 2
+    assert stream.full_batches(23, batch_size=2, world_size=2, accumulate=2) == 4  # a multiple of accumulate
+    assert stream.full_batches(7, batch_size=4, world_size=2) == 0
 
 
 def test_shuffle_order_and_worker_batches():
@@ -205,6 +222,30 @@ def test_batches_do_not_depend_on_worker_count(tmp_path):
     for other in runs[1:]:
         assert [b["key"] for b in other] == [b["key"] for b in runs[0]]
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(other, runs[0], strict=False))
+
+
+def test_only_full_batches_and_a_fresh_remainder_each_epoch(tmp_path):
+    uneven = write_shards(tmp_path / "u", [10, 3, 9])  # 22 samples, batch 4: 5 full batches, 2 left out
+    dm = PretrainDataModule(_cfg(uneven), seed=1)
+    assert (dm.subset_size, dm.samples_per_rank, dm.batches_per_epoch, dm.steps_per_epoch) == (22, 20, 5, 5)
+    epochs = [epoch_batches(dm) for _ in range(4)]
+    assert all(len(b["key"]) == 4 and b["image"].shape[0] == 4 for e in epochs for b in e)
+    left_out = [frozenset(f"set_{i:04d}" for i in range(22)) - set(keys_of(e)) for e in epochs]
+    assert all(len(keys_of(e)) == len(set(keys_of(e))) == 20 for e in epochs)
+    assert all(len(d) == 2 for d in left_out) and len(set(left_out)) > 1
+    # with accumulation the epoch is a whole number of optimiser steps
+    acc = PretrainDataModule(_cfg(uneven, batch_size=3), seed=1, accumulate=2)
+    assert (acc.batches_per_epoch, acc.steps_per_epoch) == (6, 3)
+    assert len(epoch_batches(acc)) == 6
+
+
+def test_subset_smaller_than_a_global_batch_is_a_config_error(tmp_path):
+    small = write_shards(tmp_path / "s", [3, 2])
+    with pytest.raises(ConfigError, match=r"5 samples .* global batch of 8 = data.batch_size=4 x 2 rank"):
+        PretrainDataModule(_cfg(small), seed=0, rank=0, world_size=2).setup()
+    with pytest.raises(ConfigError, match="accumulate_grad_batches=2"):
+        PretrainDataModule(_cfg(small, batch_size=3), seed=0, accumulate=2).setup()
+    assert PretrainDataModule(_cfg(small), seed=0).batches_per_epoch == 1
 
 
 def test_resume_mid_epoch_skips_exactly_the_consumed_batches(tmp_path):
