@@ -1,8 +1,11 @@
-# dataeff: every target sets up .venv itself (re-installed only when setup.cfg changes).
+# dataeff: every target sets up .venv itself (re-installed only when pyproject.toml changes).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# make test-min: a second venv holding the oldest releases pyproject.toml admits.
+VENV_MIN  := .venv-min
+STAMP_MIN := $(VENV_MIN)/.installed-stamp
 export WANDB_MODE ?= offline
 
 # make shard SRC=<raw image tree> OUT=shards/<name> [ARGS="key=value ..."]
@@ -10,11 +13,11 @@ SRC ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: venv test test-fast test-gpu demo shard bench lint clean
+.PHONY: venv test test-fast test-min test-gpu demo shard bench lint clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -e '.[dev]'
@@ -32,6 +35,20 @@ test: $(STAMP)
 # Unit tier only: pure functions and tiny modules, under a minute on 2 cores.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Unit tier against the declared floors: every direct dependency pinned to its '>=' version
+# (torch/torchvision: the pair on local disk; .ci/min_pins.py), dataeff itself with --no-deps.
+test-min: $(STAMP_MIN)
+	$(VENV_MIN)/bin/python -m pytest -q tests/unit
+
+$(STAMP_MIN): pyproject.toml .ci/min_pins.py
+	rm -rf $(VENV_MIN)
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
+	$(PYTHON) .ci/min_pins.py > $(VENV_MIN)/requirements-min.txt
+	$(VENV_MIN)/bin/python -m pip install -r $(VENV_MIN)/requirements-min.txt
+	$(VENV_MIN)/bin/python -m pip install --no-deps -e .
+	touch $@
 
 # ruff lint + format check and mypy over dataeff/ (rules: pyproject.toml).
 lint: $(STAMP)

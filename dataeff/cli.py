@@ -1,4 +1,4 @@
-"""``dataeff <stage> [--config FILE] [key=value ...]``: load a stage's config, run the stage.
+"""``dataeff [-v] <stage> [--config FILE] [key=value ...]``: load a stage's config, run the stage.
 
 Each stage module exposes a config dataclass and ``main(cfg)``; this file only maps
 names to them, builds ``--help`` from the dataclass fields, and tears down.
@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dataeff import dist
+from dataeff import __version__, dist
 from dataeff.config import ConfigError, describe_keys, load_config
+from dataeff.quiet import quiet_third_party
 
 #: A stage's ``(main, config class)``. Each loader imports its stage module when called, so
 #: ``dataeff --help`` starts without torch; the imports are plain ``from ... import`` lines.
@@ -122,6 +123,13 @@ def build_parser(with_stage_help: str | None = None) -> argparse.ArgumentParser:
         description="Data-effective pre-training of medical vision foundation models.",
         epilog="Run 'dataeff <stage> --help' for a stage's config keys.",
     )
+    parser.add_argument("--version", action="version", version=f"dataeff {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show all third-party output (Lightning tips and info lines, library warnings) that is muted by default",
+    )
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
     for name, stage in STAGES.items():
         p = sub.add_parser(
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, schema = STAGES[args.stage].load()
         cfg: Any = load_stage_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
-        run(cfg)
+        with quiet_third_party(verbose=args.verbose):
+            run(cfg)
     except ConfigError as exc:
         print(f"dataeff {args.stage}: error: {exc}", file=sys.stderr)
         return 2

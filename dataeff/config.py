@@ -4,18 +4,27 @@ Every stage owns one dataclass (next to its code); the sub-configs shared by
 several stages (data stream, encoder, trainer, W&B) live here. Loading goes
 through OmegaConf in struct mode, so an unknown key or a value of the wrong
 type fails before any work starts, with the offending key in the message.
+
+``--config`` takes a YAML file, or the name of a config shipped inside the package
+(``pretrain/tiny`` = ``dataeff/configs/pretrain/tiny.yaml``), so an installed wheel
+runs the documented commands without a checkout of the repository.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; annotations only, so 3.10 never imports it
+    from importlib.resources.abc import Traversable
 
 T = TypeVar("T")
 
@@ -167,24 +176,77 @@ def _open_mappings(node: DictConfig) -> None:
                 _open_mappings(child)
 
 
+#: Package folder holding the shipped configs, ``<stage>/<name>.yaml`` (package data in pyproject.toml).
+PACKAGED_CONFIGS = "configs"
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def _packaged_root() -> Traversable:
+    return resources.files("dataeff") / PACKAGED_CONFIGS
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``pretrain/tiny``, ``shard/default``, ...), sorted."""
+    names: list[str] = []
+    # Traversable, not Path: the package may be imported from a zip, where only this API works.
+    todo: list[tuple[str, Traversable]] = [("", _packaged_root())]
+    while todo:
+        prefix, node = todo.pop()
+        if not node.is_dir():
+            continue
+        for child in node.iterdir():
+            if child.is_dir():
+                todo.append((f"{prefix}{child.name}/", child))
+            elif child.name.endswith(_YAML_SUFFIXES):
+                names.append(prefix + child.name.rsplit(".", 1)[0])
+    return sorted(names)
+
+
+def _read_config(config: str) -> tuple[str, Any]:
+    """``(source shown in errors, parsed YAML)`` for ``--config``: an existing file, else a packaged name.
+
+    A value ending in ``.yaml``/``.yml`` is a path only: a typo in a file name should say the
+    file is missing, not look it up among the packaged names.
+    """
+    path = Path(config)
+    if path.is_file():
+        return str(path), OmegaConf.load(path)
+    name = config.strip("/")
+    if config.endswith(_YAML_SUFFIXES) or not name:
+        raise ConfigError(f"config file not found: {config}")
+    available = packaged_configs()
+    if name not in available:
+        raise ConfigError(
+            f"config {config!r} is neither a file nor a packaged config name; packaged configs: {', '.join(available)}"
+        )
+    node = _packaged_root().joinpath(*f"{name}.yaml".split("/"))
+    return f"dataeff/{PACKAGED_CONFIGS}/{name}.yaml", OmegaConf.load(io.StringIO(node.read_text(encoding="utf-8")))
+
+
 def load_config(schema: type[T], config_path: str | None = None, overrides: list[str] | None = None) -> T:
-    """Merge ``schema`` defaults, a YAML file and ``key=value`` overrides into a ``schema`` instance.
+    """Merge ``schema`` defaults, a YAML config and ``key=value`` overrides into a ``schema`` instance.
+
+    Args:
+        config_path: a YAML file, or a packaged config name (``pretrain/tiny``; see
+            :func:`packaged_configs`) when no file of that name exists.
 
     Raises:
-        ConfigError: naming the file, key and problem, for a missing file, an unknown key,
-            a wrongly typed value or a value rejected by the dataclass's checks.
+        ConfigError: naming the file, key and problem, for a missing file or unknown config
+            name (listing the packaged names), an unknown key, a wrongly typed value or a
+            value rejected by the dataclass's checks.
     """
     merged = OmegaConf.structured(schema)
     OmegaConf.set_struct(merged, True)
     _open_mappings(merged)
     if config_path:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {config_path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            source, loaded = _read_config(config_path)
         except OmegaConfBaseException as exc:
-            raise ConfigError(_describe(exc, str(path))) from None
+            raise ConfigError(_describe(exc, config_path)) from None
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_describe(exc, source)) from None
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

@@ -16,7 +16,8 @@ SPLIT_FORMAT = "dataeff-split/2"
 SPLIT_FORMATS_READ = ("dataeff-split/1", SPLIT_FORMAT)
 TRUTH_FORMAT = "dataeff-truth/1"
 DEMO_FORMAT = "dataeff-demo/1"
-ENCODER_FORMAT = "dataeff-encoder/1"
+# /2 is a timm local-dir folder (config.json + model.safetensors); /1 exports are still read.
+ENCODER_FORMAT = "dataeff-encoder/2"
 MAE_FORMAT = "dataeff-mae/1"
 PRETRAIN_FORMAT = "dataeff-pretrain/1"
 FINETUNE_FORMAT = "dataeff-finetune/1"
@@ -34,8 +35,14 @@ EMBEDDINGS_HEADER = "header.json"
 SPLIT_NAME = "split.json"
 PER_IMAGE_NAME = "per_image.csv"
 TRUTH_NAME = "pool_truth.csv"
-ENCODER_WEIGHTS = "encoder.safetensors"
-ENCODER_META = "encoder.json"
+#: The encoder export, relative to a pre-training output: a timm model folder, so
+#: ``timm.create_model("local-dir:<out>/encoder", pretrained=True)`` loads it.
+ENCODER_DIR = "encoder"
+ENCODER_WEIGHTS = f"{ENCODER_DIR}/model.safetensors"
+ENCODER_META = f"{ENCODER_DIR}/config.json"
+#: The ``dataeff-encoder/1`` export files, beside each other in the output; still read.
+LEGACY_ENCODER_WEIGHTS = "encoder.safetensors"
+LEGACY_ENCODER_META = "encoder.json"
 MAE_CKPT = "mae.ckpt"
 CHECKPOINT_DIR = "checkpoints"
 RESULTS_NAME = "results.json"

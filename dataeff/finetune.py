@@ -59,8 +59,10 @@ from dataeff.constants import (
 )
 from dataeff.data import downstream
 from dataeff.data.datamodules import SegmentationDataConfig, SegmentationDataModule
+from dataeff.encoder_check import check_encoder
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.finetune_module import SegmentationModule
+from dataeff.input_checks import check_downstream
 from dataeff.metrics import (
     confusion_matrix,
     foreground_dice_iou,
@@ -70,7 +72,7 @@ from dataeff.metrics import (
 )
 from dataeff.models.encoder import build_encoder, model_kwargs, resolve
 from dataeff.models.segment import SegmentationModel, predict_batches, predict_native_batches
-from dataeff.trainer import build_trainer, find_resume_checkpoint
+from dataeff.trainer import build_trainer, check_layout, find_resume_checkpoint
 
 log = logging.getLogger("dataeff")
 
@@ -324,7 +326,12 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     if (out / RESULTS_NAME).is_file():
         log.info("finetune: %s exists, skipping", out / RESULTS_NAME)
         return json.loads((out / RESULTS_NAME).read_text())
-    resolve(cfg.encoder)  # fail on missing weights before any work
+    # Input errors first: none of them may leave config.yaml, split.json or a W&B run behind.
+    check_encoder(cfg.encoder)  # missing weights, an unknown or non-ViT name, a shape timm rejects
+    check_downstream(cfg.data.root, cfg.data.layout, "data.root", cfg.data.groups)
+    check_layout(cfg.trainer)
+    # Built before anything is written too: it loads the weights and checks data.image_size against the patch size.
+    model = build_model(cfg)
     dist.init()  # no-op for one process; under torchrun/srun Lightning joins this group
     if dist.is_main():
         save_resolved(cfg, out)
@@ -336,7 +343,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = SegmentationModule(
-        build_model(cfg),
+        model,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         layer_decay=cfg.optim.layer_decay,

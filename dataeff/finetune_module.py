@@ -17,10 +17,36 @@ import torch
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from safetensors.torch import save_file
 
+from dataeff.config import EncoderConfig
 from dataeff.files import write_atomic
 from dataeff.metrics import confusion_matrix, segmentation_scores
+from dataeff.models.encoder import build_encoder, encoder_shape
 from dataeff.models.segment import SegmentationModel, param_groups, segmentation_loss
 from dataeff.optim import make_adamw, warmup_cosine_scheduler
+
+
+def model_spec(model: SegmentationModel) -> dict[str, Any]:
+    """The plain values that rebuild ``model``'s architecture (weights aside), read from the model itself.
+
+    ``encoder`` holds :class:`~dataeff.config.EncoderConfig` fields: the timm name and the
+    shape at the size the model runs at (position embeddings already resized), no weights.
+    """
+    # Pruning keeps every block up to the last level, which is the last block: depth is intact.
+    encoder: Any = model.encoder  # timm sets pretrained_cfg on every model it creates, untyped
+    name = str(encoder.pretrained_cfg["architecture"])
+    return {
+        "encoder": {"name": name, **encoder_shape(model.encoder)},
+        "num_classes": int(model.num_classes),
+        # level_indices(depth, n) has min(depth, n) distinct entries, so this rebuilds the same levels.
+        "n_levels": len(model.indices),
+        "channels": int(model.head.classifier.in_channels),
+    }
+
+
+def model_from_spec(spec: dict[str, Any]) -> SegmentationModel:
+    """A randomly initialised :class:`SegmentationModel` of the architecture :func:`model_spec` describes."""
+    encoder = build_encoder(EncoderConfig(**spec["encoder"], weights="", allow_random_init=True))
+    return SegmentationModel(encoder, spec["num_classes"], spec["n_levels"], spec["channels"])
 
 
 class SegmentationModule(pl.LightningModule):
@@ -36,8 +62,13 @@ class SegmentationModule(pl.LightningModule):
     With ``best_path``, rank 0 also writes the best weights there (safetensors) at each
     improvement, and checkpoints carry the best score, so a resumed run keeps its choice.
 
+    The saved hyperparameters describe the network as plain values (:func:`model_spec`:
+    timm name, encoder shape, classes, head), so ``SegmentationModule.load_from_checkpoint(path)``
+    rebuilds it, and loads with ``weights_only=True``; ``best_path`` is not saved (a loaded
+    module writes nowhere unless given one).
+
     Args:
-        model: encoder + head.
+        model: encoder + head, or its :func:`model_spec` (what ``load_from_checkpoint`` passes).
         lr: peak learning rate of the head (encoder blocks get it times the layer decay).
         weight_decay: AdamW weight decay (not on norms, biases, tokens).
         layer_decay: layer-wise lr decay per encoder block (1.0 = off).
@@ -52,7 +83,7 @@ class SegmentationModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: SegmentationModel,
+        model: SegmentationModel | dict[str, Any],
         lr: float,
         weight_decay: float,
         layer_decay: float,
@@ -63,6 +94,21 @@ class SegmentationModule(pl.LightningModule):
         best_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(model, dict):
+            model = model_from_spec(model)
+        self.save_hyperparameters(
+            {
+                "model": model_spec(model),
+                "lr": float(lr),
+                "weight_decay": float(weight_decay),
+                "layer_decay": float(layer_decay),
+                "warmup_steps": int(warmup_steps),
+                "max_steps": int(max_steps),
+                "min_lr_ratio": float(min_lr_ratio),
+                "dice_weight": float(dice_weight),
+            },
+            logger=False,  # the finetune stage logs its whole resolved config already
+        )
         self.model = model
         self.lr, self.weight_decay, self.layer_decay = lr, weight_decay, layer_decay
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio

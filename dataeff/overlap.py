@@ -337,6 +337,10 @@ def main(cfg: OverlapConfig) -> dict[str, Any]:
         the summary (also ``<out>/summary.json``).
     """
     out = Path(cfg.out)
+    # The cheapest input check first: a mistyped dataset root fails without reading the pool.
+    for name, root in cfg.datasets.items():
+        if not Path(root).is_dir():
+            raise ConfigError(f"datasets.{name}={root}: no such directory; give the downstream dataset folder")
     header = read_header(cfg.embeddings)
     spec = cfg.pool or header["shards"]
     try:
@@ -349,9 +353,6 @@ def main(cfg: OverlapConfig) -> dict[str, Any]:
         raise ConfigError(
             f"pool={spec} is not the shard set embedded in embeddings={cfg.embeddings}; give the right pool"
         )
-    for name, root in cfg.datasets.items():
-        if not Path(root).is_dir():
-            raise ConfigError(f"datasets.{name}={root}: no such directory")
     inputs = _inputs(cfg, header, set_hash)
     if (out / SUMMARY_NAME).is_file():
         old = json.loads((out / SUMMARY_NAME).read_text())

@@ -8,7 +8,7 @@ here, atomically.
 
 Outputs under ``out``: ``config.yaml``, ``checkpoints/``, ``metrics.csv``, ``panels/``
 (original / masked / reconstructed images every ``panel_every_n_steps``), and at the
-end ``encoder.safetensors`` + ``encoder.json`` (timm-loadable), ``mae.ckpt`` (full MAE
+end ``encoder/`` (a timm folder: ``config.json`` + ``model.safetensors``), ``mae.ckpt`` (full MAE
 for scoring) and ``summary.json``. A run whose ``summary.json`` says complete is skipped;
 otherwise ``resume=auto`` continues from the newest checkpoint at the same step, data
 position and learning-rate schedule.
@@ -52,11 +52,13 @@ from dataeff.constants import (
     SUMMARY_NAME,
 )
 from dataeff.data.datamodules import PretrainDataModule
+from dataeff.encoder_check import check_encoder
 from dataeff.files import save_resolved, write_atomic, write_json_atomic
+from dataeff.input_checks import check_stream_data
 from dataeff.models.encoder import build_encoder, export_contents, resolve
 from dataeff.models.mae import MAE, MAEConfig, OptimConfig
 from dataeff.optim import scaled_lr
-from dataeff.trainer import build_trainer, find_resume_checkpoint, save_final_checkpoint
+from dataeff.trainer import build_trainer, check_layout, find_resume_checkpoint, save_final_checkpoint
 
 log = logging.getLogger("dataeff")
 
@@ -223,7 +225,11 @@ def _final_state(trainer: pl.Trainer, model: MAE, ckpt: Path) -> dict[str, torch
 
 
 def export_encoder(model: torch.nn.Module, cfg: EncoderConfig, out_dir: str | os.PathLike) -> Path:
-    """Write ``encoder.safetensors`` + ``encoder.json`` (timm-loadable) into ``out_dir``, atomically."""
+    """Write the timm model folder ``out_dir/encoder/`` (``model.safetensors`` + ``config.json``), atomically.
+
+    ``timm.create_model("local-dir:<out_dir>/encoder", pretrained=True)`` loads it. The
+    config is written last: it marks a complete export. Returns the weights file.
+    """
     out = Path(out_dir)
     state, meta = export_contents(model, cfg)
     write_atomic(out / ENCODER_WEIGHTS, lambda tmp: save_file(state, os.fspath(tmp)))
@@ -253,8 +259,20 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     if is_complete(out):
         log.info("pretrain: %s is complete already, skipping", out)
         return json.loads((out / SUMMARY_NAME).read_text())
+    # Input errors first: none of them may leave config.yaml, a checkpoint or a W&B run behind.
+    check_stream_data(cfg.data)
+    check_encoder(cfg.encoder)
+    layout = check_layout(cfg.trainer)
     env = dist.init()
+    if layout["world_size"] != env.world_size:
+        raise ConfigError(
+            f"the trainer runs {layout['world_size']} ranks but this process group has {env.world_size}: "
+            "launch one process per device (torchrun / srun), so every rank streams its own share"
+        )
     selection = selection_info(cfg.data.selection)
+    accumulate = cfg.trainer.accumulate_grad_batches
+    data = PretrainDataModule(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size, accumulate=accumulate)
+    data.setup()  # a subset smaller than one global batch is refused here, before any file is written
     if dist.is_main():
         save_resolved(cfg, out)
     run_name = cfg.run_name or out.name
@@ -266,8 +284,6 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
         )
     run_config = {**to_dict(cfg), "selection": selection}
 
-    accumulate = cfg.trainer.accumulate_grad_batches
-    data = PretrainDataModule(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size, accumulate=accumulate)
     # Each key is read only under the protocol that uses it. An epoch budget counts full
     # global batches (the stream drops the remainder), so every subset gets the same passes.
     epochs = cfg.epochs if cfg.budget == "epochs" else None
@@ -300,11 +316,6 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
         use_distributed_sampler=False,
         limit_val_batches=0,
     )
-    if info["world_size"] != env.world_size:
-        raise ConfigError(
-            f"the trainer runs {info['world_size']} ranks but this process group has {env.world_size}: "
-            "launch one process per device (torchrun / srun), so every rank streams its own share"
-        )
     lr = scaled_lr(cfg.optim.base_lr, cfg.data.batch_size, accumulate, info["world_size"])
     log.info("pretrain: peak lr %.3g (base %.3g x global batch %d / 256)", lr, cfg.optim.base_lr, global_batch)
 

@@ -44,6 +44,7 @@ from dataeff import report as report_stage
 from dataeff.config import ConfigError
 from dataeff.constants import CELL_FORMAT, CELL_NAME, EMBEDDINGS_HEADER, SUMMARY_NAME, SWEEP_FORMAT
 from dataeff.files import save_resolved, write_json_atomic
+from dataeff.input_checks import check_downstream, check_shards
 from dataeff.select import embed as embed_stage
 from dataeff.select import stage as select_stage
 from dataeff.sweep_layout import BOOTSTRAP_DIR, SWEEP_JSON
@@ -211,12 +212,11 @@ def _unit_facts(stage_cfgs: dict[str, Any]) -> dict[str, Any]:
 
 def _check_inputs(cfg: SweepConfig, full: dict[str, Any]) -> None:
     """Fail before any work on a missing pool or downstream folder, or on a stage run too early."""
-    if not Path(cfg.shards).is_dir():
-        raise ConfigError(f"shards={cfg.shards}: no such shard directory; run 'dataeff shard' first")
+    check_shards(cfg.shards, "shards")
     for ds, overrides in cfg.datasets.items():
-        root = ((overrides or {}).get("data") or {}).get("root") or cfg.finetune.data.root
-        if not root or not Path(root).is_dir():
-            raise ConfigError(f"datasets.{ds}.data.root={root!r}: no such downstream folder")
+        data = (overrides or {}).get("data") or {}
+        root = data.get("root") or cfg.finetune.data.root
+        check_downstream(root, data.get("layout") or cfg.finetune.data.layout, f"datasets.{ds}.data.root")
     stages = list(cfg.stages)
     if "embed" in stages or "select" not in stages:
         return

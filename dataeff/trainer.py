@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -123,6 +122,11 @@ def resolve_layout(cfg: TrainerConfig, environ: Mapping[str, str], cuda_devices:
         "num_nodes": num_nodes,
         "world_size": world,
     }
+
+
+def check_layout(cfg: TrainerConfig) -> dict[str, Any]:
+    """:func:`resolve_layout` for this process and machine: a stage calls it before writing anything."""
+    return resolve_layout(cfg, os.environ, torch.cuda.device_count())
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -232,13 +236,25 @@ class _ResumableCSVLogger(CSVLogger):
         return experiment
 
 
+class _WandbLogger(WandbLogger):
+    """``WandbLogger`` that leaves wandb's ``anonymous`` setting unset.
+
+    Lightning passes ``anonymous=None`` to ``wandb.init`` even when the user set nothing,
+    and wandb (0.31 here) answers every run with "The anonymous setting has no effect"; not
+    passing it is what that warning asks for, and changes nothing else.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
 def _build_loggers(
     out_dir: Path, wandb: WandbConfig, run_name: str, run_config: dict, flush_every: int
 ) -> list[Logger]:
     # metrics.csv directly in the run directory, flushed at every logging step so a killed
-    # run keeps its rows; Lightning's "directory exists" warning is about versioned dirs.
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    # run keeps its rows (Lightning's "directory exists" warning about it is muted in dataeff.quiet).
     loggers: list[Logger] = [
         _ResumableCSVLogger(save_dir=os.fspath(out_dir), name="", version="", flush_logs_every_n_steps=flush_every)
     ]
@@ -246,7 +262,7 @@ def _build_loggers(
         # Offline files unless the user set WANDB_MODE; the API key, if any, comes from the
         # environment only (WANDB_API_KEY) and is never passed or logged here.
         loggers.append(
-            WandbLogger(
+            _WandbLogger(
                 name=run_name,
                 project=wandb.project,
                 group=wandb.group or None,
@@ -297,7 +313,7 @@ def build_trainer(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layout = resolve_layout(cfg, os.environ, torch.cuda.device_count())
+    layout = check_layout(cfg)
     strategy: Any = layout["strategy"]
     if strategy == "ddp" and layout["accelerator"] == "cpu":
         from pytorch_lightning.strategies import DDPStrategy
@@ -370,7 +386,9 @@ def save_final_checkpoint(trainer: pl.Trainer, out_dir: str | os.PathLike) -> Pa
     path = ckpt_dir / f"step={trainer.global_step:08d}.ckpt"
     # Decided once on rank 0: a rank that looked later would see rank 0's file and skip a collective.
     if not trainer.strategy.broadcast(path.exists()):
-        trainer.save_checkpoint(os.fspath(path))
+        # A full checkpoint (optimiser, loops, data position) is what resuming needs; saying so
+        # also stops Lightning's "weights_only was not set" line on every run.
+        trainer.save_checkpoint(os.fspath(path), weights_only=False)
     if trainer.is_global_zero:
         last = ckpt_dir / "last.ckpt"
         if last.is_symlink() or last.is_file():

@@ -6,7 +6,6 @@ uses without pulling fixtures into its namespace.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from dataeff import pretrain
 from dataeff.config import load_config
+from dataeff.constants import ENCODER_DIR
 from tests.fixtures import REPO, make_shards
 
 TINY = str(REPO / "configs" / "pretrain" / "tiny.yaml")
@@ -45,15 +45,8 @@ def config(shards: Path, out: Path, *extra: str) -> pretrain.PretrainConfig:
 
 
 def load_exported(out: Path) -> torch.nn.Module:
-    """The encoder a pre-training exported to ``out``, loaded by timm alone (eval mode)."""
-    meta = json.loads((out / "encoder.json").read_text())
-    return timm.create_model(
-        meta["model"],
-        pretrained=True,
-        num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(out / "encoder.safetensors")),
-        **meta["kwargs"],
-    ).eval()
+    """The encoder a pre-training exported to ``out``, loaded by timm alone from its folder (eval mode)."""
+    return timm.create_model(f"local-dir:{out / ENCODER_DIR}", pretrained=True).eval()
 
 
 class SigtermAt(pl.Callback):

@@ -46,6 +46,21 @@ log = logging.getLogger("dataeff")
 _FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
+def _process_place(trainer: pl.Trainer | None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process.
+
+    An attached Trainer knows it best (its strategy made the group, whichever launcher
+    started the process); without one, a joined process group, else the launcher's
+    environment (torchrun / SLURM variables, read by ``dataeff.dist``), else rank 0 of 1.
+    """
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if dist.is_initialized():
+        return dist.rank(), dist.world_size()
+    env = dist.env_from(os.environ)
+    return env.rank, env.world_size
+
+
 class StreamLoader(DataLoader):
     """A DataLoader over a ``StreamDataset`` that remembers its position (epoch, batches).
 
@@ -97,10 +112,18 @@ class PretrainDataModule(pl.LightningDataModule):
 
     Batches: ``{"image": FloatTensor (B, 3, S, S) ImageNet-normalised, "key": list[str]}``.
 
+    The rank and world size are settled in :meth:`setup`, not in the constructor: in a
+    user's own script the module is built before ``pl.Trainer(strategy="ddp")`` (or
+    torchrun) has made the process group, and a place read then would give every rank the
+    same slice. ``setup`` takes them from the attached Trainer, else from ``dataeff.dist``
+    (a joined group, else the launcher's environment). Reading ``batches_per_epoch`` before
+    the Trainer is attached plans with that fallback place; ``setup`` re-plans when the
+    Trainer's differs.
+
     Args:
         cfg: the ``data`` section (shards, selection, extra_shards, transforms, loader).
         seed: seeds the epoch plans, the shuffle buffers and the augmentations.
-        rank, world_size: this process's place; default from ``dataeff.dist``.
+        rank, world_size: this process's place, fixed; None = resolved as above.
         accumulate: the trainer's gradient accumulation; batches per epoch are a multiple of it.
 
     Raises:
@@ -117,15 +140,29 @@ class PretrainDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.cfg, self.seed, self.accumulate = cfg, seed, accumulate
-        self.rank = dist.rank() if rank is None else rank
-        self.world_size = dist.world_size() if world_size is None else world_size
+        self._fixed_place = (rank, world_size)
+        self.rank, self.world_size = self._place()
         self._dataset: StreamDataset | None = None
         self._loader: StreamLoader | None = None
         self._pending: dict[str, int] | None = None
 
+    def _place(self) -> tuple[int, int]:
+        """``(rank, world_size)``: the constructor's, else the attached Trainer's, else ``dataeff.dist``'s."""
+        rank, world = _process_place(self.trainer)
+        fixed_rank, fixed_world = self._fixed_place
+        return (rank if fixed_rank is None else fixed_rank), (world if fixed_world is None else fixed_world)
+
     def setup(self, stage: str | None = None) -> None:
+        place = self._place()
         if self._dataset is not None:
-            return
+            if place == (self.rank, self.world_size):
+                return
+            # Planned for another place (read before the Trainer was attached): plan again,
+            # keeping the loader's position.
+            if self._loader is not None:
+                self._pending, self._loader = self._loader.state_dict(), None
+            self._dataset = None
+        self.rank, self.world_size = place
         cfg = self.cfg
         if not cfg.shards:
             raise ConfigError("data.shards is empty: give a shard directory written by 'dataeff shard'")
@@ -302,7 +339,9 @@ class SegmentationDataModule(pl.LightningDataModule):
                 self.split = downstream.split_groups(
                     group_of, cfg.val_fraction, cfg.test_fraction, cfg.seed, spec=cfg.groups
                 )
-            if dist.is_main():
+            # One writer: the Trainer's rank 0 when attached; before that (a user's script
+            # calling setup() ahead of fit under torchrun) the launcher's rank 0, not every rank.
+            if _process_place(self.trainer)[0] == 0:
                 downstream.write_split(self.split, self.split_path)
         if group_of is not None:
             # Also a split found on disk: a given split that mixes a video's frames would leak.

@@ -519,7 +519,7 @@ def main(cfg: ShardConfig) -> dict:
     """
     src, out = Path(cfg.src), Path(cfg.out)
     if not src.is_dir():
-        raise ConfigError(f"src={cfg.src}: not a directory")
+        raise ConfigError(f"src={cfg.src}: no such directory; give the folder of raw images to shard")
     name = cfg.name or out.resolve().name
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"name={name!r}: give a plain file prefix, e.g. name=mydata")

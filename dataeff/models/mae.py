@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pytorch_lightning as pl
@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from dataeff.config import ConfigError, EncoderConfig, option
 from dataeff.constants import MAE_CKPT, MAE_FORMAT
-from dataeff.models.encoder import build_encoder
+from dataeff.models.encoder import build_encoder, resolve
 from dataeff.optim import make_adamw, warmup_cosine_scheduler
 
 
@@ -77,6 +77,14 @@ class OptimConfig:
             raise ConfigError(f"optim.base_lr={self.base_lr}: must be positive")
         if self.warmup_steps < 0:
             raise ConfigError("optim.warmup_steps must be >= 0")
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def _as_config(cls: type[ConfigT], value: ConfigT | dict[str, Any]) -> ConfigT:
+    """``value`` itself, or the ``cls`` dataclass rebuilt from a dict of its fields (checkpoint hyperparameters)."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -172,7 +180,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
 
 def mix_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from several integers (step, rank, ...)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]) >> 1
 
 
 # --------------------------------------------------------------------------- the LightningModule
@@ -180,6 +188,13 @@ def mix_seed(*parts: int) -> int:
 
 class MAE(pl.LightningModule):
     """Masked autoencoder: a timm ViT encoder plus a light transformer decoder.
+
+    Each config may also be given as a plain dict of its fields: that is how
+    ``MAE.load_from_checkpoint(path)`` passes them back. The hyperparameters saved in
+    Lightning checkpoints are plain dicts and numbers (no dataclass objects), so a
+    checkpoint loads with ``weights_only=True``; they name no weights file (the
+    checkpoint's state dict holds the weights), so the file the run started from need
+    not exist any more.
 
     Args:
         encoder_cfg: the encoder (``build_encoder``); random init needs ``allow_random_init``.
@@ -196,20 +211,39 @@ class MAE(pl.LightningModule):
 
     def __init__(
         self,
-        encoder_cfg: EncoderConfig,
-        mae_cfg: MAEConfig | None = None,
-        optim_cfg: OptimConfig | None = None,
+        encoder_cfg: EncoderConfig | dict[str, Any],
+        mae_cfg: MAEConfig | dict[str, Any] | None = None,
+        optim_cfg: OptimConfig | dict[str, Any] | None = None,
         lr: float | None = None,
         max_steps: int = 1000,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.encoder_cfg = encoder_cfg
-        self.mae_cfg = mae_cfg = mae_cfg or MAEConfig()
-        self.optim_cfg = optim_cfg or OptimConfig()
+        encoder_cfg = _as_config(EncoderConfig, encoder_cfg)
+        # Resolved (name and shape of a dataeff export filled in), so the hyperparameters and
+        # mae.ckpt describe the encoder that was built, not the path it came from.
+        self.encoder_cfg = encoder_cfg = resolve(encoder_cfg)
+        self.mae_cfg = mae_cfg = _as_config(MAEConfig, mae_cfg or MAEConfig())
+        self.optim_cfg = _as_config(OptimConfig, optim_cfg or OptimConfig())
         self.lr = lr if lr is not None else self.optim_cfg.base_lr
         self.max_steps = max_steps
         self.seed = seed
+        self.save_hyperparameters(
+            {
+                "encoder_cfg": dataclasses.asdict(dataclasses.replace(encoder_cfg, weights="", allow_random_init=True)),
+                # An encoder that started from weights learnt its positions: rebuilt without
+                # those weights it must keep them learnable, not get fixed sin-cos ones.
+                "mae_cfg": {
+                    **dataclasses.asdict(mae_cfg),
+                    "fixed_pos_embed": mae_cfg.fixed_pos_embed and not encoder_cfg.weights,
+                },
+                "optim_cfg": dataclasses.asdict(self.optim_cfg),
+                "lr": float(self.lr),
+                "max_steps": int(max_steps),
+                "seed": int(seed),
+            },
+            logger=False,  # the stage shells log the whole resolved config already
+        )
         self.encoder: VisionTransformer = build_encoder(encoder_cfg)
         enc: Any = self.encoder  # timm types many ViT attributes loosely (Optional, Module)
         for attr in ("patch_embed", "blocks", "norm", "pos_embed", "num_prefix_tokens"):

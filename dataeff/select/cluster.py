@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
-import faiss
 import numpy as np
 
 from dataeff.config import ConfigError, option
@@ -63,8 +63,29 @@ def resolve_k(n: int, k: int) -> int:
     return k
 
 
+def import_faiss(purpose: str = "k-means clustering") -> ModuleType:
+    """The ``faiss`` module, imported on first use.
+
+    faiss is an extra (``dataeff[cpu]`` or ``dataeff[gpu]``: two builds of one module, so
+    neither can be a base dependency); importing it here rather than at module level keeps
+    ``dataeff select --help`` and ``method=random``/``full`` working without it.
+
+    Raises:
+        ConfigError: when faiss is not installed, naming the extras that bring it.
+    """
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(
+            f"{purpose} needs faiss, which is not installed: install dataeff[cpu] or dataeff[gpu] "
+            "(pip install 'dataeff[cpu]'), or pick a method that does not cluster (method=random or full)"
+        ) from None
+    return faiss
+
+
 def gpu_available() -> bool:
     """True when the installed faiss build sees a GPU."""
+    faiss = import_faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -87,6 +108,7 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool = F
     Shape:
         x: (M, D) float32, L2-normalised rows -> (k, D) float32.
     """
+    faiss = import_faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
     km = faiss.Kmeans(
         x.shape[1],

@@ -33,8 +33,9 @@ from dataeff import dist
 from dataeff.config import ConfigError, EncoderConfig, option, section, to_dict
 from dataeff.constants import EMBEDDINGS_FORMAT, EMBEDDINGS_HEADER
 from dataeff.data.stream import eval_transform, iter_shard, list_shards, shard_keys
+from dataeff.encoder_check import check_encoder
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
-from dataeff.models.encoder import build_encoder, pooled_features, resolve
+from dataeff.models.encoder import build_encoder, pooled_features
 
 log = logging.getLogger("dataeff")
 
@@ -213,12 +214,16 @@ def main(cfg: EmbedConfig) -> None:
     try:
         tars = list_shards(cfg.data.shards)
     except ValueError as exc:
-        raise ConfigError(f"data.shards={cfg.data.shards}: {exc}") from None
+        raise ConfigError(
+            f"data.shards={cfg.data.shards}: {exc}; set data.shards to a directory written by 'dataeff shard'"
+        ) from None
     keys_per_shard = shard_keys(tars)
     total = sum(len(k) for k in keys_per_shard)
     if total == 0:
         raise ConfigError(f"data.shards={cfg.data.shards}: empty shard set (no ok samples in the index)")
-    enc = resolve(cfg.encoder)  # refuses to run without weights unless allow_random_init
+    # Refuses missing weights (unless allow_random_init), an unknown or non-ViT name and a bad
+    # shape here, before config.yaml is written.
+    enc = check_encoder(cfg.encoder, "encoder")
     set_hash = shard_set_hash(tars, keys_per_shard)
     identity = {"encoder": {"name": enc.name, "weights": enc.weights}, "shard_set_hash": set_hash}
     if (out / EMBEDDINGS_HEADER).is_file():

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 from collections import deque
 
-import faiss
 import numpy as np
+
+from dataeff.select.cluster import import_faiss
 
 #: Centred zooms tried (besides 1.0): the demo's crops zoom 1.09-1.18x.
 ZOOMS = (1.1, 1.15, 1.2)
@@ -166,7 +167,7 @@ def candidate_pairs(thumbs: np.ndarray, rows: np.ndarray, zooms: tuple[float, ..
     if len(rows) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     base = np.ascontiguousarray(standardise(thumbs[rows]))
-    index = faiss.IndexFlatIP(base.shape[1])
+    index = import_faiss("the near-copy pass (meddel.near_copies)").IndexFlatIP(base.shape[1])
     index.add(base)
     kk = min(k + 1, len(rows))  # + 1: a row finds itself
     parts = []

@@ -93,7 +93,7 @@ def mask_seeds(mask_seed: int, count: int) -> list[int]:
     others are well-mixed 63-bit seeds of (mask_seed, j), the same on every rank and run.
     """
     extra = [
-        int(np.random.SeedSequence([mask_seed & 0xFFFFFFFF, j]).generate_state(2, np.uint64)[0] >> 1)
+        int(np.random.SeedSequence([mask_seed & 0xFFFFFFFF, j]).generate_state(2, np.uint64)[0]) >> 1
         for j in range(1, count)
     ]
     return [int(mask_seed), *extra]

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dataeff.cli import main as cli_main
+from dataeff.constants import ENCODER_WEIGHTS
 from tests.fixtures import make_shards
 from tests.multiproc import free_port
 
@@ -126,8 +127,8 @@ def test_pretrain_two_ranks_few_steps(pool):
     # Each rank draws its own batches from its half of the pool (the same number of
     # batches per rank, the last of an epoch partial): more images in the same steps.
     assert s1["images_seen"] < s2["images_seen"] <= 2 * s1["images_seen"]
-    w1 = load_file(str(tmp / "pretrain-1" / "encoder.safetensors"))
-    w2 = load_file(str(tmp / "pretrain-2" / "encoder.safetensors"))
+    w1 = load_file(str(tmp / "pretrain-1" / ENCODER_WEIGHTS))
+    w2 = load_file(str(tmp / "pretrain-2" / ENCODER_WEIGHTS))
     assert {k: v.shape for k, v in w1.items()} == {k: v.shape for k, v in w2.items()}
     assert all(np.isfinite(v).all() for v in w2.values())
     assert list((tmp / "pretrain-2" / "checkpoints").glob("*.ckpt")), "no checkpoint written by the 2-rank run"

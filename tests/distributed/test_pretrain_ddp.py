@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 
+from dataeff.constants import ENCODER_WEIGHTS
 from tests.fixtures import REPO, make_shards
 from tests.multiproc import run_ranks
 
@@ -97,5 +98,5 @@ def test_two_rank_ddp_pretraining(shards, tmp_path):
     metrics = pd.read_csv(tmp_path / "ddp" / "metrics.csv").dropna(subset=["loss"])
     losses = metrics.drop_duplicates("step", keep="last")["loss"].to_numpy()
     assert len(losses) == STEPS and losses[-3:].mean() < losses[:3].mean(), f"loss did not go down: {losses}"
-    assert (tmp_path / "ddp" / "encoder.safetensors").is_file()
+    assert (tmp_path / "ddp" / ENCODER_WEIGHTS).is_file()
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2

@@ -17,6 +17,7 @@ from PIL import Image
 from dataeff import metrics
 from dataeff.cli import load_stage_config
 from dataeff.config import ConfigError, load_config
+from dataeff.constants import ENCODER_WEIGHTS
 from dataeff.sweep import SweepConfig, main, plan, plan_cells
 from tests.fixtures import KVASIR, make_shards
 
@@ -134,7 +135,7 @@ def test_tiny_sweep_writes_report(sweep_run: tuple[SweepConfig, dict, dict]) -> 
         assert Path(p).stat().st_size > 1000
     # Shared by every unit: one bootstrap, one embedding pass, one leakage check.
     assert json.loads((run / "embed" / "header.json").read_text())
-    assert (run / "bootstrap" / "encoder.safetensors").is_file()
+    assert (run / "bootstrap" / ENCODER_WEIGHTS).is_file()
     overlap = json.loads((run / "overlap" / "summary.json").read_text())
     assert overlap["counts"]["tiny"]["files"] == 1 and overlap["excluded_pool_keys"] == 1
     for unit in ("random-r0.25/seed0", "meddel-r0.5/seed1"):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dataeff import cli
 from dataeff.config import ConfigError, load_config
-from dataeff.constants import SPLIT_FORMAT
+from dataeff.constants import ENCODER_WEIGHTS, SPLIT_FORMAT
 from dataeff.data import downstream
 from dataeff.finetune import FinetuneConfig, build_model, evaluate_share, main
 from dataeff.metrics import segmentation_scores
@@ -243,7 +243,7 @@ def test_seed_sets_the_random_init_and_results_name_the_weights(tmp_path):
     enc_cfg = tiny_encoder_config(32)
     export_encoder(build_encoder(enc_cfg), enc_cfg, tmp_path / "pretrain")
     record = encoder_record(load_config(FinetuneConfig, str(TINY), [f"encoder={tmp_path / 'pretrain'}"]).encoder)
-    weights = tmp_path / "pretrain" / "encoder.safetensors"
+    weights = tmp_path / "pretrain" / ENCODER_WEIGHTS
     assert record["encoder"] == str(weights) and record["encoder_sha256"] == file_sha256(weights)
 
 
@@ -255,7 +255,7 @@ def test_build_model_from_a_pretrain_export_at_another_size(tmp_path):
     torch.manual_seed(3)
     pretrained = build_encoder(enc_cfg)
     export_encoder(pretrained, enc_cfg, tmp_path / "pretrain")
-    # encoder=<pretrain dir> shorthand; name and shape come from encoder.json; fine-tune at 64 px.
+    # encoder=<pretrain dir> shorthand; name and shape come from encoder/config.json; fine-tune at 64 px.
     cfg = load_config(FinetuneConfig, str(TINY), [f"encoder={tmp_path / 'pretrain'}", "data.image_size=64"])
     model = build_model(cfg)
     assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, pretrained.blocks[1].attn.qkv.weight)

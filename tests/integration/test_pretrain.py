@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 from dataeff import pretrain
 from dataeff.config import ConfigError
+from dataeff.constants import ENCODER_META, ENCODER_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD
 from dataeff.models.encoder import pooled_features
 from dataeff.models.mae import MAE
 from dataeff.trainer import find_resume_checkpoint
@@ -51,7 +53,7 @@ def reference(shards, tmp_path_factory) -> Path:
 
 
 def _assert_same_result(resumed: Path, reference: Path) -> None:
-    a, b = load_file(resumed / "encoder.safetensors"), load_file(reference / "encoder.safetensors")
+    a, b = load_file(resumed / ENCODER_WEIGHTS), load_file(reference / ENCODER_WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=f"encoder weight {key} differs")
@@ -65,7 +67,7 @@ def _assert_same_result(resumed: Path, reference: Path) -> None:
 
 
 def test_reference_run_outputs(reference):
-    for name in ("config.yaml", "encoder.safetensors", "encoder.json", "mae.ckpt", "summary.json", "metrics.csv"):
+    for name in ("config.yaml", ENCODER_WEIGHTS, ENCODER_META, "mae.ckpt", "summary.json", "metrics.csv"):
         assert (reference / name).is_file(), name
     assert (reference / "panels" / "step=00000004.png").is_file()
     assert find_resume_checkpoint(reference).name in ("step=00000008.ckpt", "last.ckpt")
@@ -136,11 +138,48 @@ def test_exported_encoder_loads_in_timm_with_same_features(reference):
     assert mae.reconstruction_loss(images, 0).shape == (3,)
 
 
+def _doc_snippet(doc: Path, marker: str) -> str:
+    """The fenced Python block of ``doc`` that contains ``marker``, as written."""
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"{doc}: expected one python block with {marker!r}, found {len(found)}"
+    return found[0]
+
+
+def test_documented_timm_call_loads_the_export(reference, tmp_path, monkeypatch):
+    # The docs' lines run verbatim, from a directory where their path is this run.
+    code = _doc_snippet(REPO / "docs" / "pretrain.md", "local-dir:")
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "pretrain").symlink_to(reference)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "docs/pretrain.md", "exec"), namespace)
+    encoder, data_cfg = namespace["encoder"], namespace["data_cfg"]
+
+    trained = MAE.load_for_scoring(reference).encoder
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.forward_features(images), trained.forward_features(images))
+    assert encoder.num_classes == 0
+    assert tuple(data_cfg["mean"]) == IMAGENET_MEAN and tuple(data_cfg["std"]) == IMAGENET_STD
+    assert tuple(data_cfg["input_size"]) == (3, 32, 32)  # configs/pretrain/tiny.yaml trains at 32 px
+
+
+def test_run_checkpoint_loads_alone_as_the_trained_mae(reference):
+    # The stage's own checkpoint, weights-only, with no config: the hyperparameters rebuild the MAE.
+    ckpt = reference / "checkpoints" / "last.ckpt"
+    loaded = MAE.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    scorer = MAE.load_for_scoring(reference)
+    images = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(loaded.reconstruction_loss(images, 3), scorer.reconstruction_loss(images, 3))
+    assert (loaded.max_steps, loaded.mae_cfg.decoder_dim) == (STEPS, 32)
+
+
 def test_complete_run_is_skipped(shards, reference):
-    before = (reference / "encoder.safetensors").stat().st_mtime_ns
+    before = (reference / ENCODER_WEIGHTS).stat().st_mtime_ns
     summary = pretrain.main(config(shards, reference))
     assert summary["steps"] == STEPS
-    assert (reference / "encoder.safetensors").stat().st_mtime_ns == before
+    assert (reference / ENCODER_WEIGHTS).stat().st_mtime_ns == before
 
 
 def test_selection_recorded_in_summary_and_tags(shards, tmp_path):

@@ -1,6 +1,7 @@
 """Config loading: YAML + key=value merge, unknown keys and wrong types name the key."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,31 @@ def test_describe_keys_lists_nested_leaves_with_help():
     assert keys["out"] == ("'runs/x'", "output dir")
     assert "data.shards" in keys and "encoder.weights" in keys
     assert "data" not in keys
+
+
+def test_config_by_packaged_name():
+    from dataeff.config import packaged_configs
+    from dataeff.data.shard import ShardConfig
+
+    names = packaged_configs()
+    assert {"shard/tiny", "pretrain/tiny", "select/meddel", "demo-data"} <= set(names)
+    by_name = load_config(ShardConfig, "shard/tiny", ["src=a", "out=b"])
+    # The repository's configs/ is a symlink to the packaged folder: both name one file.
+    repo_file = Path(__file__).resolve().parents[2] / "configs" / "shard" / "tiny.yaml"
+    by_path = load_config(ShardConfig, str(repo_file), ["src=a", "out=b"])
+    assert by_name == by_path and by_name.samples_per_shard == 64
+
+
+def test_unknown_config_name_lists_packaged_names():
+    with pytest.raises(ConfigError, match=r"'shard/tyni' is neither a file nor a packaged config.*shard/tiny"):
+        load_config(_Stage, "shard/tyni")
+    # A .yaml value is a path only: its typo reports the missing file, not the name list.
+    with pytest.raises(ConfigError, match="config file not found: shard/tiny.yaml"):
+        load_config(_Stage, "shard/tiny.yaml")
+
+
+def test_existing_file_wins_over_packaged_name(tmp_path, monkeypatch):
+    (tmp_path / "shard").mkdir()
+    (tmp_path / "shard" / "tiny").write_text("seed: 4\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(_Stage, "shard/tiny").seed == 4

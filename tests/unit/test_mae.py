@@ -5,6 +5,8 @@ The schedule and lr scaling rule are tested in ``test_optim.py``; training in ``
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,47 @@ def test_config_checks():
         MAEConfig(mask_ratio=1.0)
     with pytest.raises(ConfigError, match="decoder_heads"):
         MAEConfig(decoder_dim=30, decoder_heads=4)
+
+
+def test_export_is_a_timm_folder_and_resolve_reads_every_form(tmp_path):
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    from dataeff.constants import ENCODER_DIR, ENCODER_META, ENCODER_WEIGHTS, IMAGENET_MEAN
+    from dataeff.models.encoder import export_contents, resolve
+    from dataeff.pretrain import export_encoder
+
+    model = tiny_model(seed=2).eval()
+    out = tmp_path / "run"
+    export_encoder(model.encoder, TINY, out)
+    config = json.loads((out / ENCODER_META).read_text())
+    assert config["architecture"] == TINY.name and config["num_classes"] == 0
+    assert config["model_args"] == {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["pretrained_cfg"]["mean"] == list(IMAGENET_MEAN)
+    # timm alone, no kwargs: the folder says everything.
+    loaded = timm.create_model(f"local-dir:{out / ENCODER_DIR}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(images), model.encoder.forward_features(images))
+
+    # dataeff's loader: the run directory, its encoder/ folder or the weights file; name and shape from config.json.
+    bare = EncoderConfig(allow_random_init=False)  # vit_base at 224 unless the export says otherwise
+    for given in (out, out / ENCODER_DIR, out / ENCODER_WEIGHTS):
+        got = resolve(dataclasses.replace(bare, weights=str(given)))
+        assert (got.name, got.img_size, got.depth, got.embed_dim) == (TINY.name, 32, 2, 64), given
+        assert got.weights == str(out / ENCODER_WEIGHTS)
+
+    # dataeff-encoder/1 exports (encoder.safetensors + encoder.json in the run directory) are still read.
+    old = tmp_path / "old-run"
+    old.mkdir()
+    state, _ = export_contents(model.encoder, TINY)
+    save_file(state, str(old / "encoder.safetensors"))
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    meta = {"model": TINY.name, "kwargs": kwargs, "format": "dataeff-encoder/1"}
+    (old / "encoder.json").write_text(json.dumps(meta))
+    for given in (old, old / "encoder.safetensors"):
+        got = resolve(dataclasses.replace(bare, weights=str(given)))
+        assert (got.name, got.depth, got.weights) == (TINY.name, 2, str(old / "encoder.safetensors"))
