@@ -133,6 +133,10 @@ class WandbConfig:
     project: str = option("dataeff", help="W&B project")
     group: str = option("", help="W&B group (sweeps set it so runs compare by ratio/method)")
     tags: list = option([], help="W&B tags")
+    config: dict = option(
+        {},
+        help="extra W&B run config values (a sweep sets method, ratio, kept_fraction, seed, cell, dataset, alpha)",
+    )
 
     @property
     def mode(self) -> str:

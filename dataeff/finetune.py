@@ -67,12 +67,13 @@ from dataeff.metrics import (
     confusion_matrix,
     foreground_dice_iou,
     json_safe,
+    normdel,
     per_image_summary,
     segmentation_scores,
 )
 from dataeff.models.encoder import build_encoder, model_kwargs, resolve
 from dataeff.models.segment import SegmentationModel, predict_batches, predict_native_batches
-from dataeff.trainer import build_trainer, check_layout, find_resume_checkpoint
+from dataeff.trainer import build_trainer, check_layout, close_loggers, find_resume_checkpoint
 
 log = logging.getLogger("dataeff")
 
@@ -320,6 +321,23 @@ def _load_best(module: SegmentationModule, out: Path) -> str:
     return "final weights (no validation ran)"
 
 
+def _sweep_metrics(miou: float, run_values: dict[str, Any]) -> dict[str, float]:
+    """``kept_fraction`` and ``test/normdel`` when the run knows the kept fraction of its pre-training pool.
+
+    A sweep passes ``kept_fraction`` (and its ``alpha``) in ``wandb.config``. It is logged as a
+    metric too, in the row of the test scores, because a W&B line plot takes its x axis from
+    logged metrics only (docs/wandb.md). A scratch run (R = 0) has no NormDEL; a standalone
+    fine-tuning has neither.
+    """
+    kept = run_values.get("kept_fraction")
+    if not isinstance(kept, (int, float)) or not 0.0 <= float(kept) <= 1.0:
+        return {}
+    metrics = {"kept_fraction": float(kept)}
+    if kept > 0:
+        metrics["test/normdel"] = normdel(float(miou), float(kept), float(run_values.get("alpha", 1.0)))
+    return metrics
+
+
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume, or skip) one fine-tuning; returns the results dict on every rank."""
     out = Path(cfg.out)
@@ -361,76 +379,81 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     elif has_val:
         val_kwargs = {}
     trainer, info = build_trainer(cfg.trainer, out, cfg.wandb, cfg.run_name or out.name, to_dict(cfg), **val_kwargs)
-    ckpt = dist.broadcast_object(find_resume_checkpoint(out))
-    if ckpt is not None:
-        log.info("finetune: resuming from %s", ckpt)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None)
-    train_s = time.perf_counter() - start
+    status = "failed"
+    try:
+        ckpt = dist.broadcast_object(find_resume_checkpoint(out))
+        if ckpt is not None:
+            log.info("finetune: resuming from %s", ckpt)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None)
+        train_s = time.perf_counter() - start
 
-    model = module.model.float()  # DeepSpeed may have cast it to bf16; score in fp32
-    chosen = _load_best(module, out)
-    device = trainer.strategy.root_device
-    model.to(device)
-    share = evaluate_share(model, data.pairs["test"], cfg.data, dist.rank(), dist.world_size(), device)
-    gathered = dist.all_gather_object(share)
-    cm = np.sum([c for c, _ in gathered], axis=0)
-    rows = [row for _, part in gathered for row in part]
+        model = module.model.float()  # DeepSpeed may have cast it to bf16; score in fp32
+        chosen = _load_best(module, out)
+        device = trainer.strategy.root_device
+        model.to(device)
+        share = evaluate_share(model, data.pairs["test"], cfg.data, dist.rank(), dist.world_size(), device)
+        gathered = dist.all_gather_object(share)
+        cm = np.sum([c for c, _ in gathered], axis=0)
+        rows = [row for _, part in gathered for row in part]
 
-    results: dict[str, Any] | None = None
-    if dist.is_main():
-        scores = segmentation_scores(cm)
-        per_image = per_image_summary(
-            [r["dice"] for r in rows], [r["iou"] for r in rows], sum(r["both_empty"] for r in rows)
-        )
-        results = {
-            "format": FINETUNE_FORMAT,
-            **scores,
-            "scoring": "native",
-            "per_image": per_image,
-            "class_names": class_names(cfg),
-            "n_test": len(data.pairs["test"]),
-            "n_train": len(data.pairs["train"]),
-            "n_val": len(data.pairs["val"]),
-            "dataset": Path(cfg.data.root).name,
-            "confusion_matrix": cm.astype(int).tolist(),
-            "best_val_miou": module.best_miou if module.best_miou >= 0 else None,
-            "best_step": module.best_step if module.best_step >= 0 else None,
-            "weights": chosen,
-            "steps": int(trainer.global_step),
-            "train_time_s": round(train_s, 3),
-            "resumed_from": os.fspath(ckpt) if ckpt else None,
-            **encoder_record(cfg.encoder),
-            "seed": cfg.seed,
-            "strategy": info["strategy"],
-            "world_size": info["world_size"],
-        }
-        text = per_image_csv(rows)
-        write_atomic(out / PER_IMAGE_NAME, lambda tmp: tmp.write_text(text))
-        final = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
-        write_atomic(out / BEST_WEIGHTS, lambda tmp: save_file(final, os.fspath(tmp)))
-        if cfg.n_predictions:
-            render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")
-        for logger in trainer.loggers:
+        results: dict[str, Any] | None = None
+        if dist.is_main():
+            scores = segmentation_scores(cm)
+            per_image = per_image_summary(
+                [r["dice"] for r in rows], [r["iou"] for r in rows], sum(r["both_empty"] for r in rows)
+            )
+            results = {
+                "format": FINETUNE_FORMAT,
+                **scores,
+                "scoring": "native",
+                "per_image": per_image,
+                "class_names": class_names(cfg),
+                "n_test": len(data.pairs["test"]),
+                "n_train": len(data.pairs["train"]),
+                "n_val": len(data.pairs["val"]),
+                "dataset": Path(cfg.data.root).name,
+                "confusion_matrix": cm.astype(int).tolist(),
+                "best_val_miou": module.best_miou if module.best_miou >= 0 else None,
+                "best_step": module.best_step if module.best_step >= 0 else None,
+                "weights": chosen,
+                "steps": int(trainer.global_step),
+                "train_time_s": round(train_s, 3),
+                "resumed_from": os.fspath(ckpt) if ckpt else None,
+                **encoder_record(cfg.encoder),
+                "seed": cfg.seed,
+                "strategy": info["strategy"],
+                "world_size": info["world_size"],
+            }
+            text = per_image_csv(rows)
+            write_atomic(out / PER_IMAGE_NAME, lambda tmp: tmp.write_text(text))
+            final = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
+            write_atomic(out / BEST_WEIGHTS, lambda tmp: save_file(final, os.fspath(tmp)))
+            if cfg.n_predictions:
+                render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")
+            # Logged last, so a W&B run's summary holds them: a dashboard plots summary values per run.
             metrics = {f"test/{k}": results[k] for k in ("miou", "dice", "fg_iou")}
             metrics |= {"test/per_image_dice": per_image["dice_mean"], "test/per_image_iou": per_image["iou_mean"]}
-            logger.log_metrics(metrics, step=trainer.global_step)
-        # results.json last: its presence marks the run complete.
-        write_json_atomic(out / RESULTS_NAME, json_safe(results), indent=2)
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        log.info(
-            "finetune: test (native resolution) mIoU %.4f, Dice %.4f, fg IoU %.4f; per image Dice %.4f, IoU %.4f (%s)",
-            results["miou"],
-            results["dice"],
-            results["fg_iou"],
-            per_image["dice_mean"],
-            per_image["iou_mean"],
-            chosen,
-        )
-    trainer.strategy.barrier("finetune-results")  # a strategy barrier works on NCCL and gloo alike
-    for logger in trainer.loggers:
-        logger.finalize("success")
+            metrics |= _sweep_metrics(results["miou"], cfg.wandb.config)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            # results.json last: its presence marks the run complete.
+            write_json_atomic(out / RESULTS_NAME, json_safe(results), indent=2)
+            if not cfg.keep_checkpoints:
+                shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            log.info(
+                "finetune: test (native resolution) mIoU %.4f, Dice %.4f, fg IoU %.4f; per image Dice %.4f, IoU %.4f (%s)",
+                results["miou"],
+                results["dice"],
+                results["fg_iou"],
+                per_image["dice_mean"],
+                per_image["iou_mean"],
+                chosen,
+            )
+        trainer.strategy.barrier("finetune-results")  # a strategy barrier works on NCCL and gloo alike
+        status = "success"
+    finally:
+        close_loggers(trainer, status)
     shared = dist.broadcast_object(results)
     assert shared is not None  # rank 0 always fills it
     return shared

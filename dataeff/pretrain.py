@@ -58,7 +58,13 @@ from dataeff.input_checks import check_stream_data
 from dataeff.models.encoder import build_encoder, export_contents, resolve
 from dataeff.models.mae import MAE, MAEConfig, OptimConfig
 from dataeff.optim import scaled_lr
-from dataeff.trainer import build_trainer, check_layout, find_resume_checkpoint, save_final_checkpoint
+from dataeff.trainer import (
+    build_trainer,
+    check_layout,
+    close_loggers,
+    find_resume_checkpoint,
+    save_final_checkpoint,
+)
 
 log = logging.getLogger("dataeff")
 
@@ -279,8 +285,14 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     wandb = cfg.wandb
     if selection:
         tags = [f"method={selection['method']}", f"ratio={selection['ratio']}"]
+        # As config values too, so runs can be grouped by method and plotted against kept_fraction;
+        # the sweep's own values (cell, seed, ...) are kept.
+        facts = {k: selection[k] for k in ("method", "ratio", "kept_fraction")}
         wandb = dataclasses.replace(
-            wandb, tags=list(wandb.tags) + tags, group=wandb.group or f"ratio={selection['ratio']}"
+            wandb,
+            tags=list(wandb.tags) + tags,
+            group=wandb.group or f"ratio={selection['ratio']}",
+            config={**facts, **wandb.config},
         )
     run_config = {**to_dict(cfg), "selection": selection}
 
@@ -330,42 +342,45 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     if ckpt is not None:
         log.info("pretrain: resuming from %s", ckpt)
 
-    start = time.perf_counter()
-    # weights_only: a checkpoint is tensors and plain containers, so no pickled code is ever run.
-    trainer.fit(model, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None, weights_only=True)
-    final_ckpt = save_final_checkpoint(trainer, out)
-    panel.write(trainer, model, trainer.global_step)
-    summary = None
-    if trainer.is_global_zero:
-        _export(cfg, model, _final_state(trainer, model, final_ckpt), out)
-        done = int(trainer.global_step)
-        record = budget_record(cfg.budget, done, global_batch, data.subset_size)
-        # Full batches only: the counted images must be the planned ones, exactly.
-        assert record["images_seen"] == model.images_seen, (record, model.images_seen)
-        summary = {
-            "format": PRETRAIN_FORMAT,
-            "complete": True,
-            **record,
-            "epochs": epochs,
-            "steps_per_epoch": data.steps_per_epoch,
-            "final_loss": float(trainer.callback_metrics.get("loss", torch.tensor(float("nan")))),
-            "wall_time_s": round(time.perf_counter() - start, 3),
-            "resumed_from": os.fspath(ckpt) if ckpt else None,
-            "device": _device_name(info),
-            "strategy": info["strategy"],
-            "precision": info["precision"],
-            "world_size": info["world_size"],
-            "lr": lr,
-            "selection": selection,
-        }
-        write_json_atomic(out / SUMMARY_NAME, summary, indent=2, sort_keys=True)
-        log.info(
-            "pretrain: %d steps, %d images, encoder at %s",
-            summary["steps"],
-            summary["images_seen"],
-            out / ENCODER_WEIGHTS,
-        )
-    trainer.strategy.barrier("pretrain-export")
-    for logger in trainer.loggers:
-        logger.finalize("success")
+    status = "failed"
+    try:
+        start = time.perf_counter()
+        # weights_only: a checkpoint is tensors and plain containers, so no pickled code is ever run.
+        trainer.fit(model, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None, weights_only=True)
+        final_ckpt = save_final_checkpoint(trainer, out)
+        panel.write(trainer, model, trainer.global_step)
+        summary = None
+        if trainer.is_global_zero:
+            _export(cfg, model, _final_state(trainer, model, final_ckpt), out)
+            done = int(trainer.global_step)
+            record = budget_record(cfg.budget, done, global_batch, data.subset_size)
+            # Full batches only: the counted images must be the planned ones, exactly.
+            assert record["images_seen"] == model.images_seen, (record, model.images_seen)
+            summary = {
+                "format": PRETRAIN_FORMAT,
+                "complete": True,
+                **record,
+                "epochs": epochs,
+                "steps_per_epoch": data.steps_per_epoch,
+                "final_loss": float(trainer.callback_metrics.get("loss", torch.tensor(float("nan")))),
+                "wall_time_s": round(time.perf_counter() - start, 3),
+                "resumed_from": os.fspath(ckpt) if ckpt else None,
+                "device": _device_name(info),
+                "strategy": info["strategy"],
+                "precision": info["precision"],
+                "world_size": info["world_size"],
+                "lr": lr,
+                "selection": selection,
+            }
+            write_json_atomic(out / SUMMARY_NAME, summary, indent=2, sort_keys=True)
+            log.info(
+                "pretrain: %d steps, %d images, encoder at %s",
+                summary["steps"],
+                summary["images_seen"],
+                out / ENCODER_WEIGHTS,
+            )
+        trainer.strategy.barrier("pretrain-export")
+        status = "success"
+    finally:
+        close_loggers(trainer, status)
     return dist.broadcast_object(summary)

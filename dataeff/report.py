@@ -216,11 +216,11 @@ def _log_wandb(cfg: ReportConfig, tables: dict[str, pd.DataFrame], run: Path, me
         project=cfg.wandb.project,
         group=group,
         job_type="report",
-        name=f"{group}-report",
+        name=f"{group}/report",  # beside <sweep>/<cell>/seed<k>/<stage> in the group
         dir=str(run),
         mode=cfg.wandb.mode,  # type: ignore[arg-type]  # WANDB_MODE, checked by wandb
         tags=list(cfg.wandb.tags),
-        config={"alpha": cfg.alpha, "level": LEVEL},
+        config={**cfg.wandb.config, "sweep": meta.get("name") or run.name, "alpha": cfg.alpha, "level": LEVEL},
     )
     try:
         logged: dict[str, Any] = {name: wandb.Table(dataframe=df) for name, df in tables.items()}

@@ -41,7 +41,7 @@ from dataeff import finetune as finetune_stage
 from dataeff import overlap as overlap_stage
 from dataeff import pretrain as pretrain_stage
 from dataeff import report as report_stage
-from dataeff.config import ConfigError
+from dataeff.config import ConfigError, WandbConfig
 from dataeff.constants import CELL_FORMAT, CELL_NAME, EMBEDDINGS_HEADER, SUMMARY_NAME, SWEEP_FORMAT
 from dataeff.files import save_resolved, write_json_atomic
 from dataeff.input_checks import check_downstream, check_shards
@@ -62,6 +62,7 @@ from dataeff.sweep_plan import (
     runnable,
     unavailable_methods,
 )
+from dataeff.trainer import stable_run_id
 
 # The planning names tests, launchers and the CLI look up on this module.
 __all__ = [
@@ -105,6 +106,85 @@ def _job_type(name: str) -> Iterator[None]:
             os.environ.pop("WANDB_JOB_TYPE", None)
         else:
             os.environ["WANDB_JOB_TYPE"] = old
+
+
+@contextlib.contextmanager
+def _wandb_run(w: WandbConfig, name: str, job_type: str, out_dir: Path, values: dict[str, Any]) -> Iterator[Any]:
+    """A W&B run for a stage without a Lightning logger (embed, select), ended on leaving; None when off.
+
+    Rank 0 only. Its id is derived from the stage's directory and name, like the Lightning
+    runs', so a rerun of the stage continues the same run instead of adding one.
+    """
+    if not w.enabled or not dist.is_main():
+        yield None
+        return
+    import wandb
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=w.project,
+        group=w.group or None,
+        job_type=job_type,
+        name=name,
+        tags=list(w.tags) or None,
+        dir=os.fspath(out_dir),
+        id=stable_run_id(out_dir, name),
+        resume="allow",
+        mode=w.mode,  # type: ignore[arg-type]  # WANDB_MODE, checked by wandb
+        config={**w.config, **values},
+    )
+    exit_code = 1
+    try:
+        yield run
+        exit_code = 0
+    finally:
+        run.finish(exit_code=exit_code)
+
+
+def _log_embed(cfg: SweepConfig, out: str, stats: dict[str, Any]) -> None:
+    """The ``<sweep>/embed`` run: pool size and this pass's throughput (nothing when it had nothing to do)."""
+    if not stats["wall_s"]:
+        return
+    values = {"sweep": cfg.sweep_name, "seed": cfg.bootstrap.seed}
+    w = dataclasses.replace(cfg.wandb, group=cfg.wandb.group or cfg.sweep_name)
+    with _wandb_run(w, f"{cfg.sweep_name}/embed", "embed", Path(out), values) as run:
+        if run is not None:
+            # images_per_s is rank 0's rate; the ranks embed disjoint shards side by side.
+            run.log({f"embed/{k}": v for k, v in stats.items()})
+
+
+def _log_select(sweep_name: str, unit: Unit, select_cfg: Any, w: WandbConfig) -> None:
+    """The ``<sweep>/<cell>/seed<k>/select`` run: counts, counts by reason, the audit, the gallery sheets."""
+    summary = _read_json(Path(select_cfg.out) / SUMMARY_NAME)
+    if summary is None or not w.enabled or not dist.is_main():
+        return
+    import wandb
+
+    name = f"{sweep_name}/{unit.name}/select"
+    values = {"kept_fraction": summary.get("kept_fraction")}
+    with _wandb_run(w, name, "select", Path(select_cfg.out), values) as run:
+        keys = ("pool_size", "excluded", "eligible", "target", "kept", "kept_fraction", "generated", "wall_s")
+        logged: dict[str, Any] = {f"select/{k}": summary[k] for k in keys if summary.get(k) is not None}
+        logged |= {f"select/reason/{r}": n for r, n in (summary.get("counts_by_reason") or {}).items()}
+        audit = summary.get("audit") or {}
+        logged |= {f"audit/{k}": v for k, v in audit.items() if isinstance(v, (int, float))}
+        for reason, row in (audit.get("per_reason") or {}).items():
+            logged |= {f"audit/{reason}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
+        for sheet in summary.get("gallery") or []:
+            path = Path(sheet) if Path(sheet).is_absolute() else Path(select_cfg.out) / sheet
+            if path.suffix == ".png" and path.is_file():
+                logged[f"gallery/{path.stem}"] = wandb.Image(os.fspath(path))
+        run.log(logged)
+
+
+def _with_kept_fraction(stage_cfg: Any, select_out: str) -> Any:
+    """A fine-tuning config whose W&B values hold the unit's kept fraction (known once selected):
+    the x axis of a ratio chart, and what NormDEL needs."""
+    kept = (_read_json(Path(select_out) / SUMMARY_NAME) or {}).get("kept_fraction")
+    if kept is None:
+        return stage_cfg
+    w = stage_cfg.wandb
+    return dataclasses.replace(stage_cfg, wandb=dataclasses.replace(w, config={**w.config, "kept_fraction": kept}))
 
 
 def _timed(name: str, fn: Callable[[Any], Any], stage_cfg: Any) -> dict[str, Any]:
@@ -181,7 +261,12 @@ def run_unit(
         if name not in run:
             continue
         log.info("sweep: cell %s: %s", unit.name, name)
+        if name.startswith("finetune/") and stage_cfgs["select"] is not None:
+            stage_cfg = _with_kept_fraction(stage_cfg, stage_cfgs["select"].out)
         record["stages"][name] = _timed(name, fn, stage_cfg)
+        if name == "select" and stage_cfgs["pretrain"] is not None:
+            # The pretrain config carries the unit's W&B group, tags and values.
+            _log_select(sweep_name, unit, stage_cfg, stage_cfgs["pretrain"].wandb)
         if dist.is_main():
             _write_json(path, record)
         dist.barrier()
@@ -277,7 +362,8 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     if "embed" in stages:
         with _job_type("embed"):
-            embed_stage.main(full["embed"])
+            stats = embed_stage.main(full["embed"])
+        _log_embed(cfg, full["embed"].out, stats)
         if full["overlap"] is not None:
             # Before any selection: every method then drops the same leaked pool samples.
             with _job_type("overlap"):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dataeff.config import ConfigError, EncoderConfig, WandbConfig, option, section, to_dict, to_yaml
+from dataeff.config import ConfigError, EncoderConfig, WandbConfig, option, section, to_dict
 from dataeff.constants import MAE_CKPT
 from dataeff.finetune import FinetuneConfig
 from dataeff.overlap import OverlapConfig
@@ -269,7 +269,12 @@ def fill(schema: type[T], template: Any, *patches: dict) -> T:
         ) from None
 
 
-def _wandb(cfg: SweepConfig, tags: list[str]) -> dict:
+def _wandb(cfg: SweepConfig, tags: list[str], values: dict[str, Any] | None = None) -> dict:
+    """A stage's ``wandb`` patch: the sweep's group, its tags plus ``tags``, and run config ``values``.
+
+    ``values`` (cell, method, ratio, seed, dataset, ...) become top-level W&B config keys, so a
+    dashboard can group runs by them and plot against them; tags alone cannot be an axis.
+    """
     w = cfg.wandb
     return {
         "wandb": {
@@ -277,8 +282,27 @@ def _wandb(cfg: SweepConfig, tags: list[str]) -> dict:
             "project": w.project,
             "group": w.group or cfg.sweep_name,
             "tags": [*w.tags, *tags],
+            "config": {**w.config, **(values or {})},
         }
     }
+
+
+def wandb_values(cfg: SweepConfig, unit: Unit, dataset: str | None = None) -> dict[str, Any]:
+    """The W&B config values of a unit's runs (kept_fraction is added once the selection exists)."""
+    cell = unit.cell
+    values: dict[str, Any] = {
+        "sweep": cfg.sweep_name,
+        "cell": cell.name,
+        "method": cell.method,
+        "ratio": cell.ratio,
+        "seed": unit.seed,
+        "alpha": cfg.alpha,
+    }
+    if cell.method == SCRATCH:
+        values["kept_fraction"] = 0.0  # no pre-training data: a point at x = 0 on a ratio chart
+    if dataset is not None:
+        values["dataset"] = dataset
+    return values
 
 
 def downstream_roots(cfg: SweepConfig) -> dict[str, str]:
@@ -348,8 +372,8 @@ def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = Fal
                     "run_name": f"{cfg.sweep_name}/{unit.name}/pretrain",
                     "data": {"shards": cfg.shards, "selection": select.out},
                 },
-                _wandb(cfg, [f"seed={unit.seed}"]),
-            )  # pretrain adds method/ratio tags itself, from the selection
+                _wandb(cfg, [f"seed={unit.seed}"], wandb_values(cfg, unit)),
+            )  # pretrain adds method/ratio tags and kept_fraction itself, from the selection
             encoder = {**shape, "weights": pretrain.out, "allow_random_init": False}
         finetune = {}
         for ds, overrides in cfg.datasets.items():
@@ -364,7 +388,7 @@ def plan(cfg: SweepConfig, embed_weights: str, scorer: str, precheck: bool = Fal
                         "encoder": encoder,
                         "run_name": f"{cfg.sweep_name}/{unit.name}/finetune/{ds}",
                     },
-                    _wandb(cfg, [*tags, f"dataset={ds}"]),
+                    _wandb(cfg, [*tags, f"dataset={ds}"], wandb_values(cfg, unit, ds)),
                 )
             except ConfigError as exc:
                 raise ConfigError(f"datasets.{ds} (finetune keys): {exc}") from None
@@ -421,9 +445,18 @@ def config_digest(stage_cfgs: dict[str, Any]) -> str:
             if method != select["method"]:
                 for key in keys:
                     select.pop(key)
-        text = json.dumps(select, sort_keys=True) + to_yaml(stage_cfgs["pretrain"])
-    text += "".join(to_yaml(c) for _, c in sorted(stage_cfgs["finetune"].items()))
+        text = json.dumps(select, sort_keys=True) + _digest_yaml(stage_cfgs["pretrain"])
+    text += "".join(_digest_yaml(c) for _, c in sorted(stage_cfgs["finetune"].items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _digest_yaml(stage_cfg: Any) -> str:
+    """A stage config's YAML without ``wandb.config``: the unit's W&B labels (and kept_fraction,
+    added at run time) change no result, and leaving them out keeps the digests of units
+    finished before W&B run config values existed."""
+    values = to_dict(stage_cfg)
+    values["wandb"].pop("config", None)
+    return OmegaConf.to_yaml(OmegaConf.create(values))
 
 
 def encoder_paths(cfg: SweepConfig) -> tuple[str, str]:

@@ -210,7 +210,7 @@ def find_resume_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 # --------------------------------------------------------------------------- loggers
 
 
-def _stable_run_id(out_dir: Path, run_name: str) -> str:
+def stable_run_id(out_dir: Path, run_name: str) -> str:
     """A W&B run id derived from the run directory, so a resumed run continues the same W&B run."""
     digest = hashlib.sha1(f"{out_dir.resolve()}|{run_name}".encode()).hexdigest()[:12]
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{run_name[:40]}-{digest}")
@@ -268,13 +268,33 @@ def _build_loggers(
                 group=wandb.group or None,
                 tags=list(wandb.tags) or None,
                 save_dir=os.fspath(out_dir),
-                id=_stable_run_id(out_dir, run_name),
+                id=stable_run_id(out_dir, run_name),
                 resume="allow",
                 mode=wandb.mode,
-                config=run_config,
+                # Passed explicitly: wandb reads WANDB_JOB_TYPE (set per stage by the sweep) only
+                # once per process, so every later run would inherit the first stage's job type.
+                job_type=os.environ.get("WANDB_JOB_TYPE") or None,
+                # Top-level keys, so W&B can group by them and plot them on an axis (tags cannot).
+                config={**run_config, **wandb.config},
             )
         )
     return loggers
+
+
+def close_loggers(trainer: pl.Trainer, status: str = "success") -> None:
+    """Finalise a trainer's loggers and end its W&B run, so the next stage opens a run of its own.
+
+    Lightning's ``finalize`` leaves the W&B run open; while it is open, the next
+    ``WandbLogger`` (and ``wandb.init``) of the same process adopts it, and every stage of
+    a sweep would log into the first run. Call in a ``finally`` on every rank.
+    """
+    for logger in trainer.loggers:
+        logger.finalize(status)
+        # _experiment is None when the run was never opened (rank > 0, or a failure before any log).
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            finish = getattr(logger.experiment, "finish", None)  # absent on a rank > 0 dummy
+            if callable(finish):
+                finish(exit_code=0 if status == "success" else 1)
 
 
 # --------------------------------------------------------------------------- the factory

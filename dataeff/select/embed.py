@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -206,8 +206,15 @@ def _device_and_amp(cfg: EmbedConfig, local_rank: int) -> tuple[torch.device, to
     return device, torch.bfloat16
 
 
-def main(cfg: EmbedConfig) -> None:
-    """Embed this rank's shards (resumably), merge them, and (rank 0) write the header."""
+def main(cfg: EmbedConfig) -> dict[str, Any]:
+    """Embed this rank's shards (resumably), merge them, and (rank 0) write the header.
+
+    Returns:
+        This rank's numbers, for a caller that logs them (the sweep's W&B ``embed`` run):
+        ``count`` (pool samples), ``embedded`` (images this rank embedded in this call; 0
+        when the embeddings were complete), ``wall_s`` and ``images_per_s`` (this rank),
+        ``world_size``.
+    """
     env = dist.init()
     rank, world = dist.rank(), dist.world_size()
     out = Path(cfg.out)
@@ -236,7 +243,7 @@ def main(cfg: EmbedConfig) -> None:
                 f"out={out} holds embeddings of another encoder or shard set; choose a fresh out directory"
             )
         log.info("embeddings already complete in %s; nothing to do", out)
-        return
+        return {"count": total, "embedded": 0, "wall_s": 0.0, "images_per_s": 0.0, "world_size": world}
     if rank == 0:
         save_resolved(cfg, out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -276,7 +283,15 @@ def main(cfg: EmbedConfig) -> None:
             time.time() - start,
             done / max(time.time() - start, 1e-9),
         )
+    wall = time.time() - start
     _finish(out, tars, mine, rank, world, cfg, enc, set_hash, total)
+    return {
+        "count": total,
+        "embedded": done,
+        "wall_s": round(wall, 3),
+        "images_per_s": done / max(wall, 1e-9) if done else 0.0,
+        "world_size": world,
+    }
 
 
 def _finish(
