@@ -67,6 +67,12 @@ def save_resolved(cfg: Any, out_dir: str | os.PathLike, name: str = CONFIG_NAME)
     return path
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document at ``path``; None when there is no such file (a stage not run yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:
     """:func:`write_atomic` of ``json.dumps(obj, **dumps)``."""
     text = json.dumps(obj, **dumps)

@@ -17,7 +17,6 @@ page :mod:`dataeff.report_markdown`, the figures :mod:`dataeff.report_plots`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import pandas as pd
 
 from dataeff.config import ConfigError, WandbConfig, option, section
 from dataeff.constants import CELL_NAME, DOWNSTREAM_OVERLAP, RESULTS_NAME, SUMMARY_NAME
-from dataeff.files import save_resolved, write_atomic
+from dataeff.files import read_json, save_resolved, write_atomic
 from dataeff.report_markdown import markdown_report
 from dataeff.report_plots import plot_miou, plot_normdel
 from dataeff.report_table import (
@@ -73,10 +72,6 @@ class ReportConfig:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _read_yaml(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -87,8 +82,8 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
 
 def load_unit(unit_dir: Path, cell: str, seed: int) -> dict[str, Any] | None:
     """Everything the report needs from one (cell, seed) directory (None if nothing is written yet)."""
-    info = _read_json(unit_dir / CELL_NAME)
-    selection = _read_json(unit_dir / "selection" / SUMMARY_NAME)
+    info = read_json(unit_dir / CELL_NAME)
+    selection = read_json(unit_dir / "selection" / SUMMARY_NAME)
     if info is None and selection is None:
         return None
     info = dict(info or {})
@@ -102,13 +97,13 @@ def load_unit(unit_dir: Path, cell: str, seed: int) -> dict[str, Any] | None:
         sorted(p.name for p in ft_root.iterdir() if p.is_dir()) if ft_root.is_dir() else []
     )
     for name in names:
-        res = _read_json(ft_root / name / RESULTS_NAME)
+        res = read_json(ft_root / name / RESULTS_NAME)
         if res is not None:
             finetune[name] = res
     info["datasets"] = list(names)
     info["selection"] = selection
     info["selection_dir"] = str(unit_dir / "selection")
-    info["pretrain"] = _read_json(unit_dir / "pretrain" / SUMMARY_NAME)
+    info["pretrain"] = read_json(unit_dir / "pretrain" / SUMMARY_NAME)
     info["pretrain_config"] = _read_yaml(unit_dir / "pretrain" / "config.yaml")
     info["finetune"] = finetune
     return info
@@ -158,7 +153,7 @@ def galleries(run: Path, units: list[dict[str, Any]]) -> list[tuple[str, list[st
 def overlap_extras(run: Path, units: list[dict[str, Any]]) -> dict[str, Any]:
     """The leakage check's summary, pool samples per (dataset, kind), the drops each selection recorded."""
     root = run / OVERLAP_DIR
-    summary = _read_json(root / SUMMARY_NAME)
+    summary = read_json(root / SUMMARY_NAME)
     matches_path = root / "matches.parquet"
     matches = pd.read_parquet(matches_path) if matches_path.is_file() else pd.DataFrame()
     dropped = {}
@@ -235,7 +230,7 @@ def main(cfg: ReportConfig) -> dict[str, Any]:
     run = Path(cfg.run)
     if not run.is_dir():
         raise ConfigError(f"run={cfg.run}: no such directory")
-    meta = _read_json(run / SWEEP_JSON) or {"name": run.name}
+    meta = read_json(run / SWEEP_JSON) or {"name": run.name}
     units = load_units(run, int(meta.get("seed", 0)))
     save_resolved(cfg, run, name="report.yaml")
     seeds = seed_table(units, cfg.alpha)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -43,7 +42,7 @@ from dataeff import pretrain as pretrain_stage
 from dataeff import report as report_stage
 from dataeff.config import ConfigError, WandbConfig
 from dataeff.constants import CELL_FORMAT, CELL_NAME, EMBEDDINGS_HEADER, SUMMARY_NAME, SWEEP_FORMAT
-from dataeff.files import save_resolved, write_json_atomic
+from dataeff.files import read_json, save_resolved, write_json_atomic
 from dataeff.input_checks import check_downstream, check_shards
 from dataeff.select import embed as embed_stage
 from dataeff.select import stage as select_stage
@@ -88,10 +87,6 @@ def _now() -> str:
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     write_json_atomic(path, payload, indent=2, sort_keys=True)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @contextlib.contextmanager
@@ -155,7 +150,7 @@ def _log_embed(cfg: SweepConfig, out: str, stats: dict[str, Any]) -> None:
 
 def _log_select(sweep_name: str, unit: Unit, select_cfg: Any, w: WandbConfig) -> None:
     """The ``<sweep>/<cell>/seed<k>/select`` run: counts, counts by reason, the audit, the gallery sheets."""
-    summary = _read_json(Path(select_cfg.out) / SUMMARY_NAME)
+    summary = read_json(Path(select_cfg.out) / SUMMARY_NAME)
     if summary is None or not w.enabled or not dist.is_main():
         return
     import wandb
@@ -180,7 +175,7 @@ def _log_select(sweep_name: str, unit: Unit, select_cfg: Any, w: WandbConfig) ->
 def _with_kept_fraction(stage_cfg: Any, select_out: str) -> Any:
     """A fine-tuning config whose W&B values hold the unit's kept fraction (known once selected):
     the x axis of a ratio chart, and what NormDEL needs."""
-    kept = (_read_json(Path(select_out) / SUMMARY_NAME) or {}).get("kept_fraction")
+    kept = (read_json(Path(select_out) / SUMMARY_NAME) or {}).get("kept_fraction")
     if kept is None:
         return stage_cfg
     w = stage_cfg.wandb
@@ -235,7 +230,7 @@ def run_unit(
     """
     root = unit.root(out)
     path = root / CELL_NAME
-    record = dist.broadcast_object(_read_json(path) if dist.is_main() else None)
+    record = dist.broadcast_object(read_json(path) if dist.is_main() else None)
     check_digest(record, digest, root)
     if record and record.get("done"):
         log.info("sweep: cell %s is done (finished %s), skipping", unit.name, record.get("finished"))
@@ -284,8 +279,8 @@ def _unit_facts(stage_cfgs: dict[str, Any]) -> dict[str, Any]:
     """Kept count and pre-training budget of a finished unit (zero data for scratch)."""
     if stage_cfgs["select"] is None:
         return {"kept": 0, "kept_fraction": 0.0, "images_seen": 0, "pretrain_steps": 0}
-    selection = _read_json(Path(stage_cfgs["select"].out) / SUMMARY_NAME) or {}
-    summary = _read_json(Path(stage_cfgs["pretrain"].out) / SUMMARY_NAME) or {}
+    selection = read_json(Path(stage_cfgs["select"].out) / SUMMARY_NAME) or {}
+    summary = read_json(Path(stage_cfgs["pretrain"].out) / SUMMARY_NAME) or {}
     return {
         "kept": selection.get("kept"),
         "pool_size": selection.get("pool_size"),
@@ -355,7 +350,7 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
     for unit, stage_cfgs in full["units"]:
         root = unit.root(out)
         check_digest(
-            dist.broadcast_object(_read_json(root / CELL_NAME) if dist.is_main() else None),
+            dist.broadcast_object(read_json(root / CELL_NAME) if dist.is_main() else None),
             config_digest(stage_cfgs),
             root,
         )
