@@ -33,6 +33,12 @@ class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it and the fix."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line (its type name when it has none), for a ConfigError."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field with a help text shown by ``dataeff <stage> --help``."""
     if isinstance(default, (list, dict)):

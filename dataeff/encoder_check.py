@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from dataeff.config import ConfigError, EncoderConfig
+from dataeff.config import ConfigError, EncoderConfig, first_line
 from dataeff.models.encoder import model_kwargs, resolve
 
 #: Errors timm's constructors raise for arguments a model does not take or cannot satisfy
@@ -27,11 +27,6 @@ _BUILD_ERRORS = (TypeError, ValueError, AssertionError, RuntimeError)
 def _build_on_meta(name: str, kwargs: dict[str, Any]) -> nn.Module:
     with torch.device("meta"):
         return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_encoder(cfg: EncoderConfig, key: str = "encoder") -> EncoderConfig:
@@ -75,7 +70,7 @@ def check_encoder(cfg: EncoderConfig, key: str = "encoder") -> EncoderConfig:
     except _BUILD_ERRORS as exc:
         shape = " ".join(f"{key}.{k}={v}" for k, v in kwargs.items())
         raise ConfigError(
-            f"{key}.name={name!r} does not build with {shape} ({_first_line(exc)}); change those keys "
+            f"{key}.name={name!r} does not build with {shape} ({first_line(exc)}); change those keys "
             "(embed_dim a multiple of num_heads, img_size a multiple of patch_size)"
         ) from None
     return enc

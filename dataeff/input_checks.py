@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataeff.config import ConfigError, DataConfig
+from dataeff.config import ConfigError, DataConfig, first_line
 from dataeff.constants import SUMMARY_NAME
 from dataeff.data import downstream
 from dataeff.data.stream import list_shards, shard_keys
@@ -22,11 +22,6 @@ from dataeff.select.embed import shard_set_hash
 
 #: What ``data.root`` must hold, for the messages.
 _LAYOUT_HINT = "a folder with images/ + masks/ (Kvasir-SEG) or Original/ + Ground Truth/ (CVC-ClinicDB)"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_shards(spec: str, key: str, allow_empty: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -49,7 +44,7 @@ def check_shards(spec: str, key: str, allow_empty: bool = False) -> tuple[list[s
         tars = list_shards(spec)
         keys = shard_keys(tars)
     except ValueError as exc:
-        raise ConfigError(f"{key}={spec}: {_one_line(exc)}") from None
+        raise ConfigError(f"{key}={spec}: {first_line(exc)}") from None
     if not allow_empty and not any(keys):
         raise ConfigError(
             f"{key}={spec}: empty shard set (no ok samples in its index); shard a folder with valid images"
@@ -136,7 +131,7 @@ def check_downstream(root: str, layout: str, key: str, groups: str = "") -> list
     try:
         pairs = downstream.find_pairs(root, layout)
     except ValueError as exc:
-        raise ConfigError(f"{key}={root}: {_one_line(exc)}") from None
+        raise ConfigError(f"{key}={root}: {first_line(exc)}") from None
     for stem, image, mask in pairs:
         sizes = []
         for path in (image, mask):
@@ -156,5 +151,5 @@ def check_downstream(root: str, layout: str, key: str, groups: str = "") -> list
         try:
             downstream.read_groups(groups, pairs)
         except ValueError as exc:
-            raise ConfigError(_one_line(exc)) from None
+            raise ConfigError(first_line(exc)) from None
     return pairs
