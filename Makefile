@@ -13,7 +13,7 @@ SRC ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: venv test test-fast test-min test-gpu demo shard bench lint clean
+.PHONY: venv test test-fast test-min test-gpu test-slurm demo shard bench lint clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 	command -v shellcheck >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck) || \
 	  echo "warning: shellcheck not installed (needs root + apt); its lint test will be skipped"; }
+	@# A single-node SLURM for the launch/slurm tests (marker slurm): Debian's daemons and clients.
+	PATH="$$PATH:/usr/sbin:/sbin" command -v slurmctld >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    slurmctld slurmd munge slurm-client) || \
+	  echo "warning: SLURM not installed (needs root + apt); the real-SLURM tests will be skipped"; }
 	touch $@
 
 # Every tier: unit, integration, distributed, e2e (gpu tests skip with a reason on CPU).
@@ -58,6 +63,10 @@ lint: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# launch/slurm against a real single-node SLURM the tests start (also part of make test).
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -q -m slurm
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh

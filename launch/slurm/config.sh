@@ -4,8 +4,10 @@
 # #SBATCH lines cannot read a file, so the .sbatch scripts carry only what never changes
 # (job name, log file, requeue, signal); launch/slurm/submit.sh and launch/slurm/sweep.sh
 # read the arrays below and pass them to sbatch on its command line, where they win over
-# any #SBATCH line. Every scalar can also be set from the environment for one submission:
+# any #SBATCH line. Every value below can also be set from the environment for one
+# submission; nothing in the arrays is fixed:
 #   NODES=4 TIME_PRETRAIN=48:00:00 launch/slurm/submit.sh pretrain configs/pretrain/base.yaml
+#   MEM_REPORT=2G launch/slurm/sweep.sh configs/sweep/ratios.yaml ...
 # The running jobs source this file too, for PYTHON and the exported variables.
 
 PARTITION="${PARTITION:-gpu}"          # sbatch --partition
@@ -16,6 +18,9 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-4}"    # GPUs requested on each node
 TASKS_PER_NODE="${TASKS_PER_NODE:-$GPUS_PER_NODE}"  # ranks per node: one per GPU
 CPUS_PER_TASK="${CPUS_PER_TASK:-8}"    # cores per rank (dataloader workers + decoding)
 MEM_PER_NODE="${MEM_PER_NODE:-0}"      # sbatch --mem; 0 = all the memory of the node
+NODES_FINETUNE="${NODES_FINETUNE:-1}"  # fine-tuning a segmentation head is small: one node
+CPUS_REPORT="${CPUS_REPORT:-2}"        # the report: one CPU task, no GPU
+MEM_REPORT="${MEM_REPORT:-8G}"         # sbatch --mem of the report job
 TIME_EMBED="${TIME_EMBED:-02:00:00}"   # wall-clock limits per stage (HH:MM:SS or D-HH:MM:SS)
 TIME_SELECT="${TIME_SELECT:-02:00:00}"
 TIME_PRETRAIN="${TIME_PRETRAIN:-24:00:00}"
@@ -41,10 +46,9 @@ SBATCH_GPU=(
 SBATCH_EMBED=("${SBATCH_GPU[@]}" --time="$TIME_EMBED")
 SBATCH_SELECT=("${SBATCH_GPU[@]}" --time="$TIME_SELECT")
 SBATCH_PRETRAIN=("${SBATCH_GPU[@]}" --time="$TIME_PRETRAIN")
-# Fine-tuning a segmentation head is small: one node.
-SBATCH_FINETUNE=("${SBATCH_GPU[@]}" --nodes=1 --time="$TIME_FINETUNE")
-# The report only reads result files: one CPU task, no GPU.
-SBATCH_REPORT=(--nodes=1 --ntasks=1 --cpus-per-task=2 --mem=8G --time="$TIME_REPORT")
+SBATCH_FINETUNE=("${SBATCH_GPU[@]}" --nodes="$NODES_FINETUNE" --time="$TIME_FINETUNE")
+# The report only reads result files: one process ('dataeff report' is not distributed).
+SBATCH_REPORT=(--nodes=1 --ntasks=1 --cpus-per-task="$CPUS_REPORT" --mem="$MEM_REPORT" --time="$TIME_REPORT")
 SBATCH_SWEEP=("${SBATCH_GPU[@]}" --time="$TIME_SWEEP")
 
 # What the jobs run with (read inside the allocation).

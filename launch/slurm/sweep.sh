@@ -17,7 +17,10 @@
 # Units come from the sweep's own planner (dataeff.sweep_plan.slurm_jobs: full at 1.0 only,
 # unavailable methods left out, every cell once per seed), so this script submits exactly
 # what 'dataeff sweep' would run. Prints one "<job id> <job name>" line per job.
-# Settings: launch/slurm/config.sh.
+# All or nothing: if sbatch refuses one job (a resource the partition cannot give, a bad
+# option), the jobs submitted before it are cancelled, nothing is printed on stdout and
+# the script exits 1 with sbatch's reason and the job it refused.
+# Settings: launch/slurm/config.sh (every value can be set from the environment).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 # shellcheck source=launch/slurm/config.sh
@@ -50,16 +53,35 @@ print("\n".join(slurm_jobs(cfg)))
 ' "$config" "$@")"
 
 mkdir -p "$LOG_DIR"
-submit() {  # submit <job name> <dependency or ""> <resources: a stage of config.sh> <stage> [args ...]
-  local name="$1" after="$2" options="SBATCH_${3^^}[@]" stage="$4"
+submitted=()  # "<job id> <job name>" per job, printed once every job is in
+cancel_submitted() {  # on any early exit: take back what was submitted
+  [[ ${#submitted[@]} -gt 0 ]] || return 0
+  local ids=("${submitted[@]%% *}")
+  echo "launch/slurm/sweep.sh: cancelling the ${#ids[@]} job(s) already submitted: ${ids[*]}" >&2
+  scancel "${ids[@]}" || echo "launch/slurm/sweep.sh: error: scancel failed; cancel jobs ${ids[*]} by hand" >&2
+}
+trap cancel_submitted EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+job_id=""
+submit() {  # submit <job name> <dependency or ""> <resources: a stage of config.sh> <stage> [args ...]; sets job_id
+  local name="$1" after="$2" resources="SBATCH_${3^^}" stage="$4"
+  local options="${resources}[@]"
   shift 4
-  sbatch --parsable --chdir="$PWD" "${SBATCH_COMMON[@]}" "${!options}" --job-name="$name" \
-    ${after:+"--dependency=$after"} "${sbatch_args[@]}" "launch/slurm/$stage.sbatch" "$@"
+  if ! job_id="$(sbatch --parsable --chdir="$PWD" "${SBATCH_COMMON[@]}" "${!options}" --job-name="$name" \
+    ${after:+"--dependency=$after"} "${sbatch_args[@]}" "launch/slurm/$stage.sbatch" "$@")"; then
+    echo "launch/slurm/sweep.sh: error: sbatch refused job $name (above: its reason; its resources:" \
+      "SBATCH_COMMON and $resources in launch/slurm/config.sh, each value settable from the environment)" >&2
+    exit 1
+  fi
+  job_id="${job_id%%;*}"  # --parsable prints "<id>;<cluster>" on multi-cluster sites
+  submitted+=("$job_id $name")
 }
 
 # The bootstrap is a short pre-training run: it gets the pretrain resources.
-embed_id="$(submit dataeff-sweep-embed "" pretrain sweep "$config" "$@" "stages=[embed]" report=false)"
-echo "$embed_id dataeff-sweep-embed"
+submit dataeff-sweep-embed "" pretrain sweep "$config" "$@" "stages=[embed]" report=false
+embed_id="$job_id"
 finetune_ids=""
 while read -r kind name stages keys; do
   [[ "$kind" == unit ]] || continue
@@ -67,14 +89,14 @@ while read -r kind name stages keys; do
   after=""
   [[ "$stages" == select,* ]] && after="afterok:$embed_id"
   for stage in ${stages//,/ }; do
-    id="$(submit "dataeff-sweep-$name-$stage" "$after" "$stage" sweep "$config" "$@" \
-      "${unit_args[@]}" "stages=[$stage]" report=false)"
-    echo "$id dataeff-sweep-$name-$stage"
-    after="afterok:$id"
+    submit "dataeff-sweep-$name-$stage" "$after" "$stage" sweep "$config" "$@" \
+      "${unit_args[@]}" "stages=[$stage]" report=false
+    after="afterok:$job_id"
   done
-  finetune_ids+=":$id"
+  finetune_ids+=":$job_id"
 done <<< "$plan"
 
 read -r -a report_args <<< "$(grep '^report ' <<< "$plan")"
-id="$(submit dataeff-sweep-report "afterany$finetune_ids" report report "${report_args[@]:1}")"
-echo "$id dataeff-sweep-report"
+submit dataeff-sweep-report "afterany$finetune_ids" report report "${report_args[@]:1}"
+trap - EXIT
+printf '%s\n' "${submitted[@]}"

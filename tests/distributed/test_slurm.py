@@ -1,23 +1,26 @@
 """SLURM launch scripts: lint, what they pass to sbatch, requeue, and a real 2-rank select.
 
-SLURM itself is not needed: small stand-ins for ``sbatch``, ``srun`` and ``scontrol`` are
-put first on PATH. The fake ``srun`` starts ``SLURM_NTASKS`` local copies of its command
-with the per-task variables real srun sets (``SLURM_PROCID``, ``SLURM_LOCALID``, ...), so
-the ranks find each other only through ``dataeff/dist.py`` reading SLURM's environment.
+SLURM itself is not needed: small stand-ins for ``sbatch``, ``srun``, ``scontrol`` and
+``scancel`` are put first on PATH. The fake ``srun`` starts ``SLURM_NTASKS`` local copies of
+its command with the per-task variables real srun sets (``SLURM_PROCID``, ``SLURM_LOCALID``,
+...), so the ranks find each other only through ``dataeff/dist.py`` reading SLURM's
+environment. The same scripts on a real single-node SLURM: test_slurm_real.py.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.slurm_cluster import job_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"
@@ -33,6 +36,25 @@ n=$(( $(cat "$FAKE_DIR/next_id" 2>/dev/null || echo 100) + 1 ))
 echo "$n" > "$FAKE_DIR/next_id"
 { printf '%s\\n' "$@"; echo; } >> "$FAKE_DIR/sbatch.log"
 echo "$n"
+"""
+
+# The same on a cluster whose nodes have less than 8 GB: such a job is refused as SLURM does.
+FAKE_SBATCH_SMALL_NODE = FAKE_SBATCH.replace(
+    "\nn=",
+    """
+for arg in "$@"; do
+  if [[ "$arg" == --mem=8G ]]; then
+    echo "sbatch: error: Memory specification can not be satisfied" >&2
+    echo "sbatch: error: Batch job submission failed: Requested node configuration is not available" >&2
+    exit 1
+  fi
+done
+n=""",
+    1,
+)
+
+FAKE_SCANCEL = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_DIR/scancel.log"
 """
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -79,22 +101,7 @@ def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
 
 def _clean_env(tmp_path: Path, bin_dir: Path, **extra: str) -> dict[str, str]:
     """The environment of a batch job on a machine with no launcher variables of its own."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PET_"))
-        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-        FAKE_DIR=str(tmp_path),
-        PYTHON=sys.executable,
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        OMP_NUM_THREADS="1",
-    )
-    env.update(extra)
-    return env
+    return job_env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", FAKE_DIR=str(tmp_path), **extra)
 
 
 def _read_submissions(tmp_path: Path) -> list[list[str]]:
@@ -256,6 +263,59 @@ def test_sweep_names_the_replacement_of_an_old_seed_key(tmp_path):
     )
     assert out.returncode != 0 and "'seed' was replaced by seeds" in out.stderr
     assert not (tmp_path / "sbatch.log").exists()
+
+
+def test_sweep_submission_is_all_or_nothing(tmp_path):
+    """One refused job (the report's 8 GB on small nodes) cancels every job submitted before it."""
+    bin_dir = _fake_bin(tmp_path, sbatch=FAKE_SBATCH_SMALL_NODE, scancel=FAKE_SCANCEL)
+    env = _clean_env(tmp_path, bin_dir, LOG_DIR=str(tmp_path / "logs"))
+    sweep = [str(SLURM / "sweep.sh"), "configs/sweep/tiny.yaml", "shards=x", "datasets.t.data.root=y"]
+    out = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stdout == ""
+    assert "Memory specification can not be satisfied" in out.stderr
+    assert "sbatch refused job dataeff-sweep-report" in out.stderr and "MEM_REPORT" not in out.stderr
+    submitted = [str(101 + i) for i in range(len(_read_submissions(tmp_path)))]
+    assert len(submitted) == 1 + 2 * (4 * 3 + 1)  # all but the report: embed, 2 seeds x (4 chains + scratch)
+    assert (tmp_path / "scancel.log").read_text().split() == submitted
+    assert f"cancelling the {len(submitted)} job(s) already submitted: {' '.join(submitted)}" in out.stderr
+    # The report's memory comes from the environment too: the same sweep then goes in whole.
+    (tmp_path / "sbatch.log").unlink()
+    out = subprocess.run(sweep, env={**env, "MEM_REPORT": "2G"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = _read_submissions(tmp_path)[-1]
+    assert "--mem=2G" in report and "launch/slurm/report.sbatch" in report
+    assert len(out.stdout.splitlines()) == len(submitted) + 1
+    assert (tmp_path / "scancel.log").read_text().split() == submitted  # nothing more cancelled
+
+
+CONFIG_SH = (SLURM / "config.sh").read_text()
+# Settings the jobs read when they run, not sbatch options.
+JOB_SETTINGS = {"PYTHON", "DATAEFF_DIST_TIMEOUT", "WANDB_MODE"}
+# What is not a resource but a fact of the stage: 'dataeff report' is one process.
+FIXED = {"report": ["--nodes=1", "--ntasks=1"]}
+
+
+def test_every_setting_of_config_sh_comes_from_the_environment(tmp_path):
+    assignments = re.findall(r"^(?:export )?([A-Z_]+)=(.*)$", CONFIG_SH, flags=re.M)
+    scalars = [(name, value) for name, value in assignments if not value.startswith("(")]
+    assert {name for name, value in scalars if not value.startswith(f'"${{{name}:-')} == set()
+    # Every sbatch option of config.sh takes its value from one of the settings: set each to a
+    # value of its own and find it in what each stage passes to sbatch.
+    settings = {name: f"{name.lower()}-from-env" for name, _ in scalars if name not in JOB_SETTINGS}
+    bin_dir = _fake_bin(tmp_path, sbatch=FAKE_SBATCH)
+    env = _clean_env(tmp_path, bin_dir, **settings)
+    for stage in STAGES:
+        subprocess.run([str(SLURM / "submit.sh"), stage], env=env, capture_output=True, check=True)
+    seen = set()
+    for stage, args in zip(STAGES, _read_submissions(tmp_path), strict=True):
+        options = args[2 : args.index(f"launch/slurm/{stage}.sbatch")]  # after --parsable --chdir
+        for option in options:
+            if option in FIXED.get(stage, []):
+                continue
+            used = {name for name, value in settings.items() if value in option}
+            assert used, f"{stage}: {option} is fixed in config.sh; make it a setting"
+            seen |= used
+    assert seen == set(settings)
 
 
 # --------------------------------------------------------------------------- requeue
