@@ -13,7 +13,7 @@ On one CUDA GPU, from a built virtualenv (``pip install -e '.[gpu,dev]'``), it r
 4. faiss-gpu k-means (``cluster.train_kmeans``) on 1M x 768 unit rows, k = sqrt(N);
 5. SAM vit_b (random weights; speed only) images/s through OptiDEL's batched pass and
    through ``SamAutomaticMaskGenerator`` one image at a time, with their patch sets compared
-   (``benchmarks/bench_optidel.py``).
+   (``benchmarks/bench_optidel.py``), at OptiDEL's settings and with every mask kept.
 
 Each step runs in its own process under a time limit, so one failure or hang is reported
 and the others still run. It writes one JSON (``--out``) and prints a table. Exit code 0
@@ -54,6 +54,7 @@ DENSE_BF16_TFLOPS = (
     ("h100", 989.4),
     ("a100", 312.0),
     ("l40s", 362.0),
+    ("l40", 181.0),
     ("l4", 121.0),
 )
 
@@ -167,6 +168,7 @@ def step_mae(args: argparse.Namespace) -> dict[str, Any]:
             [timer],
             micro_batch_size=batch,
             limit_val_batches=0,
+            use_distributed_sampler=False,  # one device; the loader yields whole batches
         )
         loader = torch.utils.data.DataLoader(SameBatch(), batch_size=None)
         trainer.fit(model, train_dataloaders=loader)
@@ -256,40 +258,46 @@ def step_kmeans(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_sam(args: argparse.Namespace) -> dict[str, Any]:
-    """SAM images/s, batched pass against the generator one image at a time (bench_optidel's comparison)."""
+    """SAM images/s, batched pass against the generator one image at a time (bench_optidel's comparison).
+
+    Two settings: OptiDEL's own (``configs/select/optidel.yaml``: 32x32 points, SAM's thresholds), and
+    every mask kept (thresholds 0, 8x8 points), where the two patch sets are compared in earnest:
+    random weights predict low IoU, so SAM's thresholds leave few masks to compare, and keeping all
+    32x32x3 masks would cost the generator minutes per image in run-length encoding.
+    """
     import torch
     from bench_optidel import compare_sam_passes, load_images
 
     from dataeff.select.sam_hard import SamConfig, build_sam
 
-    model, pps, size, n, per_batch = ("tiny", 4, 64, 4, 2) if args.dry_run else ("vit_b", 32, 320, 8, 8)
+    model, size, n, grid, relaxed_grid = ("tiny", 64, 4, 4, 4) if args.dry_run else ("vit_b", 320, 4, 32, 8)
     device = torch.device("cpu" if args.dry_run else "cuda")
-    # Relaxed thresholds, as in the benchmark: random weights predict low IoU/stability, and no mask
-    # dropped early means the batched pass gets no head start from its early IoU filter.
-    cfg = SamConfig(
+    optidel = SamConfig(model=model, points_per_side=grid, images_per_batch=n)
+    relaxed = SamConfig(
         model=model,
-        points_per_side=pps,
+        points_per_side=relaxed_grid,
         pred_iou_thresh=0.0,
         stability_score_thresh=0.0,
         min_area_frac=0.0,
         max_area_frac=1.0,
         min_box_side=2,
-        images_per_batch=per_batch,
+        images_per_batch=n,
     )
-    sam = build_sam(cfg, device, allow_random_init=True)
+    sam = build_sam(optidel, device, allow_random_init=True)
     images = [image for _, image in load_images(n, size)]
-    return {"model": model, "image_size": size, "images_per_batch": per_batch} | compare_sam_passes(
-        sam, cfg, images, 0.9
-    )
+    runs = []
+    for name, cfg in (("OptiDEL's thresholds", optidel), ("every mask kept", relaxed)):
+        runs.append({"setting": name} | compare_sam_passes(sam, cfg, images, 0.9))
+    return {"model": model, "image_size": size, "images_per_batch": n, "runs": runs}
 
 
 #: name -> (what it measures, its function, its time limit on the GPU in seconds).
 STEPS: dict[str, tuple[str, Callable[[argparse.Namespace], dict[str, Any]], int]] = {
-    "tests": ("make test-gpu", step_tests, 200),
+    "tests": ("make test-gpu", step_tests, 170),
     "mae": ("MAE pre-training", step_mae, 100),
     "embed": ("embedding", step_embed, 40),
-    "kmeans": ("faiss k-means", step_kmeans, 60),
-    "sam": ("SAM passes", step_sam, 80),
+    "kmeans": ("faiss k-means", step_kmeans, 50),
+    "sam": ("SAM passes", step_sam, 120),
 }
 assert sum(limit for _, _, limit in STEPS.values()) <= BUDGET_S
 
@@ -300,7 +308,8 @@ assert sum(limit for _, _, limit in STEPS.values()) <= BUDGET_S
 def describe(name: str, r: dict[str, Any]) -> str:
     """One table cell for a passed step."""
     if name == "tests":
-        return ", ".join(f"{v} {k}" for k, v in r.items() if k != "command") + f" (`{r['command']}`)"
+        counts = {k: v for k, v in r.items() if k not in ("command", "status", "wall_s")}
+        return ", ".join(f"{v} {k}" for k, v in counts.items()) + f" (`{r['command']}`)"
     if name == "mae":
         mfu = f", MFU {r['mfu']:.1%} of {r['peak_bf16_tflop_s']:.0f} TFLOP/s" if r.get("mfu") else ""
         if "mfu" in r and r["mfu"] is None:
@@ -319,10 +328,16 @@ def describe(name: str, r: dict[str, Any]) -> str:
         return (
             f"{r['rows']:,} x {r['dim']}, k={r['k']}, {r['niter']} iterations, faiss {r['faiss']}: {r['train_s']:.1f} s"
         )
-    return (
-        f"{r['model']}, {r['points_per_side']}x{r['points_per_side']} points, {r['image_size']} px, "
-        f"{r['images']} images: batched {r['batched_img_s']:.2f} img/s vs generator {r['baseline_img_s']:.2f} img/s "
-        f"= **{r['speedup']:.1f}x baseline**; same boxes {r['match_rate']:.0%} (IoU >= {r['match_iou']})"
+    return f"{r['model']}, {r['image_size']} px, {r['runs'][0]['images']} images: " + "; ".join(
+        f"{run['setting']}, {run['points_per_side']}x{run['points_per_side']} points: batched "
+        f"{run['batched_img_s']:.2f} img/s vs generator {run['baseline_img_s']:.2f} img/s = **{run['speedup']:.1f}x "
+        f"baseline**, patches {run['patches_baseline']} / {run['patches_batched']}, "
+        + (
+            f"same boxes {run['match_rate']:.0%} (IoU >= {run['match_iou']})"
+            if run["patches_baseline"] + run["patches_batched"]
+            else "none to compare"
+        )
+        for run in r["runs"]
     )
 
 

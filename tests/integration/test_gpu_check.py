@@ -32,8 +32,10 @@ def test_dry_run_runs_every_step_and_writes_one_json_and_a_table(tmp_path):
     assert "stand-in for DeepSpeed" in mae["runner"] and mae["precision"] == "32-true"
     assert mae["tflop_per_step"] > 0 and mae["images_per_s"] > 0 and mae["loss_finite"]
     assert steps["embed"]["images_per_s"] > 0 and steps["kmeans"]["faiss"] == "cpu"
-    sam = steps["sam"]
-    assert sam["baseline_img_s"] > 0 and sam["batched_img_s"] > 0 and sam["match_rate"] == 1.0
+    runs = steps["sam"]["runs"]
+    assert [r["setting"] for r in runs] == ["OptiDEL's thresholds", "every mask kept"]
+    assert all(r["baseline_img_s"] > 0 and r["batched_img_s"] > 0 for r in runs)
+    assert runs[1]["patches_baseline"] >= 1 and runs[1]["match_rate"] == 1.0
     # The table names every step, labels the run, and gives SAM's speed-up against its baseline.
     assert "DRY RUN" in proc.stdout and "x baseline" in proc.stdout
     for title in ("make test-gpu", "MAE pre-training", "embedding", "faiss k-means", "SAM passes"):
