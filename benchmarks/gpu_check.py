@@ -258,36 +258,14 @@ def step_kmeans(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_sam(args: argparse.Namespace) -> dict[str, Any]:
-    """SAM images/s, batched pass against the generator one image at a time (bench_optidel's comparison).
-
-    Two settings: OptiDEL's own (``configs/select/optidel.yaml``: 32x32 points, SAM's thresholds), and
-    every mask kept (thresholds 0, 8x8 points), where the two patch sets are compared in earnest:
-    random weights predict low IoU, so SAM's thresholds leave few masks to compare, and keeping all
-    32x32x3 masks would cost the generator minutes per image in run-length encoding.
-    """
+    """SAM images/s, batched pass against the generator one image at a time (``bench_optidel.real_sam_rows``)."""
     import torch
-    from bench_optidel import compare_sam_passes, load_images
-
-    from dataeff.select.sam_hard import SamConfig, build_sam
+    from bench_optidel import load_images, real_sam_rows
 
     model, size, n, grid, relaxed_grid = ("tiny", 64, 4, 4, 4) if args.dry_run else ("vit_b", 320, 4, 32, 8)
     device = torch.device("cpu" if args.dry_run else "cuda")
-    optidel = SamConfig(model=model, points_per_side=grid, images_per_batch=n)
-    relaxed = SamConfig(
-        model=model,
-        points_per_side=relaxed_grid,
-        pred_iou_thresh=0.0,
-        stability_score_thresh=0.0,
-        min_area_frac=0.0,
-        max_area_frac=1.0,
-        min_box_side=2,
-        images_per_batch=n,
-    )
-    sam = build_sam(optidel, device, allow_random_init=True)
     images = [image for _, image in load_images(n, size)]
-    runs = []
-    for name, cfg in (("OptiDEL's thresholds", optidel), ("every mask kept", relaxed)):
-        runs.append({"setting": name} | compare_sam_passes(sam, cfg, images, 0.9))
+    runs = real_sam_rows(model, device, images, grid, relaxed_grid)
     return {"model": model, "image_size": size, "images_per_batch": n, "runs": runs}
 
 
@@ -328,15 +306,12 @@ def describe(name: str, r: dict[str, Any]) -> str:
         return (
             f"{r['rows']:,} x {r['dim']}, k={r['k']}, {r['niter']} iterations, faiss {r['faiss']}: {r['train_s']:.1f} s"
         )
+    from bench_optidel import agreement
+
     return f"{r['model']}, {r['image_size']} px, {r['runs'][0]['images']} images: " + "; ".join(
         f"{run['setting']}, {run['points_per_side']}x{run['points_per_side']} points: batched "
         f"{run['batched_img_s']:.2f} img/s vs generator {run['baseline_img_s']:.2f} img/s = **{run['speedup']:.1f}x "
-        f"baseline**, patches {run['patches_baseline']} / {run['patches_batched']}, "
-        + (
-            f"same boxes {run['match_rate']:.0%} (IoU >= {run['match_iou']})"
-            if run["patches_baseline"] + run["patches_batched"]
-            else "none to compare"
-        )
+        f"baseline**, patches {run['patches_baseline']} / {run['patches_batched']}: same boxes {agreement(run)}"
         for run in r["runs"]
     )
 
