@@ -13,7 +13,7 @@ SRC ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: venv test test-fast test-min test-gpu test-slurm demo shard bench lint clean
+.PHONY: venv test test-fast test-min test-gpu test-slurm gpu-check demo shard bench lint clean
 
 venv: $(STAMP)
 
@@ -67,6 +67,12 @@ test-gpu: $(STAMP)
 # launch/slurm against a real single-node SLURM the tests start (also part of make test).
 test-slurm: $(STAMP)
 	$(BIN)/python -m pytest -q -m slurm
+
+# One CUDA GPU, under 8 minutes: the gpu tests, DeepSpeed MAE ViT-B/16 MFU, ViT-B embedding img/s,
+# faiss-gpu k-means 1M x 768, SAM vit_b batched pass vs generator -> bench-out/gpu_check.json + a table.
+# Needs the gpu extra (pip install -e '.[gpu,dev]'). Without a GPU: says so, runs the CPU dry run, exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh

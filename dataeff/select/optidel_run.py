@@ -1,6 +1,6 @@
 """``dataeff select method=optidel``: the distributed shell around OptiDEL's pure core.
 
-1. SAM + hardness: pool shard i is processed by rank i % W (SAM on the GPU when present,
+1. SAM + hardness: pool shard i is processed by rank i % W (SAM, batched over images, on the GPU when present,
    MAE scoring under K fixed masks, or the scorer's patch embeddings for the prototype
    hardness). Only eligible samples are read (``exclude`` removed the rest); invalid
    frames by MedDEL's quality rules (``meddel.quality_checks`` and thresholds) are not
@@ -55,7 +55,7 @@ from dataeff.select.sam_hard import (
     build_sam,
     concat_records,
     extract_and_score,
-    mask_generator,
+    mask_pass,
 )
 
 log = logging.getLogger("dataeff")
@@ -140,20 +140,29 @@ def build_scorer(cfg: SelectConfig, device: torch.device) -> tuple[ScoreFn, int]
 
 
 def fingerprint(cfg: SelectConfig, scorer_path: str) -> str:
-    """What a cached per-shard result depends on: SAM settings, scorer file, hardness (and its masks).
+    """What a cached per-shard result depends on: SAM settings and weights file, scorer file, hardness (and its masks).
 
-    The quality rules and the exclusion are not in it: they only decide which samples
-    need SAM, and :func:`covers` checks that against the cached samples instead.
+    Every ``sam.*`` key is in it (``sam.mask_pass`` and ``sam.images_per_batch`` too: the
+    batched pass matches the generator within float tolerance, not bit for bit) except
+    ``device`` and ``cache_dir``; a weights file counts by path, size and modification time,
+    so a checkpoint replaced in place is not mistaken for the old one. The quality rules
+    and the exclusion are not in it: they only decide which samples need SAM, and
+    :func:`covers` checks that against the cached samples instead.
     """
     sam = {k: v for k, v in vars(cfg.sam).items() if k not in ("device", "cache_dir")}
     ckpt = Path(scorer_path)
     ckpt = ckpt / MAE_CKPT if ckpt.is_dir() else ckpt
-    stat = ckpt.stat()
     oc = cfg.optidel
     # K and the seed change mae_loss scores only; the prototype pass caches embeddings, which they do not touch.
     hardness = [oc.hardness, oc.mask_seed, oc.hardness_masks] if oc.hardness == "mae_loss" else [oc.hardness]
-    blob = json.dumps([sam, str(ckpt.resolve()), stat.st_size, stat.st_mtime_ns, hardness], sort_keys=True)
+    files = [_file_id(ckpt)] + ([_file_id(Path(cfg.sam.checkpoint))] if cfg.sam.checkpoint else [])
+    blob = json.dumps([sam, files, hardness], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _file_id(path: Path) -> list[str | int]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def shard_plan(quality: pd.DataFrame, reasons: np.ndarray) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -235,7 +244,7 @@ def extract_owned(
     if not todo:
         return parts
     device = pick_device(cfg.sam.device)
-    generator = mask_generator(build_sam(cfg.sam, device), cfg.sam)
+    masks = mask_pass(build_sam(cfg.sam, device), cfg.sam)
     score_fn, side = build_scorer(cfg, device)
     total = sum(len(wanted[t]) for t, _ in todo)
     with tqdm(total=total, unit="img", desc="optidel sam+score", disable=rank != 0, smoothing=0.1) as bar:
@@ -244,7 +253,7 @@ def extract_owned(
             samples = ((s["key"], np.asarray(s["image"], dtype=np.uint8)) for s in iter_shard(tar, keys))
             skip = {k: reason[k] for k in keys if reason.get(k)}
             part = extract_and_score(
-                samples, generator, cfg.sam, side, score_fn, cfg.optidel.batch_size, lambda: bar.update(1), skip
+                samples, masks, cfg.sam, side, score_fn, cfg.optidel.batch_size, lambda: bar.update(1), skip
             )
             write_atomic(path, partial(_save_part, stamp=stamp, part=part), keep_suffix=True)
             parts.append(restrict(part, wanted[tar], reason))

@@ -8,7 +8,9 @@ a quarter of its mosaic (half the image size per side) when composed. A patch is
 pixels are a deterministic function of the source image and the box
 (:func:`dataeff.select.compose.crop_patch`), so they are cropped again when mosaics are
 composed (``mosaic_shards.py``) rather than stored (16 crops per image would outweigh
-the pool itself).
+the pool itself). SAM runs as ``sam.mask_pass`` says: the batched fast pass
+(``sam_batch.py``, the default) or SAM's own generator one image at a time; both give
+the same masks.
 
 The official checkpoints are never downloaded. ``sam.model=tiny`` builds a tiny randomly
 initialised SAM (tests and the CPU demo only; results made with it are labelled).
@@ -29,6 +31,7 @@ import torch
 
 from dataeff.config import ConfigError, option
 from dataeff.select.compose import crop_patch
+from dataeff.select.sam_batch import BatchedMaskPass, MaskPass, OneImageAtATime
 
 log = logging.getLogger("dataeff")
 
@@ -40,6 +43,7 @@ SAM_CHECKPOINTS = {
 }
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_MODELS = (*SAM_CHECKPOINTS, "tiny")
+MASK_PASSES = ("batched", "generator")
 
 #: Fields of one patch record; every array has one row per patch.
 RECORD_FIELDS = ("source", "index", "box", "area", "area_frac", "pred_iou", "stability", "score")
@@ -56,7 +60,13 @@ class SamConfig:
         "vit_b", help="SAM image encoder: vit_b, vit_l, vit_h, or tiny (random 2-block SAM, tests/demo only)"
     )
     points_per_side: int = option(32, help="prompt grid side; points_per_side^2 point prompts per image")
-    points_per_batch: int = option(64, help="point prompts per forward pass (memory vs speed)")
+    points_per_batch: int = option(64, help="point prompts per mask-decoder forward pass (memory vs speed)")
+    mask_pass: str = option(
+        "batched",
+        help="'batched': the image encoder over sam.images_per_batch images per forward, masks reduced to boxes "
+        "on the device (same masks, faster); 'generator': SamAutomaticMaskGenerator one image at a time (reference)",
+    )
+    images_per_batch: int = option(4, help="images per SAM image-encoder forward (sam.mask_pass=batched)")
     pred_iou_thresh: float = option(0.88, help="drop masks whose predicted IoU is below this")
     stability_score_thresh: float = option(0.92, help="drop masks whose stability score is below this")
     box_nms_thresh: float = option(0.7, help="box IoU above which duplicate masks are suppressed")
@@ -75,8 +85,10 @@ class SamConfig:
     def __post_init__(self) -> None:
         if self.model not in SAM_MODELS:
             raise ConfigError(f"sam.model={self.model!r}: choose one of {', '.join(SAM_MODELS)}")
-        if self.points_per_side < 1 or self.points_per_batch < 1:
-            raise ConfigError("sam.points_per_side and sam.points_per_batch must be at least 1")
+        if self.points_per_side < 1 or self.points_per_batch < 1 or self.images_per_batch < 1:
+            raise ConfigError("sam.points_per_side, sam.points_per_batch and sam.images_per_batch must be at least 1")
+        if self.mask_pass not in MASK_PASSES:
+            raise ConfigError(f"sam.mask_pass={self.mask_pass!r}: choose one of {', '.join(MASK_PASSES)}")
         if not 0.0 <= self.min_area_frac < self.max_area_frac <= 1.0:
             raise ConfigError(
                 f"sam.min_area_frac={self.min_area_frac}, sam.max_area_frac={self.max_area_frac}: "
@@ -177,8 +189,23 @@ def build_sam(cfg: SamConfig, device: torch.device, allow_random_init: bool = Fa
     return sam.eval().to(device)
 
 
+def mask_pass(sam: torch.nn.Module, cfg: SamConfig) -> MaskPass:
+    """The SAM pass ``sam.mask_pass`` names, with the configured prompts and thresholds."""
+    if cfg.mask_pass == "generator":
+        return OneImageAtATime(mask_generator(sam, cfg))
+    return BatchedMaskPass(
+        sam,
+        points_per_side=cfg.points_per_side,
+        points_per_batch=cfg.points_per_batch,
+        pred_iou_thresh=cfg.pred_iou_thresh,
+        stability_score_thresh=cfg.stability_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        images_per_batch=cfg.images_per_batch,
+    )
+
+
 def mask_generator(sam: torch.nn.Module, cfg: SamConfig) -> Any:
-    """SAM's automatic mask generator with the configured thresholds."""
+    """SAM's automatic mask generator with the configured thresholds (one image per call)."""
     from segment_anything import SamAutomaticMaskGenerator
 
     return SamAutomaticMaskGenerator(
@@ -259,7 +286,7 @@ class _BatchScorer:
 
 def extract_and_score(
     samples: Iterable[tuple[str, np.ndarray]],
-    generator: Any,
+    masks: MaskPass,
     cfg: SamConfig,
     score_size: int,
     score_fn: ScoreFn,
@@ -269,12 +296,14 @@ def extract_and_score(
 ) -> dict[str, Any]:
     """SAM patches of a sequence of images (one shard) with their hardness scores.
 
-    Patches are scored in consecutive batches of ``batch_size`` in sample order, so the
-    scores depend only on the shard, never on the number of ranks. Every image also gets
+    Images reach SAM ``masks.images_per_batch`` at a time. Patches are scored in
+    consecutive batches of ``batch_size`` in sample order, so the scores depend only on
+    the shard, never on the number of ranks or on SAM's image batch. Every image also gets
     a whole-image score (the hardness of the original, for ``include_originals``).
 
     Args:
         samples: ``(key, image)`` pairs, image (H, W, 3) uint8.
+        masks: the SAM pass (:func:`mask_pass`).
         score_size: side S the scorer takes; each crop (and each whole image) is resized to it.
         score_fn: (B, S, S, 3) uint8 -> (B,) float32 hardness (higher = harder), or (B, D)
             embeddings; ``score``/``image_scores`` then hold (P, D)/(N, D) rows.
@@ -291,35 +320,51 @@ def extract_and_score(
     patch_scorer, image_scorer = _BatchScorer(score_fn, batch_size), _BatchScorer(score_fn, batch_size)
     image_keys, skipped, reasons = [], [], []
     sam_s = 0.0
+    # Images wait here in sample order (skipped ones as their reason) until a SAM batch is full.
+    pending: list[tuple[str, np.ndarray | str]] = []
+
+    def flush() -> None:
+        nonlocal sam_s
+        batch = [item for _, item in pending if isinstance(item, np.ndarray)]
+        t0 = time.perf_counter()
+        results = iter(masks.generate_batch(batch) if batch else [])
+        sam_s += time.perf_counter() - t0
+        for key, item in pending:
+            on_image()
+            if isinstance(item, str):
+                skipped.append(key)
+                reasons.append(item)
+                continue
+            result = next(results)
+            if isinstance(result, Exception):  # one bad image must not end the job
+                log.warning("SAM failed on %s: %s", key, result)
+                found_masks, reason = [], f"sam_error:{type(result).__name__}"
+            else:
+                found_masks, reason = result, "sam_no_mask"
+            found = filter_masks(found_masks, item.shape[0], item.shape[1], cfg)
+            if len(found["box"]) == 0:
+                skipped.append(key)
+                reasons.append(reason if not found_masks else "sam_masks_filtered")
+                continue
+            found["source"] = np.array([key] * len(found["box"]))
+            found["index"] = np.arange(len(found["box"]), dtype=np.int32)
+            parts.append(found)
+            for box in found["box"]:
+                patch_scorer.add(crop_patch(item, box, score_size))
+        pending.clear()
+
+    to_sam = 0
     for key, image in samples:
         h, w = image.shape[:2]
         image_keys.append(key)
         image_scorer.add(crop_patch(image, (0, 0, w, h), score_size))
-        if skip and skip.get(key):
-            skipped.append(key)
-            reasons.append(skip[key])
-            on_image()
-            continue
-        t0 = time.perf_counter()
-        try:
-            masks = generator.generate(image)
-        except (RuntimeError, ValueError) as exc:  # one bad image must not end the job
-            log.warning("SAM failed on %s: %s", key, exc)
-            masks, reason = [], f"sam_error:{type(exc).__name__}"
-        else:
-            reason = "sam_no_mask"
-        sam_s += time.perf_counter() - t0
-        found = filter_masks(masks, h, w, cfg)
-        on_image()
-        if len(found["box"]) == 0:
-            skipped.append(key)
-            reasons.append(reason if not masks else "sam_masks_filtered")
-            continue
-        found["source"] = np.array([key] * len(found["box"]))
-        found["index"] = np.arange(len(found["box"]), dtype=np.int32)
-        parts.append(found)
-        for box in found["box"]:
-            patch_scorer.add(crop_patch(image, box, score_size))
+        reason = skip.get(key, "") if skip else ""
+        pending.append((key, reason or image))
+        to_sam += not reason
+        if to_sam == masks.images_per_batch:
+            flush()
+            to_sam = 0
+    flush()
     out: dict[str, Any] = dict(concat_records(parts))
     out["score"] = patch_scorer.finish()
     assert len(out["score"]) == len(out["source"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,43 @@ def test_cells_share_a_sam_cache_dir_and_never_rerun_sam(tiny_run, tmp_path, mon
         assert (cell / "selection.parquet").is_file() and not (cell / "sam").exists()
 
 
+def test_a_changed_sam_setting_redoes_the_shared_cache_and_a_repeat_reuses_it(tiny_run, tmp_path, monkeypatch):
+    from dataeff.select import optidel_run
+    from dataeff.select.sam_hard import build_tiny_sam
+
+    inputs, out = tiny_run
+    cache = tmp_path / "sam-cache"
+    shutil.copytree(out / "sam", cache)
+
+    def stamps() -> dict[str, str]:
+        return {p.name: str(np.load(p)["fingerprint"]) for p in sorted(cache.glob("*.npz"))}
+
+    built = []
+    real_build = optidel_run.build_sam
+    monkeypatch.setattr(optidel_run, "build_sam", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    first = stamps()
+    # The reference generator gives the same masks, but entries it made are its own.
+    for n, setting in enumerate(["sam.mask_pass=generator", "sam.images_per_batch=2", "sam.points_per_side=3"], 1):
+        run_select(inputs, tmp_path / f"cell{n}", f"sam.cache_dir={cache}", setting)
+        now = stamps()
+        assert len(built) == n and all(now[name] != first[name] for name in first), setting
+        first = now
+    # The same settings again: every entry is reused, SAM is not built.
+    run_select(inputs, tmp_path / "again", f"sam.cache_dir={cache}", "sam.points_per_side=3")
+    assert len(built) == 3 and stamps() == first
+
+    # A SAM checkpoint replaced in place (same path) is not the one the entries were made with.
+    ckpt = tmp_path / "tiny_sam.pth"
+    torch.save(build_tiny_sam(0).state_dict(), ckpt)
+    run_select(inputs, tmp_path / "ckpt1", f"sam.cache_dir={cache}", f"sam.checkpoint={ckpt}")
+    made = stamps()
+    mtime = ckpt.stat().st_mtime_ns
+    torch.save(build_tiny_sam(1).state_dict(), ckpt)
+    os.utime(ckpt, ns=(mtime + 10**9, mtime + 10**9))  # a later write, also where file times are coarse
+    run_select(inputs, tmp_path / "ckpt2", f"sam.cache_dir={cache}", f"sam.checkpoint={ckpt}")
+    assert len(built) == 5 and all(stamps()[name] != made[name] for name in made)
+
+
 def test_include_originals_keeps_the_hardest_originals_within_the_budget(tiny_run, tmp_path):
     inputs, out = tiny_run
     fresh = tmp_path / "tiny"
@@ -186,6 +224,7 @@ def test_include_originals_keeps_the_hardest_originals_within_the_budget(tiny_ru
 
 def test_planted_hard_patch_wins_through_the_real_mae_scorer(tmp_path):
     from dataeff.select.optidel_run import mae_scorer
+    from dataeff.select.sam_batch import OneImageAtATime
     from dataeff.select.sam_hard import SamConfig, extract_and_score
 
     torch.manual_seed(0)
@@ -212,14 +251,14 @@ def test_planted_hard_patch_wins_through_the_real_mae_scorer(tmp_path):
             ]
 
     cfg = SamConfig(min_area_frac=0.0, max_area_frac=1.0, min_box_side=2)
-    out = extract_and_score([("img", image)], Boxes(), cfg, side, score_fn, batch_size=2)
+    out = extract_and_score([("img", image)], OneImageAtATime(Boxes()), cfg, side, score_fn, batch_size=2)
     noisy = int(np.flatnonzero((out["box"] == [36, 20, 60, 44]).all(axis=1))[0])
     chosen, _ = select_hardest(
         out["score"], out["source"], np.zeros(4, np.int64), n=1, max_per_image=4, max_per_cluster=0
     )
     assert chosen[0] == noisy and out["score"][noisy] > 2 * np.delete(out["score"], noisy).max()
     # Fixed mask seed: the same scores again, whatever the batch they are scored in.
-    again = extract_and_score([("img", image)], Boxes(), cfg, side, score_fn, batch_size=3)
+    again = extract_and_score([("img", image)], OneImageAtATime(Boxes()), cfg, side, score_fn, batch_size=3)
     assert np.allclose(again["score"], out["score"], rtol=1e-5, atol=1e-6)
 
 

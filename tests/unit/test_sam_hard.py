@@ -11,6 +11,7 @@ from PIL import Image
 
 from dataeff.config import ConfigError
 from dataeff.select.compose import crop_patch
+from dataeff.select.sam_batch import OneImageAtATime
 from dataeff.select.sam_hard import (
     SamConfig,
     build_sam,
@@ -18,7 +19,7 @@ from dataeff.select.sam_hard import (
     check_checkpoint,
     extract_and_score,
     filter_masks,
-    mask_generator,
+    mask_pass,
 )
 
 KVASIR = Path(__file__).resolve().parents[2] / "data" / "kvasir-seg" / "images"
@@ -116,7 +117,7 @@ def test_images_without_usable_masks_are_skipped_with_a_reason():
     gen = _Fixed(
         [[], [_mask((0, 0, 32, 32), 1024, 0.9, 0.9)], RuntimeError("bad"), [_mask((2, 2, 20, 12), 150, 0.9, 0.9)]]
     )
-    out = extract_and_score(images, gen, cfg, 8, lambda x: x.reshape(len(x), -1).mean(1), batch_size=2)
+    out = extract_and_score(images, OneImageAtATime(gen), cfg, 8, lambda x: x.reshape(len(x), -1).mean(1), batch_size=2)
     assert out["skipped_keys"].tolist() == ["k0", "k1", "k2"]
     assert out["skipped_reasons"].tolist() == ["sam_no_mask", "sam_masks_filtered", "sam_error:RuntimeError"]
     assert out["source"].tolist() == ["k3"] and out["box"].tolist() == [[2, 2, 20, 12]]
@@ -134,7 +135,7 @@ def test_tiny_sam_extracts_scored_patches_deterministically():
         return x.reshape(len(x), -1).astype(np.float32).std(axis=1)
 
     runs = [
-        extract_and_score(images, mask_generator(build_sam(cfg, torch.device("cpu")), cfg), cfg, 16, score, 4)
+        extract_and_score(images, mask_pass(build_sam(cfg, torch.device("cpu")), cfg), cfg, 16, score, 4)
         for _ in range(2)
     ]
     a, b = runs
@@ -160,7 +161,13 @@ def test_invalid_frames_never_reach_sam_and_are_skipped_with_their_reason():
             return [mask]
 
     out = extract_and_score(
-        images, Recording(), cfg, 8, lambda x: x.reshape(len(x), -1).mean(1), batch_size=2, skip={"k1": "dark"}
+        images,
+        OneImageAtATime(Recording()),
+        cfg,
+        8,
+        lambda x: x.reshape(len(x), -1).mean(1),
+        batch_size=2,
+        skip={"k1": "dark"},
     )
     assert seen == [0, 20]  # k1 was never given to SAM
     assert out["skipped_keys"].tolist() == ["k1"] and out["skipped_reasons"].tolist() == ["dark"]
@@ -178,6 +185,6 @@ def test_vector_scorers_keep_their_embedding_rows():
         m = x.reshape(len(x), -1).mean(1)
         return np.stack([m, -m], axis=1).astype(np.float16)
 
-    out = extract_and_score(images, gen, cfg, 8, embed, batch_size=2)
+    out = extract_and_score(images, OneImageAtATime(gen), cfg, 8, embed, batch_size=2)
     assert out["score"].shape == (2, 2) and out["score"].dtype == np.float16
     assert out["image_scores"].shape == (3, 2)
