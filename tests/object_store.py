@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 
-
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
