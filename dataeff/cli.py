@@ -28,9 +28,15 @@ def _demo_data() -> tuple[Callable[[Any], Any], type]:
 
 
 def _shard() -> tuple[Callable[[Any], Any], type]:
-    from dataeff.data.shard import ShardConfig, main
+    from dataeff.data.remote_shard import ShardConfig, main  # a local out goes straight to shard.main
 
     return main, ShardConfig
+
+
+def _index() -> tuple[Callable[[Any], Any], type]:
+    from dataeff.data.wds_index import IndexConfig, main
+
+    return main, IndexConfig
 
 
 def _embed() -> tuple[Callable[[Any], Any], type]:
@@ -87,6 +93,9 @@ STAGES: dict[str, Stage] = {
         _demo_data, "build the demo downstream split and messy pre-training pool from the vendored Kvasir-SEG"
     ),
     "shard": Stage(_shard, "convert a tree of raw images into WebDataset shards + index.parquet"),
+    "index": Stage(
+        _index, "write index.parquet for WebDataset shards another tool wrote (webdataset, img2dataset)", "shards"
+    ),
     "embed": Stage(_embed, "embed every sample of a shard set with a ViT encoder, on every rank"),
     "select": Stage(_select, "select a subset (full, random, semdedup, meddel, optidel) and write a manifest"),
     "pretrain": Stage(_pretrain, "pre-train a masked autoencoder on a timm ViT over selected shards"),

@@ -64,6 +64,9 @@ EMBEDDING_REASONS = ("outlier", "small_cluster")
 REJECT_REASONS = ("truncated", "not_an_image", "too_small", "decompression_bomb")
 #: Index reason of a byte-identical copy of an earlier file (status ``duplicate``).
 DUPLICATE_PREFIX = "exact_duplicate_of:"
+#: ``dataeff index`` rejections: a WebDataset sample without a jpg/png/webp member, a key seen before.
+NO_IMAGE_MEMBER = "no_image_member"
+DUPLICATE_KEY = "duplicate_key"
 KEPT = "kept"
 #: A pool sample that is a copy or near-copy of a downstream image (removed for every method).
 DOWNSTREAM_OVERLAP = "downstream_overlap"

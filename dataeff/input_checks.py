@@ -15,7 +15,7 @@ from PIL import Image
 
 from dataeff.config import ConfigError, DataConfig, first_line
 from dataeff.constants import SUMMARY_NAME
-from dataeff.data import downstream
+from dataeff.data import downstream, remote
 from dataeff.data.stream import list_shards, shard_keys
 from dataeff.select import manifest
 from dataeff.select.embed import shard_set_hash
@@ -38,7 +38,7 @@ def check_shards(spec: str, key: str, allow_empty: bool = False) -> tuple[list[s
     """
     if not spec:
         raise ConfigError(f"{key} is empty: give a shard directory written by 'dataeff shard'")
-    if "{" not in spec and "," not in spec and not Path(spec).exists():
+    if "{" not in spec and "," not in spec and not remote.is_url(spec) and not Path(spec).exists():
         raise ConfigError(f"{key}={spec}: no such shard directory; run 'dataeff shard src=<images> out={spec}' first")
     try:
         tars = list_shards(spec)
@@ -75,7 +75,7 @@ def check_selection(selection: str, tars: list[str], keys: list[list[str]], shar
             f"{key}={selection}: no complete selection there (selection.parquet + summary.json); "
             "point it at a 'dataeff select' output"
         )
-    summary = json.loads((Path(selection) / SUMMARY_NAME).read_text())
+    summary = json.loads(remote.read_text(remote.join(selection, SUMMARY_NAME)))
     theirs = (summary.get("inputs") or {}).get("shard_set_hash")
     if theirs is None:
         return

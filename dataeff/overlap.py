@@ -41,6 +41,7 @@ from timm.models.vision_transformer import VisionTransformer
 from dataeff import overlap_core as core
 from dataeff.config import ConfigError, EncoderConfig, option
 from dataeff.constants import CONFIG_NAME, OVERLAP_FORMAT, SHARDS_FORMAT, SIGNATURE_KEYS, SUMMARY_NAME
+from dataeff.data import remote
 from dataeff.data import signatures as sig
 from dataeff.data.downstream import LAYOUTS, SUPPORTED_EXTS, detect_layout
 from dataeff.data.stream import eval_transform, list_shards, read_index, shard_keys
@@ -361,7 +362,7 @@ def main(cfg: OverlapConfig) -> dict[str, Any]:
             return old
     save_resolved(cfg, out)
 
-    index = pd.concat([read_index(d).assign(shard_dir=str(d)) for d in sorted({Path(t).parent for t in tars})])
+    index = pd.concat([read_index(d).assign(shard_dir=str(d)) for d in sorted({remote.parent(t) for t in tars})])
     index = index[index["status"] == "ok"]
     pool = pool_signatures(index, np.asarray([k for keys in keys_per_shard for k in keys], dtype=str))
     emb_keys, emb = load_embeddings(cfg.embeddings, dtype=np.float16)

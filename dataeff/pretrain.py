@@ -51,6 +51,7 @@ from dataeff.constants import (
     PRETRAIN_FORMAT,
     SUMMARY_NAME,
 )
+from dataeff.data import remote
 from dataeff.data.datamodules import PretrainDataModule
 from dataeff.encoder_check import check_encoder
 from dataeff.files import save_resolved, write_atomic, write_json_atomic
@@ -157,12 +158,12 @@ def selection_info(selection_dir: str) -> dict[str, Any]:
     """``method``, ``ratio``, ``kept``, ``kept_fraction`` from a selection's summary.json ({} when none)."""
     if not selection_dir:
         return {}
-    path = Path(selection_dir) / SUMMARY_NAME
-    if not path.is_file():
+    path = remote.join(selection_dir, SUMMARY_NAME)
+    if not remote.is_file(path):
         raise ConfigError(
             f"data.selection={selection_dir}: no summary.json there; point it at a 'dataeff select' output"
         )
-    summary = json.loads(path.read_text())
+    summary = json.loads(remote.read_text(path))
     return {k: summary.get(k) for k in ("method", "ratio", "kept", "kept_fraction", "pool_size")}
 
 

@@ -30,7 +30,7 @@ import shutil
 import signal
 import tarfile
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ class ShardConfig:
     """Convert a raw image tree into WebDataset shards (``dataeff shard``)."""
 
     src: str = option("", help="root of the raw image tree (required)")
-    out: str = option("", help="output shard directory, e.g. shards/<name> (required)")
+    out: str = option("", help="output shard directory, e.g. shards/<name>, or an s3:// / gs:// URL (required)")
     name: str = option("", help="shard file prefix: <name>-000000.tar; empty = the name of `out`")
     workers: int = option(2, help="worker processes decoding images (1 = in the main process)")
     chunksize: int = option(16, help="files handed to a worker at a time")
@@ -374,6 +374,7 @@ class _Packer:
         self, out: Path, name: str, cfg: ShardConfig, done_rows: list[dict], done_shards: list[dict], start: int
     ):
         self.out, self.name, self.cfg = out, name, cfg
+        self.on_shard: Callable[[Path], None] | None = None
         self.max_bytes = int(cfg.max_shard_mb * 2**20)
         self.shards = list(done_shards)
         self.rows = list(done_rows)
@@ -416,6 +417,8 @@ class _Packer:
         info: dict[str, Any] = {"file": self.sink.path.name, "samples": self.count, "bytes": self.sink.commit()}
         journal = {"shard": info, "rows": journal_rows(self.pending), "next": self.pos}
         _write_json(self.out / _PARTS / (info["file"] + ".json"), journal, indent=None)
+        if self.on_shard is not None:  # e.g. upload it (dataeff.data.remote_shard)
+            self.on_shard(self.out / info["file"])
         self.shards.append(info)
         self.rows += self.pending
         self.pending, self.sink, self.count, self.nbytes = [], None, 0, 0
@@ -507,7 +510,7 @@ def _summary(rows: list[dict], shards: list[dict], cfg: ShardConfig, name: str, 
     }
 
 
-def main(cfg: ShardConfig) -> dict:
+def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> dict:
     """Shard ``cfg.src`` into ``cfg.out``; resume a killed run; skip a finished one.
 
     Returns:
@@ -568,6 +571,7 @@ def main(cfg: ShardConfig) -> dict:
 
     t0 = time.perf_counter()
     packer = _Packer(out, name, cfg, done_rows, done_shards, start)
+    packer.on_shard = on_shard  # called with each finished, journalled tar
     bar = tqdm(total=len(files), initial=start, unit="img", desc="shard", disable=not cfg.progress, smoothing=0.1)
     try:
         with contextlib.closing(_inspected(src, files[start:], cfg)) as items:  # closing ends the pool

@@ -1,10 +1,17 @@
 """Reading shard sets: shard lists, the index, safe sample decoding, transforms, selections.
 
-A shard set is a directory written by ``dataeff shard`` (``<name>-%06d.tar`` plus
-``index.parquet``), several such directories joined by ``,``, or a brace pattern
-``dir/name-{000000..000009}.tar``. Samples are decoded from their image (jpg/png)
-and JSON members only: any other member (``.pyd``, ``.pickle``, ``.pth`` ...) is
-never even read, so an untrusted shard cannot trigger pickle.
+A shard set is a directory written by ``dataeff shard`` or indexed by ``dataeff index``
+(``<name>-%06d.tar`` plus ``index.parquet``), several such directories joined by ``,``,
+or a brace pattern ``dir/name-{000000..000009}.tar``; each may be a local path or an
+``s3://``, ``gs://`` or ``http(s)://`` URL (:mod:`dataeff.data.remote`). Samples are
+decoded from their image (jpg/png/webp) and JSON members only: any other member
+(``.pyd``, ``.pickle``, ``.pth`` ...) is never even read, so an untrusted shard cannot
+trigger pickle.
+
+Samples are read at the offsets of the index. From a URL, the samples one reader needs
+from one tar are fetched with one ranged request per run of nearby samples
+(:func:`coalesce`: gaps up to :data:`MAX_GAP` bytes are read through, a request holds at
+most :data:`MAX_REQUEST` bytes), never one request per sample.
 
 Epoch planning is pure (``plan_epoch``, ``full_batches``, ``shuffle_order``, ``worker_batches``:
 integers in, index arrays out) and ``StreamDataset`` is the
@@ -28,34 +35,66 @@ import pandas as pd
 import torch
 from braceexpand import braceexpand
 from PIL import Image
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 from torchvision import transforms as T
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from dataeff.config import DataConfig
 from dataeff.constants import GENERATED_DIR, IMAGENET_MEAN, IMAGENET_STD, INDEX_NAME
+from dataeff.data import remote
 from dataeff.select.manifest import read_selection
 
 log = logging.getLogger("dataeff")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # The only members ever read from a tar; everything else is skipped unread.
 DECODED_EXTS = frozenset(IMAGE_EXTS + ("json",))
+#: Remote reads: a gap of at most this many bytes between two needed samples is read
+#: through (one request is worth megabytes of transfer); one request reads at most MAX_REQUEST.
+MAX_GAP = 2 * 2**20
+MAX_REQUEST = 64 * 2**20
 
 
 # --------------------------------------------------------------------------- shard sets
 
 
-def _tars_of_dir(directory: Path) -> list[str]:
-    if not (directory / INDEX_NAME).is_file():
+def _tars_of_dir(directory: str) -> list[str]:
+    index = remote.join(directory, INDEX_NAME)
+    if not remote.is_file(index):
         raise ValueError(
             f"shard directory {directory} has no {INDEX_NAME}: point data.shards at a directory "
-            "written by 'dataeff shard'"
+            "written by 'dataeff shard' or indexed by 'dataeff index'"
         )
-    tars = sorted(str(p) for p in directory.glob("*.tar"))
+    if remote.is_url(directory):
+        # Object stores and HTTP servers need not list folders: the index names the tars.
+        names = sorted(set(read_index(directory)["shard"].dropna()) - {""})
+        tars = [remote.join(directory, n) for n in names]
+        _check_present(tars)
+    else:
+        tars = sorted(str(p) for p in Path(directory).glob("*.tar"))
     if not tars:
         raise ValueError(f"empty shard set: no .tar files in {directory}")
     return tars
+
+
+def _check_present(tars: list[str]) -> None:
+    """Refuse tars missing from their folder (one listing per folder; plain HTTP cannot list, so it is skipped)."""
+    by_dir: dict[str, list[str]] = {}
+    for t in tars:
+        by_dir.setdefault(remote.parent(t), []).append(t)
+    for folder, members in by_dir.items():
+        names = remote.list_names(folder)
+        if names is None:
+            continue
+        missing = [t for t in members if remote.basename(t) not in set(names)]
+        if missing:
+            raise ValueError(f"shard set {folder}: {len(missing)} tar(s) missing, first {missing[0]}")
+
+
+def _is_dir_spec(item: str) -> bool:
+    if remote.is_url(item):
+        return "{" not in item and not item.endswith(".tar")
+    return Path(item).is_dir()
 
 
 def list_shards(spec: str) -> list[str]:
@@ -63,39 +102,52 @@ def list_shards(spec: str) -> list[str]:
 
     Args:
         spec: a shard directory, several joined by ``,``, or a brace pattern
-            such as ``shards/pool/pool-{000000..000009}.tar`` (items may mix).
+            such as ``shards/pool/pool-{000000..000009}.tar`` (items may mix); each a
+            local path or a URL (``s3://``, ``gs://``, ``http(s)://``).
 
     Raises:
         ValueError: naming the path, for an empty spec, a missing directory or tar,
             a directory without ``index.parquet`` or with no tars ("empty shard set").
+        RemoteInputError: a URL that cannot be read (access denied, ...).
     """
     items = [s.strip() for s in str(spec).split(",") if s.strip()] if "{" not in spec else [spec.strip()]
     if not items:
         raise ValueError("empty shard set: data.shards is empty; give a shard directory or a brace pattern")
     out: list[str] = []
     for item in items:
-        path = Path(item)
-        if path.is_dir():
-            out += _tars_of_dir(path)
+        if _is_dir_spec(item):
+            out += _tars_of_dir(item)
             continue
         expanded = list(braceexpand(item))
         if len(expanded) == 1 and not item.endswith(".tar"):
             raise ValueError(f"empty shard set: {item} is neither a shard directory nor a .tar pattern")
-        missing = [p for p in expanded if not Path(p).is_file()]
-        if missing:
-            raise ValueError(f"shard set {item}: {len(missing)} tar(s) missing, first {missing[0]}")
+        if remote.is_url(item):
+            _check_present(expanded)
+        else:
+            missing = [p for p in expanded if not Path(p).is_file()]
+            if missing:
+                raise ValueError(f"shard set {item}: {len(missing)} tar(s) missing, first {missing[0]}")
+        indexed: dict[str, bool] = {}
         for p in expanded:
-            if not (Path(p).parent / INDEX_NAME).is_file():
-                raise ValueError(f"shard {p}: no {INDEX_NAME} beside it; re-run 'dataeff shard'")
+            folder = remote.parent(p)
+            if folder not in indexed:
+                indexed[folder] = remote.is_file(remote.join(folder, INDEX_NAME))
+            if not indexed[folder]:
+                raise ValueError(f"shard {p}: no {INDEX_NAME} beside it; run 'dataeff shard' or 'dataeff index'")
         out += expanded
     return list(dict.fromkeys(out))  # first occurrence of each path, in order
 
 
 def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
     """The ``index.parquet`` of a shard directory (one row per input file, in tar order)."""
-    path = Path(shard_dir) / INDEX_NAME
-    if not path.is_file():
-        raise ValueError(f"no {INDEX_NAME} in {shard_dir}: run 'dataeff shard' on the raw images first")
+    path = remote.join(shard_dir, INDEX_NAME)
+    if not remote.is_file(path):
+        raise ValueError(
+            f"no {INDEX_NAME} in {shard_dir}: run 'dataeff shard' on the raw images, or 'dataeff index' on "
+            "WebDataset shards, first"
+        )
+    if remote.is_url(path):
+        return pd.read_parquet(io.BytesIO(remote.read_bytes(path)))
     return pd.read_parquet(path)
 
 
@@ -109,22 +161,22 @@ def shard_samples(tars: list[str]) -> list[pd.DataFrame]:
         one frame per tar with columns ``key``, ``offset``, ``length`` (the image bytes
         in the tar).
     """
-    by_dir: dict[Path, dict[str, pd.DataFrame]] = {}
+    by_dir: dict[str, dict[str, pd.DataFrame]] = {}
     empty = pd.DataFrame({"key": [], "offset": [], "length": []})
     out = []
     for tar in tars:
-        directory = Path(tar).parent
+        directory = remote.parent(tar)
         if directory not in by_dir:
             index = read_index(directory)
             missing = sorted({"offset", "length"} - set(index.columns))
             if missing:
                 raise ValueError(
-                    f"{directory / INDEX_NAME} has no {' or '.join(missing)} column (written by an older "
-                    "dataeff): re-run 'dataeff shard' on the raw images with overwrite=true"
+                    f"{remote.join(directory, INDEX_NAME)} has no {' or '.join(missing)} column (written by an "
+                    "older dataeff): re-run 'dataeff shard' on the raw images with overwrite=true"
                 )
             ok = index.loc[index["status"] == "ok", ["key", "shard", "offset", "length"]]
             by_dir[directory] = {name: g.drop(columns="shard") for name, g in ok.groupby("shard", sort=False)}
-        out.append(by_dir[directory].get(Path(tar).name, empty).reset_index(drop=True))
+        out.append(by_dir[directory].get(remote.basename(tar), empty).reset_index(drop=True))
     return out
 
 
@@ -140,7 +192,15 @@ def read_member(fh: BinaryIO, path: str, key: str, offset: int, length: int) -> 
         ValueError: the tar holds something else there (the shard and its index disagree).
     """
     fh.seek(offset - tarfile.BLOCKSIZE)
-    block = fh.read(tarfile.BLOCKSIZE + length)
+    return checked_member(fh.read(tarfile.BLOCKSIZE + length), path, key, offset, length)
+
+
+def checked_member(block: bytes, path: str, key: str, offset: int, length: int) -> bytes:
+    """The data of a member read with its header (``block`` starts 512 bytes before ``offset``), checked.
+
+    Raises:
+        ValueError: the header is not that of ``key``'s member of ``length`` bytes.
+    """
     name = f"{key}.".encode()[: tarfile.LENGTH_NAME]  # a long name's header keeps its first 100 bytes
     try:
         size = int(block[124:136].strip(b"\0 ") or b"-1", 8)
@@ -149,9 +209,53 @@ def read_member(fh: BinaryIO, path: str, key: str, offset: int, length: int) -> 
     if len(block) != tarfile.BLOCKSIZE + length or not block.startswith(name) or size != length:
         raise ValueError(
             f"{path}: no image of sample {key} at byte {offset}; the shard and its index disagree, "
-            "re-run 'dataeff shard'"
+            "re-run 'dataeff shard' or 'dataeff index'"
         )
     return block[tarfile.BLOCKSIZE :]
+
+
+def coalesce(starts: np.ndarray, ends: np.ndarray, max_gap: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Group byte spans (sorted by start) into requests: ``[i, j)`` index ranges, one request each.
+
+    A span joins the current request when the gap before it is at most ``max_gap`` bytes
+    and the request stays within ``max_bytes`` (a single larger span gets its own).
+    """
+    groups: list[tuple[int, int]] = []
+    first = 0
+    for i in range(1, len(starts)):
+        if starts[i] - ends[i - 1] > max_gap or ends[i] - starts[first] > max_bytes:
+            groups.append((first, i))
+            first = i
+    if len(starts):
+        groups.append((first, len(starts)))
+    return groups
+
+
+def read_samples(tar: str, keys: Sequence[str], spans: np.ndarray, picks: Sequence[int]) -> Iterator[bytes]:
+    """Image bytes of samples ``picks`` (increasing positions in the tar) of ``tar``, in order.
+
+    A local tar is read with one seek per sample; a URL with one ranged request per
+    group of :func:`coalesce` (``MAX_GAP``, ``MAX_REQUEST``), each checked against its header.
+
+    Args:
+        keys: the keys of the tar's samples; ``spans[j]`` = (offset, length) of ``keys[j]``'s image.
+        picks: indices into ``keys``, increasing.
+    """
+    if not remote.is_url(tar):
+        with open(tar, "rb") as fh:
+            for j in picks:
+                yield read_member(fh, tar, keys[j], int(spans[j, 0]), int(spans[j, 1]))
+        return
+    idx = np.asarray(picks, dtype=np.int64)
+    starts = spans[idx, 0] - tarfile.BLOCKSIZE
+    ends = spans[idx, 0] + spans[idx, 1]
+    for a, b in coalesce(starts, ends, MAX_GAP, MAX_REQUEST):
+        lo = int(starts[a])
+        data = remote.read_range(tar, lo, int(ends[b - 1]))
+        for i in range(a, b):
+            j = int(idx[i])
+            block = data[int(starts[i]) - lo : int(ends[i]) - lo]
+            yield checked_member(block, tar, keys[j], int(spans[j, 0]), int(spans[j, 1]))
 
 
 # --------------------------------------------------------------------------- samples
@@ -177,7 +281,7 @@ def _iter_members(path: str, keys: set[str] | None = None) -> Iterator[tuple[str
 
     current: str | None = None
     fields: dict[str, bytes] = {}
-    with open(path, "rb") as stream:
+    with remote.open_stream(path) as stream:
         for member in tar_file_iterator(stream, select_files=wanted):
             key, ext = base_plus_ext(member["fname"])
             if key != current:
@@ -212,6 +316,42 @@ def iter_shard(path: str, keys: set[str] | None = None) -> Iterator[dict[str, An
             continue
         meta = json.loads(fields["json"]) if "json" in fields else {}
         yield {"key": key, "image": decode_image(data, f"{path}:{key}"), "meta": meta}
+
+
+class ShardBatches(Dataset):
+    """Batches of consecutive samples of one tar each, decoded and transformed: what ``embed`` reads.
+
+    Item ``b`` is ``{"key": list[str], "image": (B, 3, S, S)}`` for ``batches[b] = (shard,
+    start, stop)``: samples ``start..stop-1`` of ``tars[shard]``, read at the offsets of the
+    index (:func:`read_samples`: one ranged request from a URL). Deterministic, so a
+    DataLoader over it gives the same tensors with any number of workers.
+
+    Args:
+        keys: ``keys[i]`` the ok keys of ``tars[i]`` in tar order; ``spans[i][j]`` = (offset, length).
+    """
+
+    def __init__(
+        self,
+        tars: list[str],
+        keys: list[list[str]],
+        spans: list[np.ndarray],
+        batches: list[tuple[int, int, int]],
+        transform: Callable[[Image.Image], torch.Tensor],
+    ) -> None:
+        self.tars, self.keys, self.spans, self.batches, self.transform = tars, keys, spans, batches, transform
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        shard, start, stop = self.batches[b]
+        tar, names = self.tars[shard], self.keys[shard]
+        picks = range(start, stop)
+        images = [
+            self.transform(decode_image(data, f"{tar}:{names[j]}"))
+            for j, data in zip(picks, read_samples(tar, names, self.spans[shard], picks), strict=True)
+        ]
+        return {"key": names[start:stop], "image": torch.stack(images)}
 
 
 # --------------------------------------------------------------------------- transforms
@@ -267,8 +407,9 @@ def selection_keys(selection_dir: str | os.PathLike) -> tuple[set[str], list[str
     """
     table, _ = read_selection(selection_dir)
     kept = set(table.loc[table["kept"].astype(bool), "key"].astype(str))
-    generated = Path(selection_dir) / GENERATED_DIR
-    return kept, ([str(generated)] if generated.is_dir() else [])
+    generated = remote.join(selection_dir, GENERATED_DIR)
+    present = remote.is_file(remote.join(generated, INDEX_NAME)) if remote.is_url(generated) else Path(generated).is_dir()
+    return kept, ([generated] if present else [])
 
 
 # --------------------------------------------------------------------------- epoch planning (pure)
@@ -386,8 +527,8 @@ class StreamDataset(IterableDataset):
     (``shuffle_order``) and cut into full batches (the plan holds a whole number of them, a
     multiple of ``accumulate``, on every rank); batch ``i`` is then a fixed list of stream
     positions, dealt to dataloader workers round-robin (``worker_batches``). A worker
-    reads the images its batches need in stream order (one seek each, at the offsets of
-    the index), keeps them undecoded and decodes + transforms a batch once it is complete. The augmentation
+    reads the images its batches need in stream order (at the offsets of the index: one
+    seek each from a local tar, one ranged request per run of nearby samples from a URL), keeps them undecoded and decodes + transforms a batch once it is complete. The augmentation
     of a sample is seeded by (seed, epoch, rank, position), so an epoch's batches are the
     same on every run, for any worker count, and after a mid-epoch resume.
 
@@ -490,15 +631,14 @@ class StreamDataset(IterableDataset):
             generator.set_state(saved)
 
     def _read(self, shard: np.ndarray, local: np.ndarray, needed: np.ndarray) -> Iterator[tuple[int, str, bytes]]:
-        """``(position, key, image bytes)`` of the needed positions: a seek and a read each, in tar order."""
+        """``(position, key, image bytes)`` of the needed positions, in tar order (:func:`read_samples`)."""
         breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(local) <= 0)) + 1
         for run in np.split(np.arange(len(shard)), breaks):
             run = run[needed[run]]
             if len(run) == 0:
                 continue
             t = int(shard[run[0]])
-            tar, names, spans = self.tars[t], self.keys[t], self.spans[t]
-            with open(tar, "rb") as fh:
-                for p in run:
-                    j = int(local[p])
-                    yield int(p), names[j], read_member(fh, tar, names[j], int(spans[j, 0]), int(spans[j, 1]))
+            names = self.keys[t]
+            picks = [int(local[p]) for p in run]
+            for p, j, data in zip(run, picks, read_samples(self.tars[t], names, self.spans[t], picks), strict=True):
+                yield int(p), names[j], data

@@ -1,6 +1,9 @@
 """``dataeff embed``: every rank embeds its own shards with a ViT; float16 unit vectors out.
 
-Shard i goes to rank i % world_size. Each finished shard is written to
+Shard i goes to rank i % world_size. Its samples are read in batches of
+``data.batch_size`` consecutive samples (one ranged request each from a URL), decoded
+and transformed by ``data.num_workers`` DataLoader workers and embedded in order in the
+main process, so the output is byte-identical for any worker count. Each finished shard is written to
 ``parts/<i>_<name>.npz`` (resume skips it), then each rank merges its parts into
 ``rank-%05d.npz`` and rank 0 writes ``header.json`` last: its presence means the
 directory is complete (format ``dataeff-embeddings/1``, docs/architecture.md).
@@ -11,13 +14,14 @@ sorted by key, whatever the number of ranks that wrote it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 import zipfile
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataeff import dist
 from dataeff.config import ConfigError, EncoderConfig, option, section, to_dict
 from dataeff.constants import EMBEDDINGS_FORMAT, EMBEDDINGS_HEADER
-from dataeff.data.stream import eval_transform, iter_shard, list_shards, shard_keys
+from dataeff.data import remote
+from dataeff.data.stream import ShardBatches, eval_transform, list_shards, shard_samples
 from dataeff.encoder_check import check_encoder
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.models.encoder import build_encoder, pooled_features
@@ -48,12 +54,17 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class EmbedDataConfig:
     """The shard set to embed (embedding reads every ok sample in order: no crops, no shuffling)."""
 
-    shards: str = option("", help="shard directory (with index.parquet), or several joined by ','")
+    shards: str = option(
+        "", help="shard directory (with index.parquet), several joined by ',', or a brace pattern; local or a URL"
+    )
     batch_size: int = option(64, help="images per forward pass per rank")
+    num_workers: int = option(2, help="DataLoader worker processes per rank reading and decoding images (0 = main)")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={self.batch_size}: must be at least 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0")
 
 
 @dataclass
@@ -84,6 +95,8 @@ class EmbedConfig:
             raise ConfigError("out is empty: set out=<embeddings dir>")
         if not self.data.shards:
             raise ConfigError("data.shards is empty: set data.shards=<shard dir written by 'dataeff shard'>")
+        if remote.is_url(self.out):
+            raise ConfigError(f"out={self.out}: embed writes to a local (or shared) directory, not a URL")
 
 
 # --------------------------------------------------------------------------- pure core
@@ -111,20 +124,17 @@ def owned_shards(n_shards: int, rank: int, world_size: int) -> list[int]:
 
 def shard_set_hash(tars: list[str], keys: list[list[str]]) -> str:
     """sha256 over (tar name, ok keys) of every shard, in order: same shards -> same hash."""
-    payload = json.dumps([[Path(t).name, k] for t, k in zip(tars, keys, strict=False)])
+    payload = json.dumps([[remote.basename(t), k] for t, k in zip(tars, keys, strict=False)])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _batches(samples: Iterator[dict], transform, size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    keys, images = [], []
-    for s in samples:
-        keys.append(s["key"])
-        images.append(transform(s["image"]))
-        if len(keys) == size:
-            yield keys, torch.stack(images)
-            keys, images = [], []
-    if keys:
-        yield keys, torch.stack(images)
+def shard_batches(counts: list[int], shards: list[int], size: int) -> list[tuple[int, int, int]]:
+    """``(shard, start, stop)`` of every batch: each shard's samples cut into ``size`` consecutive ones.
+
+    A shard's last batch may be smaller; batches never span two shards, so a shard's part
+    file is complete after its last batch, and the batches are the same for any worker count.
+    """
+    return [(i, a, min(a + size, counts[i])) for i in shards for a in range(0, counts[i], size)]
 
 
 # --------------------------------------------------------------------------- files
@@ -139,8 +149,12 @@ def _save_npz(path: Path, keys: np.ndarray, emb: np.ndarray, **extra: np.ndarray
 
 
 def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, ...]:
-    """Shape of one array in an ``.npz`` without loading it."""
-    with zipfile.ZipFile(path) as zf, zf.open(name + ".npy") as fh:
+    """Shape of one array in an ``.npz`` (a path or URL) without loading it."""
+    with (
+        remote.open_stream(str(path), block_size=2**16) as raw,
+        zipfile.ZipFile(raw) as zf,
+        zf.open(name + ".npy") as fh,
+    ):
         version = np.lib.format.read_magic(fh)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, _ = read(fh)
@@ -154,13 +168,13 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
         ConfigError: no header (not embedded or not finished), a missing rank file, or
             rank files whose embedding dimensions differ from each other or the header.
     """
-    path = Path(emb_dir) / EMBEDDINGS_HEADER
-    if not path.is_file():
+    path = remote.join(emb_dir, EMBEDDINGS_HEADER)
+    if not remote.is_file(path):
         raise ConfigError(f"embeddings={emb_dir}: no {EMBEDDINGS_HEADER}; run 'dataeff embed' (to completion) first")
-    header = json.loads(path.read_text())
+    header = json.loads(remote.read_text(path))
     for name in header["files"]:
-        f = Path(emb_dir) / name
-        if not f.is_file():
+        f = remote.join(emb_dir, name)
+        if not remote.is_file(f):
             raise ConfigError(f"embeddings={emb_dir}: {name} is missing; re-run 'dataeff embed'")
         shape = npz_shape(f)
         if len(shape) != 2 or shape[1] != header["dim"]:
@@ -174,7 +188,7 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
 def load_embeddings(
     emb_dir: str | os.PathLike, files: list[str] | None = None, dtype: type = np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and embeddings of (some of) the rank files, sorted by key.
+    """Keys and embeddings of (some of) the rank files of a directory or URL, sorted by key.
 
     Shape:
         -> keys (N,) str, embeddings (N, D) ``dtype``.
@@ -183,7 +197,9 @@ def load_embeddings(
     files = header["files"] if files is None else files
     keys, embs = [np.zeros(0, dtype=str)], [np.zeros((0, header["dim"]), dtype=np.float16)]
     for name in files:
-        with np.load(Path(emb_dir) / name, allow_pickle=False) as z:
+        path = remote.join(emb_dir, name)
+        source = io.BytesIO(remote.read_bytes(path)) if remote.is_url(path) else path
+        with np.load(source, allow_pickle=False) as z:
             keys.append(z["keys"])
             embs.append(z["embeddings"])
     k, e = np.concatenate(keys), np.concatenate(embs)
@@ -192,6 +208,16 @@ def load_embeddings(
 
 
 # --------------------------------------------------------------------------- stage
+
+
+def _part_path(out: Path, tars: list[str], i: int) -> Path:
+    return out / "parts" / f"{i:06d}_{remote.basename(tars[i]).removesuffix('.tar')}.npz"
+
+
+def _loader(batches: ShardBatches, num_workers: int) -> DataLoader:
+    """Batches in order; ``num_workers`` forked processes read and decode ahead of the forward passes."""
+    fork = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+    return DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers, multiprocessing_context=fork)
 
 
 def _device_and_amp(cfg: EmbedConfig, local_rank: int) -> tuple[torch.device, torch.dtype | None]:
@@ -224,7 +250,8 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
         raise ConfigError(
             f"data.shards={cfg.data.shards}: {exc}; set data.shards to a directory written by 'dataeff shard'"
         ) from None
-    keys_per_shard = shard_keys(tars)
+    samples = shard_samples(tars)
+    keys_per_shard = [list(frame["key"]) for frame in samples]
     total = sum(len(k) for k in keys_per_shard)
     if total == 0:
         raise ConfigError(f"data.shards={cfg.data.shards}: empty shard set (no ok samples in the index)")
@@ -253,27 +280,39 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
     model = build_encoder(cfg.encoder).eval().to(device)
     transform = eval_transform(enc.img_size)
     mine = owned_shards(len(tars), rank, world)
-    todo = sum(len(keys_per_shard[i]) for i in mine)
-    bar = tqdm(total=todo, unit="img", desc=f"embed rank {rank}", disable=rank != 0 or not cfg.progress_bar)
+    bar = tqdm(
+        total=sum(len(keys_per_shard[i]) for i in mine),
+        unit="img",
+        desc=f"embed rank {rank}",
+        disable=rank != 0 or not cfg.progress_bar,
+    )
     start, done = time.time(), 0
+    todo = []
     for i in mine:
-        part = out / "parts" / f"{i:06d}_{Path(tars[i]).stem}.npz"
-        expected = keys_per_shard[i]
+        part = _part_path(out, tars, i)
         if part.is_file():
             with np.load(part, allow_pickle=False) as z:
-                if str(z["tar"]) == tars[i] and list(z["keys"]) == expected:
-                    bar.update(len(expected))
+                if str(z["tar"]) == tars[i] and list(z["keys"]) == keys_per_shard[i]:
+                    bar.update(len(keys_per_shard[i]))
                     continue
-        keys, embs = [], []
-        for batch_keys, images in _batches(iter_shard(tars[i], set(expected)), transform, cfg.data.batch_size):
-            keys += batch_keys
-            embs.append(embed_batch(model, images.to(device, non_blocking=True), cfg.encoder.pool, amp))
-            bar.update(len(batch_keys))
-            done += len(batch_keys)
-        if keys != expected:
-            raise RuntimeError(f"{tars[i]}: read {len(keys)} samples, the index lists {len(expected)} ok samples")
-        emb = np.concatenate(embs) if embs else np.zeros((0, 0), dtype=np.float16)
-        _save_npz(part, np.array(keys, dtype=str), emb, tar=np.array(tars[i]))
+        todo.append(i)
+    batches = shard_batches([len(k) for k in keys_per_shard], todo, cfg.data.batch_size)
+    spans = [frame[["offset", "length"]].to_numpy(np.int64) for frame in samples]
+    loader = _loader(ShardBatches(tars, keys_per_shard, spans, batches, transform), cfg.data.num_workers)
+    parts: dict[int, list[np.ndarray]] = {i: [] for i in todo}
+    for i in todo:
+        if not keys_per_shard[i]:  # a shard without ok samples: its part is empty
+            _save_npz(
+                _part_path(out, tars, i), np.zeros(0, dtype=str), np.zeros((0, 0), np.float16), tar=np.array(tars[i])
+            )
+    for (i, first, stop), batch in zip(batches, loader, strict=True):
+        assert batch["key"] == keys_per_shard[i][first:stop], "batches arrive in order"
+        parts[i].append(embed_batch(model, batch["image"].to(device, non_blocking=True), cfg.encoder.pool, amp))
+        bar.update(stop - first)
+        done += stop - first
+        if stop == len(keys_per_shard[i]):
+            emb = np.concatenate(parts.pop(i))
+            _save_npz(_part_path(out, tars, i), np.array(keys_per_shard[i], dtype=str), emb, tar=np.array(tars[i]))
     bar.close()
     if done:
         log.info(
@@ -307,7 +346,7 @@ def _finish(
 ) -> None:
     keys, embs = [np.zeros(0, dtype=str)], []
     for i in mine:
-        with np.load(out / "parts" / f"{i:06d}_{Path(tars[i]).stem}.npz", allow_pickle=False) as z:
+        with np.load(_part_path(out, tars, i), allow_pickle=False) as z:
             if len(z["keys"]):
                 keys.append(z["keys"])
                 embs.append(z["embeddings"])

@@ -27,6 +27,7 @@ from dataeff.constants import (
     QUALITY_REASONS,
     REDUNDANT_PREFIX,
 )
+from dataeff.data import remote
 from dataeff.data.stream import iter_shard
 from dataeff.files import write_atomic
 from dataeff.select.compose import crop_patch
@@ -173,7 +174,7 @@ def load_images(keys: set[str], index: pd.DataFrame) -> dict[str, Image.Image]:
     rows = index[index["key"].isin(keys) & (index["status"] == "ok")]
     out = {}
     for (d, shard), sub in rows.groupby(["shard_dir", "shard"]):
-        for s in iter_shard(str(Path(d) / shard), set(sub["key"])):
+        for s in iter_shard(remote.join(d, shard), set(sub["key"])):
             out[s["key"]] = s["image"]
     return out
 

@@ -9,6 +9,7 @@ its presence means the selection is complete). Every method keeps exactly
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from dataeff.constants import (
     SELECTION_NAME,
     SUMMARY_NAME,
 )
+from dataeff.data import remote
 from dataeff.files import write_atomic, write_json_atomic
 
 COLUMNS = ("key", "kept", "reason", "cluster", "score", "generated")
@@ -163,21 +165,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:
-    """True when ``out_dir`` holds both manifest files (the summary is written last)."""
-    out = Path(out_dir)
-    return (out / SELECTION_NAME).is_file() and (out / SUMMARY_NAME).is_file()
+    """True when ``out_dir`` (a local path or a URL) holds both manifest files (the summary is written last)."""
+    return remote.is_file(remote.join(out_dir, SELECTION_NAME)) and remote.is_file(remote.join(out_dir, SUMMARY_NAME))
 
 
 def read_selection(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The manifest table (columns :data:`COLUMNS`) and summary of a selection directory.
+    """The manifest table (columns :data:`COLUMNS`) and summary of a selection directory (or URL).
 
     Raises:
         ValueError: ``out_dir`` is not a complete ``dataeff select`` output.
     """
-    out = Path(out_dir)
-    if not is_complete(out):
+    if not is_complete(out_dir):
         raise ValueError(
             f"{out_dir} holds no complete selection ({SELECTION_NAME} + {SUMMARY_NAME}): "
             "point data.selection at a 'dataeff select' output"
         )
-    return pd.read_parquet(out / SELECTION_NAME), json.loads((out / SUMMARY_NAME).read_text())
+    table = pd.read_parquet(io.BytesIO(remote.read_bytes(remote.join(out_dir, SELECTION_NAME))))
+    return table, json.loads(remote.read_text(remote.join(out_dir, SUMMARY_NAME)))

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from dataeff import dist
 from dataeff.constants import GENERATED_DIR, IMAGENET_MEAN, IMAGENET_STD, MAE_CKPT, QUALITY_KEYS, QUALITY_REASONS
+from dataeff.data import remote
 from dataeff.data.stream import iter_shard
 from dataeff.files import write_atomic
 from dataeff.select import manifest
@@ -172,7 +173,7 @@ def shard_plan(quality: pd.DataFrame, reasons: np.ndarray) -> tuple[dict[str, li
         quality: N eligible index rows (key, shard, shard_dir), reasons: (N,) object ('' = valid)
         -> ({tar path: [keys]}, {key: reason}).
     """
-    tars = [str(Path(d) / s) for d, s in zip(quality["shard_dir"], quality["shard"], strict=True)]
+    tars = [remote.join(d, s) for d, s in zip(quality["shard_dir"], quality["shard"], strict=True)]
     wanted: dict[str, list[str]] = {}
     for tar, key in zip(tars, quality["key"], strict=True):
         wanted.setdefault(tar, []).append(str(key))
@@ -352,7 +353,7 @@ def run_optidel(
     tar_of = dict(
         zip(
             quality["key"],
-            (str(Path(d) / s) for d, s in zip(quality["shard_dir"], quality["shard"], strict=False)),
+            (remote.join(d, s) for d, s in zip(quality["shard_dir"], quality["shard"], strict=False)),
             strict=False,
         )
     )

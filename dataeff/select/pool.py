@@ -16,16 +16,26 @@ import pandas as pd
 from dataeff import dist
 from dataeff.config import ConfigError
 from dataeff.constants import QUALITY_KEYS
+from dataeff.data import remote
 from dataeff.data.stream import read_index
 from dataeff.select.embed import load_embeddings, read_header
 
 log = logging.getLogger("dataeff")
 
 
-def shard_dirs(spec: str) -> list[Path]:
-    """Shard directories of a shard spec (a directory, several joined by ',', or a brace pattern)."""
+def shard_dirs(spec: str) -> list[Path | str]:
+    """Shard directories of a shard spec (a directory, several joined by ',', or a brace pattern).
+
+    Local directories come as paths, URLs (``s3://``, ``gs://``, ``http(s)://``) as strings.
+    """
     items = [spec] if "{" in spec else [s.strip() for s in spec.split(",") if s.strip()]
-    return [Path(i) if Path(i).is_dir() else Path(i).parent for i in items]
+    out: list[Path | str] = []
+    for i in items:
+        if remote.is_url(i):
+            out.append(remote.parent(i) if "{" in i or i.endswith(".tar") else i.rstrip("/"))
+        else:
+            out.append(Path(i) if Path(i).is_dir() else Path(i).parent)
+    return out
 
 
 def read_pool_index(spec: str) -> pd.DataFrame:

@@ -186,6 +186,15 @@ def run_embed(log: ReadLog, tmp: Path, shards: Path) -> Path:
     return out
 
 
+def run_index(log: ReadLog, tmp: Path, shards: Path) -> None:
+    from dataeff.data.wds_index import IndexConfig, main
+
+    tmp.mkdir(parents=True)
+    for tar in shards.glob("*.tar"):  # dataeff's tars are WebDataset tars like any other
+        shutil.copy(tar, tmp / tar.name)
+    main(_load(log, IndexConfig, None, [f"shards={tmp}", "progress=false"]))
+
+
 def run_pretrain(log: ReadLog, tmp: Path, shards: Path) -> Path:
     from dataeff.pretrain import PretrainConfig, main
 
@@ -321,6 +330,7 @@ def read_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str] | 
     with logging_reads(classes, log):
         stage("shard", lambda: run_shard(log, tmp / "shard"))
         stage("demo-data", lambda: run_demo_data(log, tmp / "demo-data"))
+        stage("index", lambda: run_index(log, tmp / "index", shards))
         emb = stage("embed", lambda: run_embed(log, tmp / "embed", shards))
         pre = stage("pretrain", lambda: run_pretrain(log, tmp / "pretrain", shards))
         over = stage("overlap", lambda: run_overlap(log, tmp / "overlap", emb, down))
@@ -345,7 +355,7 @@ def _origin(owner: tuple[type, str]) -> tuple[type, str]:
 
 
 @pytest.mark.parametrize(
-    "stage", ["shard", "demo-data", "embed", "select", "pretrain", "finetune", "overlap", "sweep", "report"]
+    "stage", ["shard", "demo-data", "index", "embed", "select", "pretrain", "finetune", "overlap", "sweep", "report"]
 )
 def test_every_help_key_is_read(stage: str, read_keys: dict[str, set[str] | BaseException]) -> None:
     from dataeff.sweep import FILLED
