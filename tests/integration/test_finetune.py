@@ -17,13 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dataeff import cli
+from dataeff import cli, finetune
 from dataeff.config import ConfigError, load_config
 from dataeff.constants import ENCODER_WEIGHTS, SPLIT_FORMAT
 from dataeff.data import downstream
 from dataeff.finetune import FinetuneConfig, build_model, evaluate_share, main
 from dataeff.metrics import segmentation_scores
 from tests.fixtures import tiny_encoder_config
+from tests.pretrain_helpers import SigtermAt
 
 REPO = Path(__file__).resolve().parents[2]
 KVASIR = REPO / "data" / "kvasir-seg"
@@ -145,20 +146,27 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, monkeypatch):
         data = make_kvasir_pairs(tmp_path / "kvasir")
         out = tmp_path / "run"
         common = overrides(data, out) + ["optim.warmup_steps=1", "val_every_n_steps=3", "n_predictions=1"]
-        first = main(load_config(FinetuneConfig, str(TINY), common + ["trainer.max_steps=6", "keep_checkpoints=true"]))
-        # Play "killed before the end": drop the completion marker, keep checkpoints + best weights.
-        (out / "results.json").unlink()
-        assert (out / "model.safetensors").is_file()
+        common += ["trainer.max_steps=12"]
+        # Killed at step 6 (SIGTERM, as SLURM pre-empts): checkpoints and best weights stay, no results.json.
+        original = finetune.build_trainer
+        monkeypatch.setattr(
+            finetune, "build_trainer", lambda *a, **k: original(*a, extra_callbacks=[SigtermAt(6)], **k)
+        )
+        with pytest.raises(SystemExit):
+            main(load_config(FinetuneConfig, str(TINY), common))
+        monkeypatch.setattr(finetune, "build_trainer", original)
+        assert not (out / "results.json").exists() and (out / "model.safetensors").is_file()
         ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
-        assert ckpts and all(torch.load(c, map_location="cpu", weights_only=False)["global_step"] == 6 for c in ckpts)
-        second = main(load_config(FinetuneConfig, str(TINY), common + ["trainer.max_steps=12"]))
+        states = [torch.load(c, map_location="cpu", weights_only=False) for c in ckpts]
+        assert ckpts and all(state["global_step"] == 6 for state in states)
+        best_before = states[0]["dataeff_best"]["miou"]
+        second = main(load_config(FinetuneConfig, str(TINY), common))
     finally:
         torch.set_num_threads(threads)
-    assert first["steps"] == 6 and second["steps"] == 12
-    assert first["resumed_from"] is None
+    assert second["steps"] == 12
     assert second["resumed_from"] is not None and Path(second["resumed_from"]) in ckpts
     # The resumed run kept the earlier best score as its bar (restored from the checkpoint).
-    assert second["best_val_miou"] >= first["best_val_miou"]
+    assert second["best_val_miou"] >= best_before
 
 
 @pytest.mark.gpu
