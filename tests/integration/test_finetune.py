@@ -126,6 +126,24 @@ def test_second_run_skips(finished_run):
     assert after == before  # nothing rewritten, not even config.yaml
 
 
+def test_rerun_with_another_config_or_damaged_weights_is_not_skipped(finished_run, caplog):
+    data, out = finished_run
+    with pytest.raises(ConfigError, match=r"optim\.lr=0\.002 \(now 0\.003\).*overwrite=true"):
+        main(load_config(FinetuneConfig, str(TINY), [*overrides(data, out), "optim.lr=0.003"]))
+    assert not (out / "checkpoints").exists()  # refused before any work
+    from dataeff.finetune import _finished
+
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[:-8])
+    try:
+        with caplog.at_level("WARNING", logger="dataeff"):
+            assert _finished(out) is None  # a damaged output is redone, not skipped
+        assert "model.safetensors has" in caplog.text
+    finally:
+        (out / "model.safetensors").write_bytes(weights)
+    assert _finished(out) == json.loads((out / "results.json").read_text())
+
+
 def test_bad_config_fails_before_work(tmp_path):
     with pytest.raises(ConfigError, match="warmup"):
         load_config(FinetuneConfig, str(TINY), ["optim.warmup_steps=100", "trainer.max_steps=10"])
