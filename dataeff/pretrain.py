@@ -301,9 +301,12 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
             "launch one process per device (torchrun / srun), so every rank streams its own share"
         )
     # Checkpoints and a finished run are reused only when made from the same config and inputs.
+    record = run_provenance(cfg, encoder)
+    if cfg.resume not in ("auto", "never"):
+        provenance.check_checkpoint(cfg.resume, record)
     provenance.settle(
         out,
-        run_provenance(cfg, encoder),
+        record,
         cfg.overwrite,
         clear=lambda: provenance.remove(out, _OUTPUTS),
         has_output=lambda: provenance.holds_any(out, _OUTPUTS),

@@ -214,6 +214,25 @@ def check(out: Path, rec: Mapping[str, Any], overwrite: bool, has_output: Callab
     return "replaced"
 
 
+def check_checkpoint(ckpt: str | os.PathLike, rec: Mapping[str, Any], key: str = "resume") -> None:
+    """Refuse a checkpoint given by path whose run (its folder or the one above) was made differently.
+
+    A checkpoint without a ``provenance.json`` beside it (copied on its own) is not compared.
+    """
+    ckpt = Path(ckpt)
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        old = read_json(folder / PROVENANCE_NAME)
+        if old is None:
+            continue
+        what = difference(old, rec)
+        if what is not None:
+            raise ConfigError(
+                f"{key}={ckpt} is a checkpoint of a run made with other inputs or settings: {what}; "
+                "resume from a checkpoint of a run like this one, or set resume=never"
+            )
+        return
+
+
 def settle(
     out: str | os.PathLike,
     rec: Mapping[str, Any],

@@ -136,6 +136,11 @@ def test_pretrain_resumed_or_rerun_with_other_inputs_or_settings_is_refused(pool
     (out / "summary.json").unlink()
     with pytest.raises(ConfigError, match=r"another data\.selection .*overwrite=true"):
         pretrain.main(pretrain_cfg(pools["a"], out, f"data.selection={sel_b}"))
+    # Nor is another run started from one of its checkpoints by path.
+    ckpt = sorted((out / "checkpoints").glob("*.ckpt"))[0]
+    with pytest.raises(ConfigError, match=r"resume=.* run made with other inputs or settings: another data\.selection"):
+        pretrain.main(pretrain_cfg(pools["a"], tmp_path / "other", f"data.selection={sel_b}", f"resume={ckpt}"))
+    assert not (tmp_path / "other").exists()
     summary = pretrain.main(pretrain_cfg(pools["a"], out, f"data.selection={sel_b}", "overwrite=true"))
     assert summary["resumed_from"] is None and summary["steps"] == 2
 
