@@ -53,3 +53,20 @@ def test_a_dead_pid_on_this_host_is_stale_a_live_or_remote_one_is_not():
     assert not is_stale({"host": host + "-other", "pid": int(done.stdout)})  # cannot check another host
     line = busy_message(Path("/o/.dataeff.lock"), {"host": "n1", "pid": 7, "stage": "embed"})
     assert "pid 7 on host n1 (dataeff embed" in line and "delete /o/.dataeff.lock" in line and "\n" not in line
+
+
+def test_sweep_unit_of_another_pool_is_refused_or_redone_with_overwrite(tmp_path):
+    import pytest
+
+    from dataeff.config import ConfigError
+    from dataeff.sweep import check_digest
+
+    record = {"config_digest": "d1", "inputs": {"shards": "a" * 64, "datasets.kvasir": "c" * 64}}
+    assert check_digest(record, "d1", tmp_path, dict(record["inputs"]))
+    assert check_digest({"config_digest": "d1"}, "d1", tmp_path, {"shards": "b" * 64})  # recorded before inputs
+    other = {"shards": "b" * 64, "datasets.kvasir": "c" * 64}
+    with pytest.raises(ConfigError, match=r"other inputs: another shards .*overwrite=true"):
+        check_digest(record, "d1", tmp_path, other)
+    assert not check_digest(record, "d1", tmp_path, other, overwrite=True)
+    with pytest.raises(ConfigError, match=r"other settings \(config digest d1 != d2\)"):
+        check_digest(record, "d2", tmp_path, dict(record["inputs"]))
