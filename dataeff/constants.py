@@ -25,6 +25,7 @@ CELL_FORMAT = "dataeff-cell/1"
 SWEEP_FORMAT = "dataeff-sweep/1"
 REPORT_FORMAT = "dataeff-report/1"
 OVERLAP_FORMAT = "dataeff-overlap/1"
+PROVENANCE_FORMAT = "dataeff-provenance/1"
 
 # --------------------------------------------------------------------------- file names
 CONFIG_NAME = "config.yaml"
@@ -48,6 +49,10 @@ CHECKPOINT_DIR = "checkpoints"
 RESULTS_NAME = "results.json"
 BEST_WEIGHTS = "model.safetensors"
 CELL_NAME = "cell.json"
+#: The lock file every stage holds in its output directory while it runs (``dataeff.lock``).
+LOCK_NAME = ".dataeff.lock"
+#: What a stage's output was made from: config digest and input identities (``dataeff.provenance``).
+PROVENANCE_NAME = "provenance.json"
 
 # --------------------------------------------------------------------------- quality
 #: Per-image statistics computed at shard time and stored as index columns.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import shutil
@@ -38,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from dataeff import dist
+from dataeff import dist, outputs, provenance
 from dataeff.config import (
     ConfigError,
     EncoderConfig,
@@ -56,13 +55,15 @@ from dataeff.constants import (
     IMAGENET_STD,
     PER_IMAGE_NAME,
     RESULTS_NAME,
+    SPLIT_NAME,
 )
 from dataeff.data import downstream
 from dataeff.data.datamodules import SegmentationDataConfig, SegmentationDataModule
 from dataeff.encoder_check import check_encoder
-from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
+from dataeff.files import file_sha256, read_json, save_resolved, write_atomic, write_json_atomic
 from dataeff.finetune_module import SegmentationModule
 from dataeff.input_checks import check_downstream
+from dataeff.lock import locked
 from dataeff.metrics import (
     confusion_matrix,
     foreground_dice_iou,
@@ -134,6 +135,9 @@ class FinetuneConfig:
     n_predictions: int = option(6, help="test cases drawn in predictions.png")
     keep_checkpoints: bool = option(
         False, help="keep out/checkpoints after a successful run (they hold optimiser state)"
+    )
+    overwrite: bool = option(
+        False, help="start afresh in an out holding a run (or checkpoints) of another config or other inputs"
     )
 
     def __post_init__(self) -> None:
@@ -338,16 +342,53 @@ def _sweep_metrics(miou: float, run_values: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+#: What a fine-tuning run directory holds (removed by ``overwrite=true``).
+_OUTPUTS = (
+    CHECKPOINT_DIR, "hpc_ckpt_*.ckpt", RESULTS_NAME, PER_IMAGE_NAME, BEST_WEIGHTS, "predictions.png", "metrics.csv",
+    SPLIT_NAME,
+)  # fmt: skip
+#: The files ``results.json`` records the size and sha256 of.
+_RECORDED = (PER_IMAGE_NAME, BEST_WEIGHTS)
+
+
+def run_provenance(cfg: FinetuneConfig, encoder: EncoderConfig) -> dict[str, Any]:
+    """The provenance record of a run: config and the content identities of the encoder and the dataset."""
+    inputs = {
+        "encoder.weights": provenance.path_identity(encoder.weights),
+        "data.root": provenance.path_identity(cfg.data.root),
+    }
+    if cfg.data.groups and Path(cfg.data.groups).is_file():  # a CSV; a 'regex:' spec is a plain config value
+        inputs["data.groups"] = provenance.path_identity(cfg.data.groups)
+    return provenance.record("finetune", provenance.config_values(to_dict(cfg), inputs), inputs)
+
+
+def _finished(out: Path) -> dict[str, Any] | None:
+    """The results of a finished run whose recorded files are intact; None otherwise."""
+    results = read_json(out / RESULTS_NAME)
+    if results is None or not outputs.intact(out, results.get("outputs"), "finetune"):
+        return None
+    return results
+
+
+@locked("finetune", collective=True)
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume, or skip) one fine-tuning; returns the results dict on every rank."""
     out = Path(cfg.out)
-    if (out / RESULTS_NAME).is_file():
-        log.info("finetune: %s exists, skipping", out / RESULTS_NAME)
-        return json.loads((out / RESULTS_NAME).read_text())
     # Input errors first: none of them may leave config.yaml, split.json or a W&B run behind.
-    check_encoder(cfg.encoder)  # missing weights, an unknown or non-ViT name, a shape timm rejects
+    encoder = check_encoder(cfg.encoder)  # missing weights, an unknown or non-ViT name, a shape timm rejects
     check_downstream(cfg.data.root, cfg.data.layout, "data.root", cfg.data.groups)
     check_layout(cfg.trainer)
+    provenance.settle(
+        out,
+        run_provenance(cfg, encoder),
+        cfg.overwrite,
+        clear=lambda: provenance.remove(out, _OUTPUTS),
+        has_output=lambda: provenance.holds_any(out, _OUTPUTS),
+    )
+    finished = dist.broadcast_object(_finished(out) if dist.is_main() else None)
+    if finished is not None:
+        log.info("finetune: %s exists (same config and inputs), skipping", out / RESULTS_NAME)
+        return finished
     # Built before anything is written too: it loads the weights and checks data.image_size against the patch size.
     model = build_model(cfg)
     dist.init()  # no-op for one process; under torchrun/srun Lightning joins this group
@@ -429,6 +470,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             write_atomic(out / PER_IMAGE_NAME, lambda tmp: tmp.write_text(text))
             final = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
             write_atomic(out / BEST_WEIGHTS, lambda tmp: save_file(final, os.fspath(tmp)))
+            results["outputs"] = outputs.output_record(out, _RECORDED)
             if cfg.n_predictions:
                 render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")
             # Logged last, so a W&B run's summary holds them: a dashboard plots summary values per run.

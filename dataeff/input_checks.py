@@ -17,6 +17,7 @@ from dataeff.config import ConfigError, DataConfig, first_line
 from dataeff.constants import SUMMARY_NAME
 from dataeff.data import downstream, remote
 from dataeff.data.stream import list_shards, shard_keys
+from dataeff.provenance import check_same_pool
 from dataeff.select import manifest
 from dataeff.select.embed import shard_set_hash
 
@@ -56,8 +57,9 @@ def check_selection(selection: str, tars: list[str], keys: list[list[str]], shar
     """Refuse a selection that is incomplete or was made from another pool than ``tars``.
 
     The pool is identified as in the embeddings header: :func:`shard_set_hash` over the
-    tar names and their ok keys. A summary without ``inputs.shard_set_hash`` (written by
-    hand or by an older dataeff) is not compared; the stream still checks its keys.
+    tar names and their ok keys, then by content (``inputs.pool_id``,
+    :func:`dataeff.provenance.pool_identity`). A summary without them (written by hand or
+    by an older dataeff) is not compared; the stream still checks its keys.
 
     Args:
         selection: the ``data.selection`` directory ('' = no selection: nothing to check).
@@ -76,15 +78,16 @@ def check_selection(selection: str, tars: list[str], keys: list[list[str]], shar
             "point it at a 'dataeff select' output"
         )
     summary = json.loads(remote.read_text(remote.join(selection, SUMMARY_NAME)))
-    theirs = (summary.get("inputs") or {}).get("shard_set_hash")
-    if theirs is None:
-        return
+    inputs = summary.get("inputs") or {}
+    theirs = inputs.get("shard_set_hash")
     ours = shard_set_hash(tars, keys)
-    if theirs != ours:
+    if theirs is not None and theirs != ours:
         raise ConfigError(
             f"{key}={selection} was made from another pool (shard_set_hash {theirs[:12]} != {ours[:12]} of "
             f"data.shards={shards}); set data.shards to the shards it was selected from, or re-run 'dataeff select'"
         )
+    # Same names and keys can still be other pictures: the content identity tells them apart.
+    check_same_pool(inputs.get("pool_id"), shards, f"{key}={selection}", "data.shards")
 
 
 def check_stream_data(cfg: DataConfig) -> None:

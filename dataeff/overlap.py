@@ -46,6 +46,7 @@ from dataeff.data import signatures as sig
 from dataeff.data.downstream import LAYOUTS, SUPPORTED_EXTS, detect_layout
 from dataeff.data.stream import eval_transform, list_shards, read_index, shard_keys
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
+from dataeff.lock import locked
 from dataeff.models.encoder import build_encoder
 from dataeff.select.embed import embed_batch, load_embeddings, read_header, shard_set_hash
 from dataeff.select.gallery import load_images
@@ -331,6 +332,7 @@ def _inputs(cfg: OverlapConfig, header: dict, set_hash: str) -> dict[str, Any]:
     }
 
 
+@locked("overlap")
 def main(cfg: OverlapConfig) -> dict[str, Any]:
     """Match every downstream image against the pool and write the outputs (skips when done).
 

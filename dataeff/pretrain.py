@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from dataeff import dist
+from dataeff import dist, outputs, provenance
 from dataeff.config import (
     ConfigError,
     DataConfig,
@@ -43,10 +43,14 @@ from dataeff.config import (
     to_dict,
 )
 from dataeff.constants import (
+    CHECKPOINT_DIR,
+    ENCODER_DIR,
     ENCODER_META,
     ENCODER_WEIGHTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LEGACY_ENCODER_META,
+    LEGACY_ENCODER_WEIGHTS,
     MAE_CKPT,
     PRETRAIN_FORMAT,
     SUMMARY_NAME,
@@ -56,6 +60,7 @@ from dataeff.data.datamodules import PretrainDataModule
 from dataeff.encoder_check import check_encoder
 from dataeff.files import save_resolved, write_atomic, write_json_atomic
 from dataeff.input_checks import check_stream_data
+from dataeff.lock import locked
 from dataeff.models.encoder import build_encoder, export_contents, resolve
 from dataeff.models.mae import MAE, MAEConfig, OptimConfig
 from dataeff.optim import scaled_lr
@@ -106,6 +111,9 @@ class PretrainConfig:
     run_name: str = option("", help="W&B run name (default: derived from out and the selection)")
     panel_every_n_steps: int = option(200, help="save a reconstruction panel every N steps (0 = only at the end)")
     panel_images: int = option(4, help="images in a reconstruction panel")
+    overwrite: bool = option(
+        False, help="start afresh in an out holding a run (or checkpoints) of another config or other inputs"
+    )
 
     def __post_init__(self) -> None:
         if self.data.image_size != self.encoder.img_size:
@@ -168,11 +176,12 @@ def selection_info(selection_dir: str) -> dict[str, Any]:
 
 
 def is_complete(out: str | os.PathLike) -> bool:
-    """True when a run directory holds a finished pre-training (summary, encoder and MAE)."""
+    """True when a run directory holds a finished pre-training whose exports match their recorded sha256."""
     out = Path(out)
     if not all((out / name).is_file() for name in (SUMMARY_NAME, ENCODER_WEIGHTS, MAE_CKPT)):
         return False
-    return bool(json.loads((out / SUMMARY_NAME).read_text()).get("complete"))
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    return bool(summary.get("complete")) and outputs.intact(out, summary.get("outputs"), "pretrain")
 
 
 # --------------------------------------------------------------------------- Lightning shell
@@ -260,15 +269,31 @@ def _device_name(info: dict[str, Any]) -> str:
     return f"{info['world_size']} x cpu"
 
 
+#: What a pre-training run directory holds (removed by ``overwrite=true``).
+_OUTPUTS = (
+    CHECKPOINT_DIR, "hpc_ckpt_*.ckpt", SUMMARY_NAME, ENCODER_DIR, LEGACY_ENCODER_WEIGHTS, LEGACY_ENCODER_META,
+    MAE_CKPT, "metrics.csv", "panels",
+)  # fmt: skip
+
+
+def run_provenance(cfg: PretrainConfig, encoder: EncoderConfig) -> dict[str, Any]:
+    """The provenance record of a run: config and the content identities of pool, selection, encoder."""
+    inputs = {
+        "data.shards": provenance.pool_identity(cfg.data.shards),
+        "data.selection": provenance.selection_identity(cfg.data.selection),
+        "data.extra_shards": [provenance.pool_identity(str(s)) for s in cfg.data.extra_shards],
+        "encoder.weights": provenance.path_identity(encoder.weights),
+    }
+    return provenance.record("pretrain", provenance.config_values(to_dict(cfg), inputs), inputs)
+
+
+@locked("pretrain", collective=True)
 def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     """Run (or resume, or skip) one pre-training; returns the summary (None when interrupted)."""
     out = Path(cfg.out)
-    if is_complete(out):
-        log.info("pretrain: %s is complete already, skipping", out)
-        return json.loads((out / SUMMARY_NAME).read_text())
     # Input errors first: none of them may leave config.yaml, a checkpoint or a W&B run behind.
     check_stream_data(cfg.data)
-    check_encoder(cfg.encoder)
+    encoder = check_encoder(cfg.encoder)
     layout = check_layout(cfg.trainer)
     env = dist.init()
     if layout["world_size"] != env.world_size:
@@ -276,6 +301,20 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
             f"the trainer runs {layout['world_size']} ranks but this process group has {env.world_size}: "
             "launch one process per device (torchrun / srun), so every rank streams its own share"
         )
+    # Checkpoints and a finished run are reused only when made from the same config and inputs.
+    record = run_provenance(cfg, encoder)
+    if cfg.resume not in ("auto", "never"):
+        provenance.check_checkpoint(cfg.resume, record)
+    provenance.settle(
+        out,
+        record,
+        cfg.overwrite,
+        clear=lambda: provenance.remove(out, _OUTPUTS),
+        has_output=lambda: provenance.holds_any(out, _OUTPUTS),
+    )
+    if is_complete(out):
+        log.info("pretrain: %s is complete already (same config and inputs), skipping", out)
+        return json.loads((out / SUMMARY_NAME).read_text())
     selection = selection_info(cfg.data.selection)
     accumulate = cfg.trainer.accumulate_grad_batches
     data = PretrainDataModule(cfg.data, seed=cfg.seed, rank=env.rank, world_size=env.world_size, accumulate=accumulate)
@@ -372,6 +411,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
                 "world_size": info["world_size"],
                 "lr": lr,
                 "selection": selection,
+                "outputs": outputs.output_record(out, (ENCODER_WEIGHTS, ENCODER_META, MAE_CKPT)),
             }
             write_json_atomic(out / SUMMARY_NAME, summary, indent=2, sort_keys=True)
             log.info(

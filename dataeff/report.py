@@ -27,6 +27,7 @@ import pandas as pd
 from dataeff.config import ConfigError, WandbConfig, option, section
 from dataeff.constants import CELL_NAME, DOWNSTREAM_OVERLAP, RESULTS_NAME, SUMMARY_NAME
 from dataeff.files import read_json, save_resolved, write_atomic
+from dataeff.lock import locked
 from dataeff.report_markdown import markdown_report
 from dataeff.report_plots import plot_miou, plot_normdel
 from dataeff.report_table import (
@@ -225,6 +226,7 @@ def _log_wandb(cfg: ReportConfig, tables: dict[str, pd.DataFrame], run: Path, me
         wb.finish()
 
 
+@locked("report", key="run")
 def main(cfg: ReportConfig) -> dict[str, Any]:
     """Write the report's CSVs, ``report.md`` and plots into ``cfg.run``; return their paths."""
     run = Path(cfg.run)

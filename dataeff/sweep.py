@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dataeff import dist
+from dataeff import dist, provenance
 from dataeff import finetune as finetune_stage
 from dataeff import overlap as overlap_stage
 from dataeff import pretrain as pretrain_stage
@@ -44,6 +44,7 @@ from dataeff.config import ConfigError, WandbConfig
 from dataeff.constants import CELL_FORMAT, CELL_NAME, EMBEDDINGS_HEADER, SUMMARY_NAME, SWEEP_FORMAT
 from dataeff.files import read_json, save_resolved, write_json_atomic
 from dataeff.input_checks import check_downstream, check_shards
+from dataeff.lock import output_lock
 from dataeff.select import embed as embed_stage
 from dataeff.select import stage as select_stage
 from dataeff.sweep_layout import BOOTSTRAP_DIR, SWEEP_JSON
@@ -201,13 +202,39 @@ def bootstrap_encoder(cfg: SweepConfig) -> None:
         _write_json(out / "stage.json", record)
 
 
-def check_digest(record: dict[str, Any] | None, digest: str, root: Path) -> None:
-    """Refuse to resume or skip a unit that was run with other settings (results would mix)."""
-    if record and record.get("config_digest") != digest:
-        raise ConfigError(
-            f"{root} was run with other settings (config digest {record.get('config_digest')} != {digest}); "
-            "use a new sweep out= or delete that cell directory to recompute it"
-        )
+def check_digest(
+    record: dict[str, Any] | None,
+    digest: str,
+    root: Path,
+    inputs: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> bool:
+    """Whether a unit's ``cell.json`` was made with these settings and inputs (True also when there is none).
+
+    Raises:
+        ConfigError: it was not and ``overwrite`` is false: resuming or skipping would mix results.
+    """
+    if not record:
+        return True
+    if record.get("config_digest") != digest:
+        what = f"other settings (config digest {record.get('config_digest')} != {digest})"
+    else:
+        differs = provenance.difference({"inputs": record.get("inputs", inputs)}, {"inputs": inputs})
+        if differs is None:
+            return True
+        what = f"other inputs: {differs}"
+    if overwrite:
+        return False
+    raise ConfigError(f"{root} was run with {what}; set overwrite=true to recompute it, or use a new sweep out=")
+
+
+def sweep_inputs(cfg: SweepConfig) -> dict[str, str]:
+    """Content identities of what every unit is made from: the pool and each downstream dataset."""
+    inputs = {"shards": provenance.pool_identity(cfg.shards)}
+    for ds, overrides in sorted(cfg.datasets.items()):
+        root = ((overrides or {}).get("data") or {}).get("root") or cfg.finetune.data.root
+        inputs[f"datasets.{ds}"] = provenance.path_identity(root)
+    return inputs
 
 
 def _steps(stage_cfgs: dict[str, Any]) -> list[tuple[str, Callable[[Any], Any], Any]]:
@@ -221,17 +248,44 @@ def _steps(stage_cfgs: dict[str, Any]) -> list[tuple[str, Callable[[Any], Any], 
 
 
 def run_unit(
-    unit: Unit, stage_cfgs: dict[str, Any], digest: str, sweep_name: str, out: str, stages: Sequence[str] = STAGES
+    unit: Unit,
+    stage_cfgs: dict[str, Any],
+    digest: str,
+    sweep_name: str,
+    out: str,
+    stages: Sequence[str] = STAGES,
+    inputs: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the unfinished steps of one (cell, seed) unit that belong to ``stages``; returns its cell.json.
 
-    Every rank calls this; rank 0 alone reads and writes ``cell.json`` and broadcasts
-    what it read, so all ranks take the same branch.
+    Every rank calls this; rank 0 holds the unit folder's lock, alone reads and writes
+    ``cell.json`` and broadcasts what it read, so all ranks take the same branch. A unit
+    made with other settings or ``inputs`` is refused, or with ``overwrite`` emptied and redone.
     """
+    with output_lock(unit.root(out), "sweep", collective=True):
+        return _run_unit(unit, stage_cfgs, digest, sweep_name, out, stages, inputs, overwrite)
+
+
+def _run_unit(
+    unit: Unit,
+    stage_cfgs: dict[str, Any],
+    digest: str,
+    sweep_name: str,
+    out: str,
+    stages: Sequence[str],
+    inputs: dict[str, str] | None,
+    overwrite: bool,
+) -> dict[str, Any]:
     root = unit.root(out)
     path = root / CELL_NAME
     record = dist.broadcast_object(read_json(path) if dist.is_main() else None)
-    check_digest(record, digest, root)
+    if not check_digest(record, digest, root, inputs, overwrite):
+        log.info("sweep: overwrite=true, emptying %s (made with other settings or inputs)", root)
+        if dist.is_main():
+            provenance.remove(root, ("*",))
+        dist.barrier()
+        record = None
     if record and record.get("done"):
         log.info("sweep: cell %s is done (finished %s), skipping", unit.name, record.get("finished"))
         return record
@@ -244,6 +298,7 @@ def run_unit(
         "seed": unit.seed,
         "sweep": sweep_name,
         "config_digest": digest,
+        "inputs": inputs,
         "stages": {},
         "done": False,
         "started": _now(),
@@ -347,12 +402,15 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
     if "embed" in stages:
         bootstrap_encoder(cfg)
         full = plan(cfg, weights, scorer)  # now with the scorer checked too
+    inputs = sweep_inputs(cfg)
     for unit, stage_cfgs in full["units"]:
         root = unit.root(out)
         check_digest(
             dist.broadcast_object(read_json(root / CELL_NAME) if dist.is_main() else None),
             config_digest(stage_cfgs),
             root,
+            inputs,
+            cfg.overwrite,
         )
     t0 = time.perf_counter()
     if "embed" in stages:
@@ -371,7 +429,10 @@ def main(cfg: SweepConfig) -> dict[str, Any]:
         _write_json(out / SWEEP_JSON, _sweep_record(cfg, full, weights))
     for skipped in full["skipped"]:
         log.warning("sweep: skipping %s: %s", skipped["cell"], skipped["why"])
-    records = [run_unit(unit, c, config_digest(c), cfg.sweep_name, cfg.out, stages) for unit, c in full["units"]]
+    records = [
+        run_unit(unit, c, config_digest(c), cfg.sweep_name, cfg.out, stages, inputs, cfg.overwrite)
+        for unit, c in full["units"]
+    ]
     log.info(
         "sweep: %s: %d of %d units done, in %.1f s",
         ",".join(stages),

@@ -150,6 +150,9 @@ class SweepConfig:
         list(STAGES), help="what this run does (a SLURM job per stage runs one); a unit is done after all three"
     )
     report: bool = option(True, help="write report.md, report.csv and the plots at the end")
+    overwrite: bool = option(
+        False, help="recompute the units whose cell.json records other settings or inputs (their folder is emptied)"
+    )
     bootstrap: BootstrapConfig = section(BootstrapConfig, help="shared stages: embedding encoder and their seed")
     embed: EmbedTemplate = section(EmbedTemplate, help="embedding of the pool (once per sweep)")
     overlap: OverlapTemplate = section(
@@ -441,6 +444,7 @@ def config_digest(stage_cfgs: dict[str, Any]) -> str:
     text = ""
     if stage_cfgs["select"] is not None:
         select = to_dict(stage_cfgs["select"])
+        select.pop("overwrite", None)  # how to treat an old output, not what is computed
         for method, keys in METHOD_KEYS.items():
             if method != select["method"]:
                 for key in keys:
@@ -456,6 +460,7 @@ def _digest_yaml(stage_cfg: Any) -> str:
     finished before W&B run config values existed."""
     values = to_dict(stage_cfg)
     values["wandb"].pop("config", None)
+    values.pop("overwrite", None)
     return OmegaConf.to_yaml(OmegaConf.create(values))
 
 

@@ -36,6 +36,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from dataeff.config import ConfigError, option, to_dict
 from dataeff.constants import DEMO_FORMAT, SPLIT_FORMAT, SPLIT_NAME, SUMMARY_NAME, TRUTH_NAME
 from dataeff.files import save_resolved
+from dataeff.lock import locked
 
 __all__ = ["DemoDataConfig", "main", "plan_pool", "split_stems", "NEAR_KINDS", "INVALID_KINDS"]
 
@@ -267,6 +268,7 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
     }
 
 
+@locked("demo-data")
 def main(cfg: DemoDataConfig) -> dict:
     """Build (or find already built) the demo data in ``cfg.out``; print and return a summary."""
     src, out = Path(cfg.src), Path(cfg.out)

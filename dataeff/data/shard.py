@@ -37,6 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dataeff import outputs, provenance
 from dataeff.config import ConfigError, option, to_dict
 from dataeff.constants import (
     DUPLICATE_PREFIX,
@@ -48,7 +49,8 @@ from dataeff.constants import (
 )
 from dataeff.data.keys import IMAGE_EXTENSIONS
 from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits
-from dataeff.files import save_resolved, write_atomic, write_json_atomic
+from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
+from dataeff.lock import locked
 
 __all__ = [
     "ShardConfig", "main", "inspect_file", "scan_files", "list_files",
@@ -286,16 +288,20 @@ class TarSink:
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
         self.fh = open(self.tmp, "wb")
         self.offset = 0
+        self.hash = hashlib.sha256()  # recorded, so a resume or skip can tell a damaged tar
 
     def append(self, members: bytes) -> None:
         """Append whole members built by :func:`tar_member`."""
         self.fh.write(members)
+        self.hash.update(members)
         self.offset += len(members)
 
     def commit(self) -> int:
         """Finish the tar, move it into place, return its size in bytes."""
         end = self.offset + 2 * _BLOCK
-        self.fh.write(b"\0" * (2 * _BLOCK + -end % tarfile.RECORDSIZE))
+        tail = b"\0" * (2 * _BLOCK + -end % tarfile.RECORDSIZE)
+        self.fh.write(tail)
+        self.hash.update(tail)
         self.fh.close()
         os.replace(self.tmp, self.path)
         return self.path.stat().st_size
@@ -415,6 +421,7 @@ class _Packer:
         if self.sink is None:
             return
         info: dict[str, Any] = {"file": self.sink.path.name, "samples": self.count, "bytes": self.sink.commit()}
+        info["sha256"] = self.sink.hash.hexdigest()
         journal = {"shard": info, "rows": journal_rows(self.pending), "next": self.pos}
         _write_json(self.out / _PARTS / (info["file"] + ".json"), journal, indent=None)
         if self.on_shard is not None:  # e.g. upload it (dataeff.data.remote_shard)
@@ -440,6 +447,42 @@ def _signature(files: Sequence[str], sizes: Sequence[int], cfg: ShardConfig) -> 
     return h.hexdigest()
 
 
+def _settings(cfg: ShardConfig) -> dict[str, Any]:
+    """The settings a shard directory records (every key but the run-only ones)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY}
+
+
+def _what_differs(record: dict[str, Any], cfg: ShardConfig) -> str:
+    """The first recorded setting that differs from ``cfg`` (``src`` and ``out`` aside), else the input files."""
+    old, new = dict(record.get("config") or {}), _settings(cfg)
+    for key in ("src", "out"):
+        old.pop(key, None)
+        new.pop(key, None)
+    if old:
+        what = provenance.difference({"config": old}, {"config": new})
+        if what is not None:
+            return f"other settings: {what}"
+    return "other input files (files under src added, removed or resized)"
+
+
+def _sources_changed(src: Path, files: Sequence[str], sha256s: Sequence[str], cfg: ShardConfig) -> bool:
+    """Whether a file already sharded (``files[i]`` recorded with ``sha256s[i]``) now holds other bytes.
+
+    Raises:
+        ConfigError: it does and ``overwrite`` is false.
+    """
+    changed = outputs.changed_file(src, files[: len(sha256s)], sha256s)
+    if changed is None:
+        return False
+    if not cfg.overwrite:
+        raise ConfigError(
+            f"src file {changed} changed since it was sharded into out={cfg.out} (its sha256 differs from the "
+            "recorded one); set overwrite=true to shard the tree again, or restore the file"
+        )
+    log.info("shard: %s changed since it was sharded; overwrite=true, sharding again", changed)
+    return True
+
+
 def _number(file_name: str, name: str) -> int | None:
     """Shard number in ``<name>-000012.tar[.json][.tmp]``; None for other files."""
     stem = file_name[len(name) + 1 :].split(".")[0] if file_name.startswith(name + "-") else ""
@@ -463,12 +506,20 @@ def _clear(out: Path, name: str) -> None:
         (out / f).unlink(missing_ok=True)
 
 
+def _intact(out: Path, info: dict) -> bool:
+    """Whether a shard's tar has the size and sha256 recorded for it (size only in older records)."""
+    tar = out / info["file"]
+    if not tar.is_file() or tar.stat().st_size != info["bytes"]:
+        return False
+    return "sha256" not in info or file_sha256(tar) == info["sha256"]
+
+
 def _resume(out: Path, name: str) -> tuple[list[dict], list[dict], int]:
     """Rows, shard infos and next input position of the journalled shards, in order.
 
     A shard counts as done when its journal exists and its tar has the journalled size
-    (the tar is renamed into place before the journal is written); everything after
-    the first shard that is not done is removed and redone.
+    and sha256 (the tar is renamed into place before the journal is written); everything
+    after the first shard that is not done is removed and redone.
     """
     rows: list[dict] = []
     shards: list[dict] = []
@@ -479,7 +530,7 @@ def _resume(out: Path, name: str) -> tuple[list[dict], list[dict], int]:
         if not journal.is_file() or not tar.is_file():
             break
         rec = json.loads(journal.read_text())
-        if tar.stat().st_size != rec["shard"]["bytes"]:
+        if not _intact(out, rec["shard"]):
             break
         rows += restore_rows(rec["rows"])
         shards.append(rec["shard"])
@@ -506,10 +557,11 @@ def _summary(rows: list[dict], shards: list[dict], cfg: ShardConfig, name: str, 
         "counts_by_status": dict(sorted(by_status.items())),
         "counts_by_reason": dict(sorted(by_reason.items())),
         "signature": signature,
-        "config": {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY},
+        "config": _settings(cfg),
     }
 
 
+@locked("shard")
 def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> dict:
     """Shard ``cfg.src`` into ``cfg.out``; resume a killed run; skip a finished one.
 
@@ -537,15 +589,25 @@ def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> di
         record = json.loads(marker.read_text())
         previous = record.get("signature")
         if previous == signature and marker is summary_path and (out / INDEX_NAME).is_file():
+            import pandas as pd
+
             done = json.loads(summary_path.read_text())
-            shutil.rmtree(out / _PARTS, ignore_errors=True)  # killed between the summary and this cleanup
-            log.info(
-                "shard: %s is already complete (%d samples in %d shards); skipping",
-                out,
-                done["num_samples"],
-                done["num_shards"],
-            )
-            return done
+            shas = pd.read_parquet(out / INDEX_NAME, columns=["sha256"])["sha256"].fillna("").tolist()
+            changed = _sources_changed(src, files, shas, cfg)
+            damaged = next((s["file"] for s in done["shards"] if not _intact(out, s)), None)
+            if not changed and damaged is None:
+                shutil.rmtree(out / _PARTS, ignore_errors=True)  # killed between the summary and this cleanup
+                log.info(
+                    "shard: %s is already complete (%d samples in %d shards); skipping",
+                    out,
+                    done["num_samples"],
+                    done["num_shards"],
+                )
+                return done
+            if damaged is not None:
+                log.warning("shard: %s differs from its recorded size or sha256; sharding again", out / damaged)
+            _clear(out, name)
+            continue
         if previous != signature:
             if not cfg.overwrite:
                 old_format = record.get("format", "unknown")
@@ -555,7 +617,7 @@ def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> di
                     else ""
                 )
                 raise ConfigError(
-                    f"out={cfg.out} holds shards made from other inputs or settings{why}; "
+                    f"out={cfg.out} holds shards made with {_what_differs(record, cfg)}{why}; "
                     "choose another out or set overwrite=true to replace them"
                 )
             log.info("shard: overwrite=true, removing the previous shards in %s", out)
@@ -564,8 +626,12 @@ def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> di
     save_resolved(cfg, out)
     (out / _PARTS).mkdir(parents=True, exist_ok=True)
     if not plan_path.is_file():
-        _write_json(plan_path, {"format": SHARDS_FORMAT, "signature": signature, "num_files": len(files)})
+        plan = {"format": SHARDS_FORMAT, "signature": signature, "num_files": len(files), "config": _settings(cfg)}
+        _write_json(plan_path, plan)
     done_rows, done_shards, start = _resume(out, name)
+    if start and _sources_changed(src, files, [r.get("sha256") or "" for r in done_rows], cfg):
+        _drop_shards(out, name, 0)
+        done_rows, done_shards, start = [], [], 0
     if start:
         log.info("shard: resuming after %d finished shards (%d of %d files done)", len(done_shards), start, len(files))
 

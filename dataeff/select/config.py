@@ -61,6 +61,9 @@ class SelectConfig:
     )
     sam: SamConfig = section(SamConfig, help="optidel: Segment Anything model and mask generator")
     optidel: OptidelConfig = section(OptidelConfig, help="optidel: hardness selection, diversity caps, mosaics")
+    overwrite: bool = option(
+        False, help="replace an out holding a selection made with another config or from other inputs"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:

@@ -34,13 +34,14 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataeff import dist
+from dataeff import dist, provenance
 from dataeff.config import ConfigError, EncoderConfig, option, section, to_dict
 from dataeff.constants import EMBEDDINGS_FORMAT, EMBEDDINGS_HEADER
 from dataeff.data import remote
 from dataeff.data.stream import ShardBatches, eval_transform, list_shards, shard_samples
 from dataeff.encoder_check import check_encoder
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
+from dataeff.lock import locked
 from dataeff.models.encoder import build_encoder, pooled_features
 
 log = logging.getLogger("dataeff")
@@ -89,6 +90,9 @@ class EmbedConfig:
         0, help="torch seed before building the encoder (a random-init encoder is then identical on all ranks)"
     )
     progress_bar: bool = option(True, help="show a progress bar (rank 0) with images/s")
+    overwrite: bool = option(
+        False, help="replace an out holding embeddings (or parts) of another encoder, pool or settings"
+    )
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -232,6 +236,11 @@ def _device_and_amp(cfg: EmbedConfig, local_rank: int) -> tuple[torch.device, to
     return device, torch.bfloat16
 
 
+#: What an embeddings directory holds (removed by ``overwrite=true``).
+_OUTPUTS = ("parts", "rank-*.npz", EMBEDDINGS_HEADER)
+
+
+@locked("embed", collective=True)
 def main(cfg: EmbedConfig) -> dict[str, Any]:
     """Embed this rank's shards (resumably), merge them, and (rank 0) write the header.
 
@@ -259,6 +268,17 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
     # shape here, before config.yaml is written.
     enc = check_encoder(cfg.encoder, "encoder")
     set_hash = shard_set_hash(tars, keys_per_shard)
+    pool_id = provenance.pool_identity(cfg.data.shards)
+    weights_id = file_sha256(enc.weights) if enc.weights else "random-init"
+    inputs = {"data.shards": pool_id, "encoder.weights": weights_id}
+    rec = provenance.record("embed", provenance.config_values(to_dict(cfg), inputs), inputs)
+    provenance.settle(
+        out,
+        rec,
+        cfg.overwrite,
+        clear=lambda: provenance.remove(out, _OUTPUTS),
+        has_output=lambda: provenance.holds_any(out, _OUTPUTS),
+    )
     identity = {"encoder": {"name": enc.name, "weights": enc.weights}, "shard_set_hash": set_hash}
     if (out / EMBEDDINGS_HEADER).is_file():
         old = json.loads((out / EMBEDDINGS_HEADER).read_text())
@@ -323,7 +343,7 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
             done / max(time.time() - start, 1e-9),
         )
     wall = time.time() - start
-    _finish(out, tars, mine, rank, world, cfg, enc, set_hash, total)
+    _finish(out, tars, mine, rank, world, cfg, enc, {"shard_set_hash": set_hash, "pool_id": pool_id}, total)
     return {
         "count": total,
         "embedded": done,
@@ -341,7 +361,7 @@ def _finish(
     world: int,
     cfg: EmbedConfig,
     enc: EncoderConfig,
-    set_hash: str,
+    pool: dict[str, str],
     total: int,
 ) -> None:
     keys, embs = [np.zeros(0, dtype=str)], []
@@ -379,7 +399,7 @@ def _finish(
             "dim": dim,
             "count": total,
             "shards": cfg.data.shards,
-            "shard_set_hash": set_hash,
+            **pool,
             "world_size": world,
             "files": files,
         }

@@ -31,6 +31,7 @@ from dataeff.constants import (
 )
 from dataeff.data import remote
 from dataeff.files import write_atomic, write_json_atomic
+from dataeff.outputs import output_record
 
 COLUMNS = ("key", "kept", "reason", "cluster", "score", "generated")
 
@@ -152,6 +153,8 @@ def write_selection(out_dir: str | os.PathLike, frame: pd.DataFrame, summary: di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / SELECTION_NAME, lambda p: frame.to_parquet(p, index=False))
+    # A later run skips this selection only while the table matches this record.
+    summary = {**summary, "outputs": output_record(out, (SELECTION_NAME,))}
     write_json_atomic(out / SUMMARY_NAME, summary, indent=2, default=_jsonable)
     return out / SELECTION_NAME
 

@@ -17,17 +17,20 @@ import logging
 import time
 from pathlib import Path
 
-from dataeff import dist
+from dataeff import dist, outputs, provenance
 from dataeff.config import ConfigError, to_dict
-from dataeff.files import save_resolved
+from dataeff.constants import GENERATED_DIR, MAE_CKPT, SELECTION_NAME, SUMMARY_NAME
+from dataeff.files import read_json, save_resolved
+from dataeff.lock import locked
 from dataeff.select import manifest
 from dataeff.select.audit import audit_selection, format_audit, read_truth
 from dataeff.select.cluster import resolve_k
 from dataeff.select.config import SelectConfig
 from dataeff.select.embed import read_header
 from dataeff.select.exclude import Exclusion, eligible_mask, expand_decisions, read_exclusion
-from dataeff.select.gallery import write_gallery
+from dataeff.select.gallery import GALLERY_DIR, write_gallery
 from dataeff.select.methods import METHODS
+from dataeff.select.optidel_run import PATCHES_NAME
 from dataeff.select.pool import align_quality, gather_pool, read_pool_index
 
 # SelectConfig and METHODS are the names the CLI (and the sweep) look up on this module.
@@ -35,19 +38,30 @@ __all__ = ["METHODS", "SelectConfig", "main"]
 
 log = logging.getLogger("dataeff")
 
+#: Config sections that shape only the audit and the galleries, never the selection.
+_SIDE_OUTPUTS = ("audit.", "report.")
+#: What a selection directory holds (removed by ``overwrite=true``; OptiDEL's SAM cache in ``sam/``
+#: checks itself and stays).
+_OUTPUTS = (SELECTION_NAME, SUMMARY_NAME, GALLERY_DIR, GENERATED_DIR, PATCHES_NAME)
 
+
+def _scorer_file(scorer: str) -> str:
+    """OptiDEL's scorer as a file: a pre-training output directory stands for its ``mae.ckpt``."""
+    return str(Path(scorer) / MAE_CKPT) if scorer and Path(scorer).is_dir() else scorer
+
+
+@locked("select", collective=True)
 def main(cfg: SelectConfig) -> None:
     """Select a subset of the pool; identical manifest for any world size."""
     dist.init()
     rank, world = dist.rank(), dist.world_size()
     method = METHODS[cfg.method]
     out = Path(cfg.out)
-    if manifest.is_complete(out):
-        log.info("selection already complete in %s; nothing to do", out)
-        return
     header = read_header(cfg.embeddings)  # also checks dims of every file
     spec = cfg.data.shards or header["shards"]
     index = read_pool_index(spec)
+    pool_id = provenance.pool_identity(spec)
+    provenance.check_same_pool(header.get("pool_id"), spec, f"embeddings={cfg.embeddings}", "data.shards")
     n_ok = int((index["status"] == "ok").sum())
     if n_ok == 0:
         raise ConfigError(f"shard set {spec}: empty shard set (no ok samples)")
@@ -58,6 +72,22 @@ def main(cfg: SelectConfig) -> None:
     exclusion = read_exclusion(cfg.exclude, header, ok_keys) if cfg.exclude else Exclusion()
     if cfg.exclude:
         log.info("exclude: %d pool samples copy downstream images; removed before %s", len(exclusion.keys), cfg.method)
+    inputs = {
+        "embeddings": provenance.embeddings_identity(cfg.embeddings),
+        "data.shards": pool_id,
+        "exclude": provenance.path_identity(Path(cfg.exclude) / SUMMARY_NAME if cfg.exclude else ""),
+        "scorer": provenance.path_identity(_scorer_file(cfg.scorer)),
+    }
+    provenance.settle(
+        out,
+        provenance.record("select", provenance.config_values(to_dict(cfg), [*inputs, *_SIDE_OUTPUTS]), inputs),
+        cfg.overwrite,
+        clear=lambda: provenance.remove(out, _OUTPUTS),
+        has_output=lambda: provenance.holds_any(out, (SELECTION_NAME, SUMMARY_NAME)),
+    )
+    if manifest.is_complete(out) and outputs.intact(out, read_json(out / SUMMARY_NAME).get("outputs"), "select"):
+        log.info("selection already complete in %s (same inputs and settings); nothing to do", out)
+        return
     if rank == 0:
         save_resolved(cfg, out)
 
@@ -78,6 +108,7 @@ def main(cfg: SelectConfig) -> None:
         inputs = {
             "embeddings": cfg.embeddings,
             "shard_set_hash": header["shard_set_hash"],
+            "pool_id": pool_id,
             "encoder_sha256": header["encoder"]["sha256"],
             **exclusion.inputs,
         }

@@ -17,13 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dataeff import cli
+from dataeff import cli, finetune
 from dataeff.config import ConfigError, load_config
 from dataeff.constants import ENCODER_WEIGHTS, SPLIT_FORMAT
 from dataeff.data import downstream
 from dataeff.finetune import FinetuneConfig, build_model, evaluate_share, main
 from dataeff.metrics import segmentation_scores
 from tests.fixtures import tiny_encoder_config
+from tests.pretrain_helpers import SigtermAt
 
 REPO = Path(__file__).resolve().parents[2]
 KVASIR = REPO / "data" / "kvasir-seg"
@@ -125,6 +126,24 @@ def test_second_run_skips(finished_run):
     assert after == before  # nothing rewritten, not even config.yaml
 
 
+def test_rerun_with_another_config_or_damaged_weights_is_not_skipped(finished_run, caplog):
+    data, out = finished_run
+    with pytest.raises(ConfigError, match=r"optim\.lr=0\.002 \(now 0\.003\).*overwrite=true"):
+        main(load_config(FinetuneConfig, str(TINY), [*overrides(data, out), "optim.lr=0.003"]))
+    assert not (out / "checkpoints").exists()  # refused before any work
+    from dataeff.finetune import _finished
+
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[:-8])
+    try:
+        with caplog.at_level("WARNING", logger="dataeff"):
+            assert _finished(out) is None  # a damaged output is redone, not skipped
+        assert "model.safetensors has" in caplog.text
+    finally:
+        (out / "model.safetensors").write_bytes(weights)
+    assert _finished(out) == json.loads((out / "results.json").read_text())
+
+
 def test_bad_config_fails_before_work(tmp_path):
     with pytest.raises(ConfigError, match="warmup"):
         load_config(FinetuneConfig, str(TINY), ["optim.warmup_steps=100", "trainer.max_steps=10"])
@@ -145,20 +164,27 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, monkeypatch):
         data = make_kvasir_pairs(tmp_path / "kvasir")
         out = tmp_path / "run"
         common = overrides(data, out) + ["optim.warmup_steps=1", "val_every_n_steps=3", "n_predictions=1"]
-        first = main(load_config(FinetuneConfig, str(TINY), common + ["trainer.max_steps=6", "keep_checkpoints=true"]))
-        # Play "killed before the end": drop the completion marker, keep checkpoints + best weights.
-        (out / "results.json").unlink()
-        assert (out / "model.safetensors").is_file()
+        common += ["trainer.max_steps=12"]
+        # Killed at step 6 (SIGTERM, as SLURM pre-empts): checkpoints and best weights stay, no results.json.
+        original = finetune.build_trainer
+        monkeypatch.setattr(
+            finetune, "build_trainer", lambda *a, **k: original(*a, extra_callbacks=[SigtermAt(6)], **k)
+        )
+        with pytest.raises(SystemExit):
+            main(load_config(FinetuneConfig, str(TINY), common))
+        monkeypatch.setattr(finetune, "build_trainer", original)
+        assert not (out / "results.json").exists() and (out / "model.safetensors").is_file()
         ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
-        assert ckpts and all(torch.load(c, map_location="cpu", weights_only=False)["global_step"] == 6 for c in ckpts)
-        second = main(load_config(FinetuneConfig, str(TINY), common + ["trainer.max_steps=12"]))
+        states = [torch.load(c, map_location="cpu", weights_only=False) for c in ckpts]
+        assert ckpts and all(state["global_step"] == 6 for state in states)
+        best_before = states[0]["dataeff_best"]["miou"]
+        second = main(load_config(FinetuneConfig, str(TINY), common))
     finally:
         torch.set_num_threads(threads)
-    assert first["steps"] == 6 and second["steps"] == 12
-    assert first["resumed_from"] is None
+    assert second["steps"] == 12
     assert second["resumed_from"] is not None and Path(second["resumed_from"]) in ckpts
     # The resumed run kept the earlier best score as its bar (restored from the checkpoint).
-    assert second["best_val_miou"] >= first["best_val_miou"]
+    assert second["best_val_miou"] >= best_before
 
 
 @pytest.mark.gpu
