@@ -266,13 +266,13 @@ def output_lock(out: str | os.PathLike, stage: str, collective: bool = False) ->
 
 
 def locked(stage: str, collective: bool = False, key: str = "out") -> Callable[[F], F]:
-    """Decorate a stage's ``main(cfg)`` to run under :func:`output_lock` of the directory ``cfg.<key>``."""
+    """Decorate a stage's ``main(cfg, ...)`` to run under :func:`output_lock` of the directory ``cfg.<key>``."""
 
     def wrap(main: F) -> F:
         @functools.wraps(main)
-        def run(cfg: Any) -> Any:
+        def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
             with output_lock(getattr(cfg, key), stage, collective):
-                return main(cfg)
+                return main(cfg, *args, **kwargs)
 
         return run  # type: ignore[return-value]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from dataeff.constants import (
     PROVENANCE_NAME,
     SELECTION_NAME,
 )
+from dataeff.data import remote
 from dataeff.files import file_sha256, read_json, write_json_atomic
 
 log = logging.getLogger("dataeff")
@@ -84,18 +86,20 @@ def config_values(values: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[s
     return {k: v for k, v in flatten(values).items() if kept(k)}
 
 
-def _shard_dirs(spec: str) -> list[Path]:
+def _shard_dirs(spec: str) -> list[str]:
     from dataeff.data.stream import list_shards
 
-    dirs = dict.fromkeys(Path(t).parent for t in list_shards(spec))
+    dirs = dict.fromkeys(remote.parent(t) for t in list_shards(spec))
     return list(dirs)
 
 
 @functools.lru_cache(maxsize=32)
 def _index_identity(index: str, mtime_ns: int, size: int) -> str:
+    """``mtime_ns`` and ``size`` only key the cache (an object store gives no mtime: 0)."""
     import pandas as pd
 
-    frame = pd.read_parquet(index, columns=["key", "status", "sha256", "length"])
+    source = io.BytesIO(remote.read_bytes(index)) if remote.is_url(index) else index
+    frame = pd.read_parquet(source, columns=["key", "status", "sha256", "length"])
     ok = frame[frame["status"] == "ok"].sort_values("key", kind="stable")
     h = hashlib.sha256()
     for key, sha, length in zip(ok["key"], ok["sha256"], ok["length"], strict=True):
@@ -111,23 +115,30 @@ def pool_identity(spec: str) -> str:
     """
     parts = []
     for folder in _shard_dirs(spec):
-        index = folder / INDEX_NAME
-        if not index.is_file():
+        index = remote.join(folder, INDEX_NAME)
+        if not remote.is_file(index):
             raise ValueError(f"no {INDEX_NAME} in {folder}")
-        st = index.stat()
-        parts.append(_index_identity(os.fspath(index.resolve()), st.st_mtime_ns, st.st_size))
+        if remote.is_url(index):
+            parts.append(_index_identity(index, 0, remote.size(index)))
+        else:
+            st = Path(index).stat()
+            parts.append(_index_identity(os.fspath(Path(index).resolve()), st.st_mtime_ns, st.st_size))
     return parts[0] if len(parts) == 1 else digest(parts)
 
 
 def embeddings_identity(emb_dir: str | os.PathLike) -> str:
     """Identity of a complete embeddings directory: its header without how the run was laid out."""
-    header = read_json(Path(emb_dir) / EMBEDDINGS_HEADER) or {}
+    path = remote.join(emb_dir, EMBEDDINGS_HEADER)
+    header = json.loads(remote.read_text(path)) if remote.is_file(path) else {}
     return digest({k: v for k, v in header.items() if k not in ("world_size", "files", "shards")})
 
 
 def selection_identity(selection_dir: str | os.PathLike) -> str:
     """sha256 of a selection's ``selection.parquet`` ('' for no selection)."""
-    return file_sha256(Path(selection_dir) / SELECTION_NAME) if selection_dir else ""
+    if not selection_dir:
+        return ""
+    path = remote.join(selection_dir, SELECTION_NAME)
+    return hashlib.sha256(remote.read_bytes(path)).hexdigest() if remote.is_url(path) else file_sha256(path)
 
 
 def path_identity(path: str | os.PathLike) -> str:

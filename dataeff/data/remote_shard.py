@@ -45,6 +45,12 @@ def _sparse(path: Path, size: int) -> None:
         fh.truncate(size)
 
 
+def placeholder_intact(staging: Path, info: dict) -> bool:
+    """A finished tar in staging is a placeholder of its journalled size (``mirror`` checked the remote size)."""
+    tar = staging / info["file"]
+    return tar.is_file() and tar.stat().st_size == info["bytes"]
+
+
 def mirror(url: str, name: str, staging: Path) -> None:
     """Rebuild ``staging`` from what ``url`` holds: completed outputs and the uploaded, journalled shards."""
     shutil.rmtree(staging, ignore_errors=True)
@@ -53,6 +59,10 @@ def mirror(url: str, name: str, staging: Path) -> None:
     for fname in (SUMMARY_NAME, INDEX_NAME):
         if fname in top:
             (staging / fname).write_bytes(remote.read_bytes(remote.join(url, fname)))
+    if SUMMARY_NAME in top:  # a finished set: its tars stand in as placeholders where the remote size matches
+        for info in json.loads((staging / SUMMARY_NAME).read_text()).get("shards", []):
+            if info["file"] in top and remote.size(remote.join(url, info["file"])) == info["bytes"]:
+                _sparse(staging / info["file"], info["bytes"])
     parts = remote.list_names(remote.join(url, _PARTS)) or []
     if "plan.json" in parts:
         (staging / _PARTS / "plan.json").write_bytes(remote.read_bytes(remote.join(url, _PARTS, "plan.json")))
@@ -122,7 +132,11 @@ def main(cfg: ShardConfig) -> dict:
     mirror(url, name, staging)
     uploader = Uploader(url, staging)
     try:
-        summary = shard.main(dataclasses.replace(cfg, out=str(staging), name=name), on_shard=uploader.shard_done)
+        summary = shard.main(
+            dataclasses.replace(cfg, out=str(staging), name=name),
+            on_shard=uploader.shard_done,
+            intact=placeholder_intact,
+        )
     except ConfigError as exc:
         raise ConfigError(str(exc).replace(str(staging), url)) from None
     uploader.finish(cfg, summary)

@@ -514,7 +514,7 @@ def _intact(out: Path, info: dict) -> bool:
     return "sha256" not in info or file_sha256(tar) == info["sha256"]
 
 
-def _resume(out: Path, name: str) -> tuple[list[dict], list[dict], int]:
+def _resume(out: Path, name: str, intact: Callable[[Path, dict], bool]) -> tuple[list[dict], list[dict], int]:
     """Rows, shard infos and next input position of the journalled shards, in order.
 
     A shard counts as done when its journal exists and its tar has the journalled size
@@ -530,7 +530,7 @@ def _resume(out: Path, name: str) -> tuple[list[dict], list[dict], int]:
         if not journal.is_file() or not tar.is_file():
             break
         rec = json.loads(journal.read_text())
-        if not _intact(out, rec["shard"]):
+        if not intact(out, rec["shard"]):
             break
         rows += restore_rows(rec["rows"])
         shards.append(rec["shard"])
@@ -562,8 +562,15 @@ def _summary(rows: list[dict], shards: list[dict], cfg: ShardConfig, name: str, 
 
 
 @locked("shard")
-def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> dict:
+def main(
+    cfg: ShardConfig,
+    on_shard: Callable[[Path], None] | None = None,
+    intact: Callable[[Path, dict], bool] | None = None,
+) -> dict:
     """Shard ``cfg.src`` into ``cfg.out``; resume a killed run; skip a finished one.
+
+    ``on_shard`` is called with each finished, journalled tar; ``intact`` replaces the
+    size + sha256 check of a finished tar (for tars whose bytes live elsewhere).
 
     Returns:
         the summary (also written to ``<out>/summary.json``).
@@ -573,6 +580,7 @@ def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> di
             inputs or settings and ``overwrite`` is false.
     """
     src, out = Path(cfg.src), Path(cfg.out)
+    intact = intact or _intact
     if not src.is_dir():
         raise ConfigError(f"src={cfg.src}: no such directory; give the folder of raw images to shard")
     name = cfg.name or out.resolve().name
@@ -594,7 +602,7 @@ def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> di
             done = json.loads(summary_path.read_text())
             shas = pd.read_parquet(out / INDEX_NAME, columns=["sha256"])["sha256"].fillna("").tolist()
             changed = _sources_changed(src, files, shas, cfg)
-            damaged = next((s["file"] for s in done["shards"] if not _intact(out, s)), None)
+            damaged = next((s["file"] for s in done["shards"] if not intact(out, s)), None)
             if not changed and damaged is None:
                 shutil.rmtree(out / _PARTS, ignore_errors=True)  # killed between the summary and this cleanup
                 log.info(
@@ -628,7 +636,7 @@ def main(cfg: ShardConfig, on_shard: Callable[[Path], None] | None = None) -> di
     if not plan_path.is_file():
         plan = {"format": SHARDS_FORMAT, "signature": signature, "num_files": len(files), "config": _settings(cfg)}
         _write_json(plan_path, plan)
-    done_rows, done_shards, start = _resume(out, name)
+    done_rows, done_shards, start = _resume(out, name, intact)
     if start and _sources_changed(src, files, [r.get("sha256") or "" for r in done_rows], cfg):
         _drop_shards(out, name, 0)
         done_rows, done_shards, start = [], [], 0
