@@ -10,6 +10,12 @@ Layouts (``find_pairs``):
 Masks: with 2 classes a mask is read as grayscale and thresholded at 128 -> {0, 1};
 with more classes it must be an index (``L``/``P``) image whose values are class ids.
 
+Decoding (:mod:`dataeff.data.decode`, shared with ``dataeff shard``): TIFFs through tifffile
+(RGB data labelled MinIsBlack, 16-bit, multi-page: the first page), 16-bit images scaled to
+8 bits, and EXIF orientation applied to images and masks alike. :func:`pair_problems` decodes
+every pair in full when the dataset is scanned, so an unreadable file stops a run before any
+training or output, with the list of files.
+
 Splits (``split_pairs``, ``split_groups``): seeded train/val/test lists of stems. When the
 images come in groups (frames of one video, images of one patient), ``split_groups`` puts
 whole groups in one part, so no group is seen in training and scored in test (frames of a
@@ -35,6 +41,7 @@ from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from dataeff.constants import IMAGENET_MEAN, IMAGENET_STD, SPLIT_FORMAT, SPLIT_FORMATS_READ
+from dataeff.data.decode import decoded_size, read_image, read_rgb
 from dataeff.files import write_json_atomic
 
 SUPPORTED_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -290,13 +297,30 @@ def write_split(split: dict[str, Any], path: str | os.PathLike) -> None:
     write_json_atomic(path, split, indent=1)
 
 
+def pair_problems(root: str | os.PathLike, pairs: Sequence[tuple[str, Path, Path]]) -> list[str]:
+    """One line per pair that training could not read: a file that does not decode in full
+    (named relative to ``root``, with the error type), or a mask whose size differs from its
+    image's (both upright, as the reader sees them). Empty when every pair is usable."""
+    problems = []
+    for stem, image, mask in pairs:
+        sizes = []
+        for path in (image, mask):
+            try:
+                sizes.append(decoded_size(path))
+            except Exception as exc:  # PIL and tifffile raise many types for a damaged file
+                problems.append(f"{Path(path).relative_to(root)} cannot be decoded ({type(exc).__name__})")
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            problems.append(f"pair {stem!r} has image size {sizes[0]} but mask size {sizes[1]}")
+    return problems
+
+
 def read_mask(path: str | os.PathLike, num_classes: int) -> np.ndarray:
     """A mask as class ids.
 
     Shape:
         output: (H, W) int64 in [0, num_classes).
     """
-    image = Image.open(path)
+    image = read_image(path, values=True)
     if num_classes == 2:
         return (np.asarray(image.convert("L")) >= 128).astype(np.int64)
     if image.mode not in ("L", "P", "I;16", "I"):
@@ -354,7 +378,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         stem, image_path, mask_path = self.pairs[i]
-        image = Image.open(image_path).convert("RGB")
+        image = read_rgb(image_path)
         mask = read_mask(mask_path, self.num_classes)
         if mask.shape != (image.height, image.width):
             raise ValueError(f"{mask_path}: mask {mask.shape[::-1]} and image {image.size} sizes differ")
