@@ -20,7 +20,9 @@ Splits (``split_pairs``, ``split_groups``): seeded train/val/test lists of stems
 images come in groups (frames of one video, images of one patient), ``split_groups`` puts
 whole groups in one part, so no group is seen in training and scored in test (frames of a
 video are near-duplicates: sharing them inflates test scores). Groups are declared by
-``data.groups`` (``read_groups``) and recorded in ``split.json``.
+``data.groups`` (``read_groups``: a pattern, a CSV, or the ``index.parquet`` of the shard set
+the images were exported from, whose ``group`` column names each frame's video) and recorded
+in ``split.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
-from dataeff.constants import IMAGENET_MEAN, IMAGENET_STD, SPLIT_FORMAT, SPLIT_FORMATS_READ
+from dataeff.constants import IMAGENET_MEAN, IMAGENET_STD, INDEX_NAME, SPLIT_FORMAT, SPLIT_FORMATS_READ
 from dataeff.data.decode import decoded_size, read_image, read_rgb
 from dataeff.files import write_json_atomic
 
@@ -135,7 +137,9 @@ def read_groups(spec: str, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str,
     Args:
         spec: ``regex:<pattern>`` — searched in each image stem (anchor with ``^``/``$`` as
             needed); its first capture group is the group — or the path of a CSV with
-            columns ``file`` (image file name or stem) and ``group``.
+            columns ``file`` (image file name or stem) and ``group`` — or a shard directory or
+            its ``index.parquet`` (``dataeff-shards/4``): each image stem is a sample key there
+            (frames exported from the shards for annotation) and its ``group`` the group.
         pairs: ``(stem, image_path, mask_path)`` from :func:`find_pairs`.
 
     Returns:
@@ -160,8 +164,10 @@ def read_groups(spec: str, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str,
             out[stem] = match.group(1)
         return out
     path = Path(spec)
+    if path.is_dir() or path.suffix == ".parquet":
+        return _index_groups(spec, path / INDEX_NAME if path.is_dir() else path, pairs)
     if not path.is_file():
-        raise ValueError(f"data.groups={spec!r}: neither 'regex:<pattern>' nor an existing CSV file")
+        raise ValueError(f"data.groups={spec!r}: neither 'regex:<pattern>', a shard index, nor an existing CSV file")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if not {"file", "group"} <= set(reader.fieldnames or ()):
@@ -174,6 +180,27 @@ def read_groups(spec: str, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str,
             raise ValueError(f"data.groups={spec}: image {image.name} has no group in the CSV (by file name or stem)")
         out[stem] = group
     return out
+
+
+def _index_groups(spec: str, path: Path, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str, str]:
+    """stem -> ``group`` of the shard index row whose key is the stem (see :func:`read_groups`)."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise ValueError(f"data.groups={spec}: no {INDEX_NAME} there; give a shard directory or its index")
+    index = pd.read_parquet(path)
+    if not {"key", "group"} <= set(index.columns):
+        raise ValueError(
+            f"data.groups={spec}: {path} has no group column (written before dataeff-shards/4); re-shard, "
+            "or give a CSV (file,group)"
+        )
+    group_of = dict(zip(index["key"], index["group"], strict=True))
+    missing = [stem for stem, _, _ in pairs if stem not in group_of]
+    if missing:
+        raise ValueError(
+            f"data.groups={spec}: {len(missing)} image stem(s) are not sample keys of {path}, e.g. {missing[0]!r}"
+        )
+    return {stem: str(group_of[stem]) for stem, _, _ in pairs}
 
 
 def _targets(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:

@@ -12,16 +12,20 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from dataeff.data.decode import array_image
+from dataeff.data.decode import array_image, tiff_page_count, tiff_pages
 from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, long_side_size
 
-__all__ = ["Frame", "FrameOptions", "Sampler", "MediaRejected", "frame_key", "inspect_frames", "rejected"]
+__all__ = [
+    "Frame", "FrameOptions", "FrameSource", "Sampler", "TiffPages", "MediaRejected", "frame_key", "inspect_frames",
+    "rejected",
+]  # fmt: skip
 
 
 class MediaRejected(Exception):
@@ -81,6 +85,39 @@ class Sampler:
             self.slot = slot
         self.kept += 1
         return True
+
+
+class FrameSource(Protocol):
+    """A multi-frame file: iterating yields its kept frames (or raises :class:`MediaRejected` when
+    none decodes); afterwards ``lost`` counts the frames that failed."""
+
+    lost: int
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+
+class TiffPages:
+    """A multi-page TIFF's pages as frames (no timing); a damaged page ends the file, the rest counted lost."""
+
+    def __init__(self, data: bytes, opts: FrameOptions):
+        self.data, self.sampler, self.lost = data, Sampler(opts), 0
+
+    def __iter__(self) -> Iterator[Frame]:
+        pages = tiff_pages(self.data)
+        index = 0
+        while not self.sampler.full:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except Exception:  # tifffile raises many types for a damaged page
+                if index == 0:
+                    raise MediaRejected("truncated") from None
+                self.lost = max(tiff_page_count(self.data) - index, 1)
+                return
+            if self.sampler.wants(index, math.nan):
+                yield Frame(index, math.nan, page)
+            index += 1
 
 
 def frame_key(base: str, index: int) -> str:

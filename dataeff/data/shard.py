@@ -52,10 +52,10 @@ from dataeff.constants import (
     SIGNATURE_KEYS,
     SUMMARY_NAME,
 )
-from dataeff.data.decode import is_tiff, tiff_page_count, tiff_pages
+from dataeff.data.decode import is_tiff, tiff_page_count
 from dataeff.data.dicom import DicomConfig, DicomInstance, is_dicom, require_pydicom
-from dataeff.data.frames import Frame, FrameOptions, MediaRejected, Sampler, inspect_frames, rejected
-from dataeff.data.keys import IMAGE_EXTENSIONS, is_image_name, make_key
+from dataeff.data.frames import FrameOptions, FrameSource, MediaRejected, TiffPages, inspect_frames, rejected
+from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key
 from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits
 from dataeff.data.video import VideoConfig, VideoFrames, require_av
 from dataeff.files import save_resolved, write_atomic, write_json_atomic
@@ -199,7 +199,7 @@ def _read(path: str, rel: str, opts: InspectOptions) -> bytes | Inspected:
 
 
 def _frames(
-    rel: str, source: Any, opts: InspectOptions, key_base: str, group: str, lossy: bool, size: int
+    rel: str, source: FrameSource, opts: InspectOptions, key_base: str, group: str, lossy: bool, size: int
 ) -> list[Inspected]:
     """The frames of a multi-frame ``source`` as samples, plus a ``frames_lost:<n>`` row when some failed;
     the file's one rejected row when no frame decodes."""
@@ -213,30 +213,6 @@ def _frames(
     for item in items:
         item.row.setdefault("group", group)
     return items
-
-
-class _TiffPages:
-    """A multi-page TIFF's pages as frames (no timing), counting the pages that fail to decode."""
-
-    def __init__(self, data: bytes, fopts: FrameOptions):
-        self.data, self.sampler, self.lost = data, Sampler(fopts), 0
-
-    def __iter__(self) -> Any:
-        pages = tiff_pages(self.data)
-        index = 0
-        while not self.sampler.full:
-            try:
-                page = next(pages)
-            except StopIteration:
-                return
-            except Exception:  # a damaged page ends the file: what is left is lost
-                self.lost = max(tiff_page_count(self.data) - index, 1)
-                if index == 0:
-                    raise MediaRejected("truncated") from None
-                return
-            if self.sampler.wants(index, float("nan")):
-                yield Frame(index, float("nan"), page)
-            index += 1
 
 
 def inspect_source(path: str | os.PathLike, rel: str, opts: InspectOptions, fopts: FrameOptions) -> list[Inspected]:
@@ -254,7 +230,7 @@ def inspect_source(path: str | os.PathLike, rel: str, opts: InspectOptions, fopt
             size = os.path.getsize(path)
         except OSError:
             size = 0
-        items = _frames(rel, VideoFrames(path, fopts), opts, make_key(rel), rel, True, size)
+        items = _frames(rel, VideoFrames(path, fopts), opts, make_key(rel), display_path(rel), True, size)
     else:
         data = _read(path, rel, opts)
         if isinstance(data, Inspected):
@@ -267,7 +243,7 @@ def inspect_source(path: str | os.PathLike, rel: str, opts: InspectOptions, fopt
             else:
                 items = _frames(rel, instance, opts, instance.key_base, instance.group, False, len(data))
         elif is_tiff(data) and is_image_name(rel, opts.extensions) and tiff_page_count(data) > 1:
-            items = _frames(rel, _TiffPages(data, fopts), opts, make_key(rel), rel, False, len(data))
+            items = _frames(rel, TiffPages(data, fopts), opts, make_key(rel), display_path(rel), False, len(data))
         else:
             items = [inspect_bytes(data, rel, opts)]
     for item in items:

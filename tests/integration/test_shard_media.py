@@ -213,3 +213,29 @@ def test_no_patient_identifier_reaches_any_output(dicom_tree: Path, tmp_path: Pa
         for variant in {value, value.replace("^", " "), value.split("^")[0]}:
             leaks = [name for name, blob in blobs.items() if variant.encode() in blob]
             assert not leaks, f"{variant!r} found in {leaks}"
+
+
+def test_frames_exported_for_annotation_split_by_their_video(video_tree: Path, tmp_path: Path) -> None:
+    """data.groups=<shard dir>: downstream images named by sample key are grouped by the index's group."""
+    from dataeff.data import downstream
+
+    out = tmp_path / "shards"
+    main(_cfg(video_tree, out))
+    members = _members(out)
+    ok = _index(out).query("status == 'ok' and frame >= 0")
+    root = tmp_path / "annotated"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for key in ok["key"]:
+        (root / "images" / f"{key}.jpg").write_bytes(members[f"{key}.jpg"])
+        Image.new("L", (96, 72)).save(root / "masks" / f"{key}.png")
+    pairs = downstream.find_pairs(root, "generic")
+    group_of = downstream.read_groups(str(out), pairs)
+    assert group_of == dict(zip(ok["key"], ok["group"], strict=True))
+    split = downstream.split_groups(group_of, 0.25, 0.25, seed=0, spec=str(out))
+    parts = {part: {group_of[s] for s in split[part]} for part in ("train", "val", "test")}
+    assert all(parts[a].isdisjoint(parts[b]) for a, b in (("train", "val"), ("train", "test"), ("val", "test")))
+    (root / "images" / "stray.jpg").write_bytes(members[f"{ok['key'].iloc[0]}.jpg"])
+    (root / "masks" / "stray.png").write_bytes((root / "masks" / f"{ok['key'].iloc[0]}.png").read_bytes())
+    with pytest.raises(ValueError, match="not sample keys.*'stray'"):
+        downstream.read_groups(str(out / INDEX_NAME), downstream.find_pairs(root, "generic"))
