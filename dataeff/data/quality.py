@@ -29,9 +29,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from dataeff.constants import QUALITY_KEYS, SIGNATURE_KEYS
-from dataeff.data.decode import UnreadableMode, exif_orientation, open_image, orient, swaps_sides
-from dataeff.data.decode import to_rgb as to_rgb  # re-export: callers convert with the shard's rules
-from dataeff.data.decode import wide_to_uint8 as wide_to_uint8
+from dataeff.data.decode import UnreadableMode, exif_orientation, open_image, orient, swaps_sides, to_rgb
+from dataeff.data.decode import wide_to_uint8 as wide_to_uint8  # re-export: its home before decode.py
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key, site_of
 from dataeff.data.signatures import GRAY_SIDE, gray_base, image_signature
 from dataeff.data.signatures import gray_thumbnail as gray_thumbnail  # re-export: mosaics compute stats with it
