@@ -245,7 +245,7 @@ def write_video(path: Path, frames: list[bytes]) -> None:
 
     Deterministic: one encoder thread; the encoder's default of no B-frames keeps decode order = frame order.
     """
-    av = require_av()
+    av = require_av("set n_video_files=0 for a pool of image files only")
     first = Image.open(io.BytesIO(frames[0]))
     size = (first.width // 2 * 2, first.height // 2 * 2)
     with av.open(str(path), "w", format="mp4") as out:

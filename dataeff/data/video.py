@@ -25,15 +25,12 @@ __all__ = ["VideoConfig", "VideoFrames", "require_av"]
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 
 
-def require_av() -> Any:
-    """The ``av`` module (PyAV), or a ConfigError saying how to install it."""
+def require_av(instead: str = "set video.extensions=[] to list video files as unsupported_extension") -> Any:
+    """The ``av`` module (PyAV), or a ConfigError saying how to install it or what to do ``instead``."""
     try:
         import av
     except ImportError:
-        raise ConfigError(
-            "reading videos needs PyAV: pip install 'dataeff[video]' (or set video.extensions=[] to "
-            "list video files as unsupported_extension)"
-        ) from None
+        raise ConfigError(f"videos need PyAV: pip install 'dataeff[video]', or {instead}") from None
     return av
 
 

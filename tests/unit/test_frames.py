@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -120,3 +121,15 @@ def test_group_coverage_of_an_index_without_groups_takes_each_source() -> None:
     index = pd.DataFrame({"key": ["a", "b"], "source": ["a.jpg", "b.jpg"], "status": ["ok", "ok"]})
     frame = _selection(["a", "b"], [True, False], ["kept", "redundant_of:a"])
     assert group_coverage(frame, index) == {"pool": 2, "kept": 1, "redundant_same_group": 0, "redundant_other_group": 1}
+
+
+@pytest.mark.parametrize(("module", "name", "extra"), [("av", "clip.mp4", "video"), ("pydicom", "ct.dcm", "dicom")])
+def test_a_missing_reader_is_a_config_error_before_any_output(tmp_path, monkeypatch, module, name, extra) -> None:
+    from dataeff.data.shard import ShardConfig, main
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as when the extra is not installed
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / name).write_bytes(b"\0" * 64)
+    with pytest.raises(ConfigError, match=rf"pip install 'dataeff\[{extra}\]'"):
+        main(ShardConfig(src=str(tmp_path / "src"), out=str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out").exists()
