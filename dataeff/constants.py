@@ -8,7 +8,9 @@ from __future__ import annotations
 
 # --------------------------------------------------------------------------- format ids
 # Bump the number when a reader of the old layout would misread the new one.
-SHARDS_FORMAT = "dataeff-shards/3"
+# /4 adds the frame provenance columns group, frame, timestamp, orientation; /3 indexes are still
+# read (each row its own group, no frames).
+SHARDS_FORMAT = "dataeff-shards/4"
 EMBEDDINGS_FORMAT = "dataeff-embeddings/1"
 SELECTION_FORMAT = "dataeff-selection/1"
 # /2 adds "groups" (the groups of a group-aware split, or null); /1 files are still read.
@@ -67,6 +69,18 @@ QUALITY_REASONS = ("dark", "overexposed", "blank", "blurred")
 EMBEDDING_REASONS = ("outlier", "small_cluster")
 #: Shard-time rejection reasons in ``index.parquet``.
 REJECT_REASONS = ("truncated", "not_an_image", "too_small", "decompression_bomb")
+#: Index reasons of multi-frame inputs (videos, DICOM): a whole file refused, or the index
+#: row of a partly decoded file counting its lost frames (``frames_lost:<n>``, status rejected).
+VIDEO_UNDECODABLE = "video_undecodable"
+DICOM_UNREADABLE = "dicom_unreadable"
+DICOM_NO_PIXELS = "dicom_no_pixels"
+DICOM_UNSUPPORTED_SYNTAX = "dicom_unsupported_transfer_syntax"
+FRAMES_LOST_PREFIX = "frames_lost:"
+#: Index columns of frame provenance (since ``dataeff-shards/4``): the group a sample belongs to
+#: (its video, its DICOM study, or for a still image its own source path), the frame number in
+#: its file (-1 for a still image), its time in seconds (null when unknown), and the EXIF
+#: orientation its pixels were turned by (1 = as stored).
+PROVENANCE_KEYS = ("group", "frame", "timestamp", "orientation")
 #: Index reason of a byte-identical copy of an earlier file (status ``duplicate``).
 DUPLICATE_PREFIX = "exact_duplicate_of:"
 #: ``dataeff index`` rejections: a WebDataset sample without a jpg/png/webp member, a key seen before.

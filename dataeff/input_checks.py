@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
-
 from dataeff.config import ConfigError, DataConfig, first_line
 from dataeff.constants import SUMMARY_NAME
 from dataeff.data import downstream, remote
@@ -98,20 +96,17 @@ def check_stream_data(cfg: DataConfig) -> None:
     check_selection(cfg.selection, tars, keys, cfg.shards, "data.selection")
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """Width and height from the header; ``verify`` also walks a PNG's chunks and checks their CRCs."""
-    with Image.open(path) as image:
-        size = image.size
-        image.verify()
-    return size
+#: Unusable pairs named in one error message; the rest are counted.
+_LISTED = 10
 
 
 def check_downstream(root: str, layout: str, key: str, groups: str = "") -> list[tuple[str, Path, Path]]:
     """The image/mask pairs of a downstream folder, each readable and of matching sizes.
 
-    Only headers are read (a fully decoded 1000-pair set would cost seconds per fine-tune);
-    a file whose header PIL cannot parse, or a mask whose size differs from its image's, is
-    refused here instead of stopping training at that pair.
+    Every file is decoded in full as training will read it (``downstream.pair_problems``:
+    TIFFs through tifffile, JPEGs with DCT scaling, which still reads every coded block), so
+    a damaged or unsupported file, or a mask whose size differs from its image's, stops the
+    run here with the list of them, instead of stopping training at that pair.
 
     Args:
         root: the dataset folder (``data.root``).
@@ -124,8 +119,8 @@ def check_downstream(root: str, layout: str, key: str, groups: str = "") -> list
         ``(stem, image_path, mask_path)`` of every pair, sorted by stem.
 
     Raises:
-        ConfigError: a missing folder, unpaired or no files, an undecodable file, a size
-            mismatch, or a groups spec that does not cover every pair.
+        ConfigError: a missing folder, unpaired or no files, undecodable files or size
+            mismatches (listed), or a groups spec that does not cover every pair.
     """
     if not root:
         raise ConfigError(f"{key} is empty: give the downstream dataset, {_LAYOUT_HINT}")
@@ -135,21 +130,13 @@ def check_downstream(root: str, layout: str, key: str, groups: str = "") -> list
         pairs = downstream.find_pairs(root, layout)
     except ValueError as exc:
         raise ConfigError(f"{key}={root}: {first_line(exc)}") from None
-    for stem, image, mask in pairs:
-        sizes = []
-        for path in (image, mask):
-            try:
-                sizes.append(_image_size(path))
-            except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for unreadable files
-                raise ConfigError(
-                    f"{key}={root}: {path.relative_to(root)} cannot be decoded ({type(exc).__name__}); "
-                    f"replace or remove the pair {stem!r}"
-                ) from None
-        if sizes[0] != sizes[1]:
-            raise ConfigError(
-                f"{key}={root}: pair {stem!r} has image size {sizes[0]} but mask size {sizes[1]}; "
-                "fix the mask or remove the pair"
-            )
+    problems = downstream.pair_problems(root, pairs)
+    if problems:
+        more = f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+        raise ConfigError(
+            f"{key}={root}: {len(problems)} unusable image/mask file(s): {'; '.join(problems[:_LISTED])}{more}; "
+            "replace or remove those pairs"
+        )
     if groups:
         try:
             downstream.read_groups(groups, pairs)

@@ -43,6 +43,7 @@ from dataeff.config import ConfigError, EncoderConfig, option
 from dataeff.constants import CONFIG_NAME, OVERLAP_FORMAT, SHARDS_FORMAT, SIGNATURE_KEYS, SUMMARY_NAME
 from dataeff.data import remote
 from dataeff.data import signatures as sig
+from dataeff.data.decode import read_rgb
 from dataeff.data.downstream import LAYOUTS, SUPPORTED_EXTS, detect_layout
 from dataeff.data.stream import eval_transform, list_shards, read_index, shard_keys
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
@@ -146,12 +147,6 @@ def pool_signatures(index: pd.DataFrame, keys: np.ndarray) -> dict[str, np.ndarr
     return {"keys": np.asarray(keys, dtype=str), "pixel_sha": sha, "phash": phash, "thumbs": thumbs}
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
-
-
 def scan_dataset(
     name: str, root: str, layout: str, embed: Callable[[list[Image.Image]], np.ndarray], batch: int
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -188,7 +183,7 @@ def scan_dataset(
             continue
         try:
             row["byte_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-            image = _open_rgb(path)
+            image = read_rgb(path)
         except Exception as exc:  # PIL raises many types for corrupt data
             row.update(status="unreadable", reason=f"{exc.__class__.__name__}: {exc}")
             continue
@@ -299,7 +294,7 @@ def _draw_sheet(out: Path, matches: pd.DataFrame, roots: dict[str, str], index: 
     pool_images = load_images(set(shown["pool_key"]), index) if len(shown) else {}
     pairs = [
         (
-            _open_rgb(Path(roots[r.dataset]) / r.file),
+            read_rgb(Path(roots[r.dataset]) / r.file),
             pool_images.get(r.pool_key),
             f"{r.kind} ({r.signals})\n{r.dataset}/{r.file}\npool {r.pool_key}\n"
             f"phash d={r.phash_distance}  thumb r={r.thumb_corr:.3f}  cos={r.cosine:.4f}",

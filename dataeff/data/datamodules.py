@@ -275,7 +275,8 @@ class SegmentationDataConfig:
     groups: str = option(
         "",
         help="images that must stay in one split part (video, patient): 'regex:<pattern>' whose first capture "
-        "group, searched in the image stem, is the group; or a CSV with columns file (name or stem), group",
+        "group, searched in the image stem, is the group; a CSV with columns file (name or stem), group; or a "
+        "shard directory whose index maps each image stem (a sample key) to its group (the video)",
     )
     num_classes: int = option(2, help="2 = binary masks thresholded at 128; more = index masks of class ids")
     augment: bool = option(True, help="random resized crop + flips on training pairs")

@@ -10,8 +10,13 @@ one seed:
   near-duplicates of some frames next to them (small shift, zoom crop, brightness
   change, lower-quality re-encode), invalid frames (black, over-exposed, blurred),
   truncated files and non-image files named ``.jpg``;
-- ``<out>/pool_truth.csv`` (``dataeff-truth/1``): what was planted in each pool file, so
-  that a selection's drops can be scored (``dataeff select audit.truth=...``).
+- ``<out>/pool/<centre>/<video>.mp4``: ``n_video_files`` of those videos as real video files
+  (MPEG-4 Part 2, every frame resized to the video's first frame; planted frames included),
+  so sharding exercises frame extraction; the video's truncated and non-image files stay
+  in its folder;
+- ``<out>/pool_truth.csv`` (``dataeff-truth/1``): what was planted in each pool file (a
+  video frame named ``<video>.mp4#<frame>``), so that a selection's drops can be scored
+  (``dataeff select audit.truth=...``).
 
 Frame names say nothing about what was planted. Everything is built under
 ``<out>/.build`` and renamed into place; ``pool_truth.csv`` comes last and marks the
@@ -35,6 +40,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from dataeff.config import ConfigError, option, to_dict
 from dataeff.constants import DEMO_FORMAT, SPLIT_FORMAT, SPLIT_NAME, SUMMARY_NAME, TRUTH_NAME
+from dataeff.data.video import require_av
 from dataeff.files import save_resolved
 from dataeff.lock import locked
 
@@ -71,13 +77,16 @@ class DemoDataConfig:
     n_not_image: int = option(5, help="planted non-image files named .jpg")
     n_centres: int = option(4, help="centre folders of the pool")
     video_length: int = option(20, help="mean original frames per video folder")
+    n_video_files: int = option(3, help="videos of the pool written as .mp4 files instead of frame folders")
     overwrite: bool = option(False, help="rebuild an output made with other settings")
 
     def __post_init__(self) -> None:
         for key in ("n_downstream", "n_centres", "video_length"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
-        for key in ("n_val", "n_test", "n_pool", "n_near_duplicates", "n_invalid", "n_truncated", "n_not_image"):
+        for key in (
+            "n_val", "n_test", "n_pool", "n_near_duplicates", "n_invalid", "n_truncated", "n_not_image", "n_video_files"
+        ):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if self.n_val + self.n_test >= self.n_downstream:
@@ -200,6 +209,58 @@ def render(entry: dict, source: bytes) -> bytes:
     raise ValueError(f"unknown planted kind {kind!r}")
 
 
+#: Frames of a frame folder that stay files when the folder becomes a video (no picture to film).
+_NOT_FILMED = ("truncated", "not_image")
+_VIDEO_RATE = 25
+
+
+def film_videos(entries: list[dict], n_videos: int, seed: int) -> dict[str, str]:
+    """Pick ``n_videos`` frame folders to write as videos; map each filmed frame's path to its name in one.
+
+    The picks come from their own seeded stream, so the rest of the pool (and its planted
+    defects) is the same with or without videos.
+
+    Returns:
+        pool path of each filmed frame -> ``<folder>.mp4#<frame>`` (frames numbered in path order).
+    """
+    folders = sorted({e["path"].rsplit("/", 1)[0] for e in entries})
+    rng = np.random.default_rng([seed, 1])
+    picked = {folders[i] for i in rng.choice(len(folders), size=min(n_videos, len(folders)), replace=False)}
+    names: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for e in entries:  # path order = frame order
+        folder = e["path"].rsplit("/", 1)[0]
+        if folder in picked and e["kind"] not in _NOT_FILMED:
+            names[e["path"]] = f"{folder}.mp4#{count.get(folder, 0)}"
+            count[folder] = count.get(folder, 0) + 1
+    return names
+
+
+def _video_of(path: str) -> str:
+    """The video (frame folder, or video file without its extension) a pool path belongs to."""
+    return path.split("#")[0].removesuffix(".mp4") if "#" in path else path.rsplit("/", 1)[0]
+
+
+def write_video(path: Path, frames: list[bytes]) -> None:
+    """Encode JPEG ``frames`` as an MPEG-4 Part 2 video, each resized to the first frame's (even) size.
+
+    Deterministic: one encoder thread; the encoder's default of no B-frames keeps decode order = frame order.
+    """
+    av = require_av("set n_video_files=0 for a pool of image files only")
+    first = Image.open(io.BytesIO(frames[0]))
+    size = (first.width // 2 * 2, first.height // 2 * 2)
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=_VIDEO_RATE)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.thread_count, stream.bit_rate = 1, 4_000_000  # about 8 bits/pixel: near the JPEG frames' quality
+        for data in frames:
+            img = Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
 # --------------------------------------------------------------------------- shell
 
 
@@ -240,14 +301,25 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
     (tmp / "downstream" / SPLIT_NAME).write_text(json.dumps(split, indent=1) + "\n")
 
     entries = plan_pool(pool_stems, cfg, rng)
+    filmed = film_videos(entries, cfg.n_video_files, cfg.seed)
     cache: dict[str, bytes] = {}
+    videos: dict[str, list[bytes]] = {}
     for entry in entries:
         stem = entry["stem"]
         if stem and stem not in cache:
             cache[stem] = (src / "images" / f"{stem}.jpg").read_bytes()
+        data = render(entry, cache.get(stem, b""))
+        if entry["path"] in filmed:
+            videos.setdefault(filmed[entry["path"]].split("#")[0], []).append(data)
+            continue
         dest = tmp / "pool" / entry["path"]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(render(entry, cache.get(stem, b"")))
+        dest.write_bytes(data)
+    for name, frames in sorted(videos.items()):
+        (tmp / "pool" / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(tmp / "pool" / name, frames)
+    for entry in entries:
+        entry["path"], entry["twin"] = filmed.get(entry["path"], entry["path"]), filmed.get(entry["twin"], entry["twin"])
     with open(tmp / TRUTH_NAME, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["source", "planted", "kind", "twin"])
@@ -259,11 +331,13 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
     return {
         "format": DEMO_FORMAT,
         "downstream": {k: len(split[k]) for k in ("train", "val", "test")},
-        "pool_files": len(entries),
+        "pool_files": len(entries) - len(filmed) + len(videos),
+        "pool_frames": len(entries),
+        "video_files": sorted(videos),
         "pool_sources": sorted({e["stem"] for e in entries if e["stem"]}),
         "pool_kinds": dict(sorted(counts.items())),
         "centres": sorted({e["path"].split("/")[0] for e in entries}),
-        "videos": len({e["path"].rsplit("/", 1)[0] for e in entries}),
+        "videos": len({_video_of(e["path"]) for e in entries}),
         "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite")},
     }
 
@@ -306,8 +380,9 @@ def _print(summary: dict, out: Path) -> None:
     print(
         f"demo data in {out}:\n"
         f"  downstream: {sum(d.values())} image/mask pairs (train {d['train']}, val {d['val']}, test {d['test']})\n"
-        f"  pool: {summary['pool_files']} files from {len(summary['pool_sources'])} source images in "
-        f"{len(summary['centres'])} centres, {summary['videos']} videos\n"
+        f"  pool: {summary['pool_frames']} frames in {summary['pool_files']} files from "
+        f"{len(summary['pool_sources'])} source images in {len(summary['centres'])} centres, {summary['videos']} "
+        f"videos ({len(summary['video_files'])} as video files)\n"
         f"  planted: {kinds}\n"
         f"  truth: {out / TRUTH_NAME}"
     )

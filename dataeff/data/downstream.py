@@ -10,11 +10,19 @@ Layouts (``find_pairs``):
 Masks: with 2 classes a mask is read as grayscale and thresholded at 128 -> {0, 1};
 with more classes it must be an index (``L``/``P``) image whose values are class ids.
 
+Decoding (:mod:`dataeff.data.decode`, shared with ``dataeff shard``): TIFFs through tifffile
+(RGB data labelled MinIsBlack, 16-bit, multi-page: the first page), 16-bit images scaled to
+8 bits, and EXIF orientation applied to images and masks alike. :func:`pair_problems` decodes
+every pair in full when the dataset is scanned, so an unreadable file stops a run before any
+training or output, with the list of files.
+
 Splits (``split_pairs``, ``split_groups``): seeded train/val/test lists of stems. When the
 images come in groups (frames of one video, images of one patient), ``split_groups`` puts
 whole groups in one part, so no group is seen in training and scored in test (frames of a
 video are near-duplicates: sharing them inflates test scores). Groups are declared by
-``data.groups`` (``read_groups``) and recorded in ``split.json``.
+``data.groups`` (``read_groups``: a pattern, a CSV, or the ``index.parquet`` of the shard set
+the images were exported from, whose ``group`` column names each frame's video) and recorded
+in ``split.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
-from dataeff.constants import IMAGENET_MEAN, IMAGENET_STD, SPLIT_FORMAT, SPLIT_FORMATS_READ
+from dataeff.constants import IMAGENET_MEAN, IMAGENET_STD, INDEX_NAME, SPLIT_FORMAT, SPLIT_FORMATS_READ
+from dataeff.data.decode import decoded_size, read_image, read_rgb
 from dataeff.files import write_json_atomic
 
 SUPPORTED_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -128,7 +137,9 @@ def read_groups(spec: str, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str,
     Args:
         spec: ``regex:<pattern>`` — searched in each image stem (anchor with ``^``/``$`` as
             needed); its first capture group is the group — or the path of a CSV with
-            columns ``file`` (image file name or stem) and ``group``.
+            columns ``file`` (image file name or stem) and ``group`` — or a shard directory or
+            its ``index.parquet`` (``dataeff-shards/4``): each image stem is a sample key there
+            (frames exported from the shards for annotation) and its ``group`` the group.
         pairs: ``(stem, image_path, mask_path)`` from :func:`find_pairs`.
 
     Returns:
@@ -153,8 +164,10 @@ def read_groups(spec: str, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str,
             out[stem] = match.group(1)
         return out
     path = Path(spec)
+    if path.is_dir() or path.suffix == ".parquet":
+        return _index_groups(spec, path / INDEX_NAME if path.is_dir() else path, pairs)
     if not path.is_file():
-        raise ValueError(f"data.groups={spec!r}: neither 'regex:<pattern>' nor an existing CSV file")
+        raise ValueError(f"data.groups={spec!r}: neither 'regex:<pattern>', a shard index, nor an existing CSV file")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if not {"file", "group"} <= set(reader.fieldnames or ()):
@@ -167,6 +180,27 @@ def read_groups(spec: str, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str,
             raise ValueError(f"data.groups={spec}: image {image.name} has no group in the CSV (by file name or stem)")
         out[stem] = group
     return out
+
+
+def _index_groups(spec: str, path: Path, pairs: Sequence[tuple[str, Path, Path]]) -> dict[str, str]:
+    """stem -> ``group`` of the shard index row whose key is the stem (see :func:`read_groups`)."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise ValueError(f"data.groups={spec}: no {INDEX_NAME} there; give a shard directory or its index")
+    index = pd.read_parquet(path)
+    if not {"key", "group"} <= set(index.columns):
+        raise ValueError(
+            f"data.groups={spec}: {path} has no group column (written before dataeff-shards/4); re-shard, "
+            "or give a CSV (file,group)"
+        )
+    group_of = dict(zip(index["key"], index["group"], strict=True))
+    missing = [stem for stem, _, _ in pairs if stem not in group_of]
+    if missing:
+        raise ValueError(
+            f"data.groups={spec}: {len(missing)} image stem(s) are not sample keys of {path}, e.g. {missing[0]!r}"
+        )
+    return {stem: str(group_of[stem]) for stem, _, _ in pairs}
 
 
 def _targets(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
@@ -290,13 +324,30 @@ def write_split(split: dict[str, Any], path: str | os.PathLike) -> None:
     write_json_atomic(path, split, indent=1)
 
 
+def pair_problems(root: str | os.PathLike, pairs: Sequence[tuple[str, Path, Path]]) -> list[str]:
+    """One line per pair that training could not read: a file that does not decode in full
+    (named relative to ``root``, with the error type), or a mask whose size differs from its
+    image's (both upright, as the reader sees them). Empty when every pair is usable."""
+    problems = []
+    for stem, image, mask in pairs:
+        sizes = []
+        for path in (image, mask):
+            try:
+                sizes.append(decoded_size(path))
+            except Exception as exc:  # PIL and tifffile raise many types for a damaged file
+                problems.append(f"{Path(path).relative_to(root)} cannot be decoded ({type(exc).__name__})")
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            problems.append(f"pair {stem!r} has image size {sizes[0]} but mask size {sizes[1]}")
+    return problems
+
+
 def read_mask(path: str | os.PathLike, num_classes: int) -> np.ndarray:
     """A mask as class ids.
 
     Shape:
         output: (H, W) int64 in [0, num_classes).
     """
-    image = Image.open(path)
+    image = read_image(path, values=True)
     if num_classes == 2:
         return (np.asarray(image.convert("L")) >= 128).astype(np.int64)
     if image.mode not in ("L", "P", "I;16", "I"):
@@ -354,7 +405,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         stem, image_path, mask_path = self.pairs[i]
-        image = Image.open(image_path).convert("RGB")
+        image = read_rgb(image_path)
         mask = read_mask(mask_path, self.num_classes)
         if mask.shape != (image.height, image.width):
             raise ValueError(f"{mask_path}: mask {mask.shape[::-1]} and image {image.size} sizes differ")

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from dataeff.constants import QUALITY_KEYS, SIGNATURE_KEYS
+from dataeff.data.decode import UnreadableMode, exif_orientation, open_image, orient, swaps_sides, to_rgb
+from dataeff.data.decode import wide_to_uint8 as wide_to_uint8  # re-export: its home before decode.py
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key, site_of
 from dataeff.data.signatures import GRAY_SIDE, gray_base, image_signature
 from dataeff.data.signatures import gray_thumbnail as gray_thumbnail  # re-export: mosaics compute stats with it
@@ -37,61 +39,6 @@ from dataeff.data.signatures import gray_thumbnail as gray_thumbnail  # re-expor
 THUMB_SIDE = GRAY_SIDE
 DARK_LEVEL = 16
 BRIGHT_LEVEL = 240
-
-#: Modes converted to RGB with PIL's own conversion (no value scaling needed).
-_DIRECT_MODES = frozenset(
-    {"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
-)
-#: Integer modes wider than 8 bits: scaled to 8 bits, then replicated to RGB.
-_WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-
-
-class UnreadableMode(ValueError):
-    """The image decodes but its pixel mode has no faithful 8-bit RGB rendering (e.g. float ``F``)."""
-
-
-def wide_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale a 16/32-bit integer image to 8 bits.
-
-    Values inside [0, 65535] are taken as 16-bit and mapped linearly with rounding
-    (65535 -> 255, i.e. divide by 257), which keeps the intensity scale across images;
-    anything outside that range is stretched from its own min..max.
-
-    Shape:
-        values: (H, W), any integer dtype -> (H, W) uint8.
-    """
-    v = values.astype(np.float64)
-    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
-    if lo >= 0.0 and hi <= 65535.0:
-        scaled = v / 257.0
-    elif hi > lo:
-        scaled = (v - lo) * (255.0 / (hi - lo))
-    else:
-        scaled = np.zeros_like(v)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a decoded image of any supported mode to 8-bit RGB.
-
-    Palette, grayscale, CMYK and alpha images use PIL's conversion (alpha is dropped);
-    16-bit images are scaled by :func:`wide_to_uint8`, not truncated.
-
-    Raises:
-        UnreadableMode: for modes without a faithful 8-bit rendering (``F`` and exotic ones).
-    """
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("P", "PA"):
-        # A palette may carry transparency; go through RGBA so PIL applies it, then drop alpha.
-        return img.convert("RGBA").convert("RGB")
-    if img.mode in _DIRECT_MODES:
-        return img.convert("RGB")
-    if img.mode in _WIDE_MODES:
-        gray = wide_to_uint8(np.asarray(img))
-        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
-    raise UnreadableMode(f"pixel mode {img.mode!r} has no 8-bit RGB rendering")
-
 
 def long_side_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     """Size of a ``w`` x ``h`` image shrunk so its long side is at most ``max_side`` (0 = unchanged)."""
@@ -171,6 +118,7 @@ class InspectOptions:
     jpeg_quality: int = 95
     site_level: int = 0
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    exif_transpose: bool = True
 
 
 @dataclass
@@ -215,6 +163,7 @@ def _row(rel: str, data: bytes, opts: InspectOptions) -> dict[str, Any]:
         "sha256": hashlib.sha256(data).hexdigest(),
         "width": 0,
         "height": 0,
+        "orientation": 1,
     }
     row.update({k: None for k in QUALITY_KEYS + SIGNATURE_KEYS})
     return row
@@ -262,16 +211,19 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
         warnings.simplefilter("ignore")  # EXIF/ICC chatter from damaged files; the reason says enough
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data)  # TIFFs through tifffile, decoded already
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return _reject(row, "decompression_bomb")
+        except UnreadableMode:  # a TIFF whose pixel data has no 8-bit rendering (float, complex)
+            return _reject(row, "unreadable_mode")
         except Exception:  # PIL raises many types for garbage input; all mean the same here
             return _reject(row, damaged)
         (w, h), fmt, mode = img.size, img.format, img.mode
         if opts.max_pixels > 0 and w * h > opts.max_pixels:
             return _reject(row, "decompression_bomb")
+        row["orientation"] = turn = exif_orientation(img) if opts.exif_transpose else 1
         size = long_side_size(w, h, opts.max_side)
-        keep = fmt in ("JPEG", "PNG") and mode == "RGB" and size == (w, h)
+        keep = fmt in ("JPEG", "PNG") and mode == "RGB" and size == (w, h) and turn == 1
         if fmt == "JPEG" and (not keep or min(w, h) >= 2 * THUMB_SIDE):
             # libjpeg's DCT scaling still reads every entropy-coded block (so truncation and
             # damage are found exactly as in a full decode) but skips most of the inverse
@@ -286,6 +238,9 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
             return _reject(row, "decompression_bomb")
         except Exception:
             return _reject(row, "truncated")
+    if swaps_sides(turn):  # a quarter turn: sizes from here on are of the upright picture
+        w, h, size = h, w, size[::-1]
+    img = orient(img, turn)
     row["width"], row["height"] = w, h
     if min(w, h) < opts.min_side:
         return _reject(row, "too_small")

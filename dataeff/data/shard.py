@@ -1,20 +1,24 @@
 """``dataeff shard``: a tree of raw images -> WebDataset tar shards + ``index.parquet``.
 
-Format: docs/architecture.md, "Shard directory" (``dataeff-shards/3``).
+Format: docs/architecture.md, "Shard directory" (``dataeff-shards/4``).
 
 Design:
 - every input file is inspected by a pure function of its bytes
   (:func:`dataeff.data.quality.inspect_bytes`): checksum, full decode, mode conversion,
   optional resize, quality statistics, image signatures (pixel sha256, pHash, thumbnail),
   and the bytes to store or a rejection reason;
+- a multi-frame file (a video, a DICOM instance, a multi-page TIFF) expands into one sample
+  per kept frame, each inspected the same way (:func:`inspect_source`,
+  :mod:`dataeff.data.frames`), with its provenance (source, frame, timestamp) and group;
 - worker processes inspect files in parallel and also build each sample's tar members
   (the writer only appends bytes); results come back *in input order* (``Pool.imap``)
   and one writer packs them into shards, so keys, shard boundaries and tar bytes never
   depend on the number of workers;
 - tar headers are fixed (mtime 0, uid/gid 0, no user names, mode 0444);
 - each finished shard is renamed into place, then journalled in ``.parts/`` with the
-  index rows it covers; a re-run after a kill keeps journalled shards, redoes the rest
-  and ends with output identical to an uninterrupted run.
+  index rows it covers and the input position after them (file, and rows of that file
+  already written, since a video's frames may span two shards); a re-run after a kill keeps
+  journalled shards, redoes the rest and ends with output identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -38,22 +42,28 @@ from typing import Any
 from tqdm import tqdm
 
 from dataeff import outputs, provenance
-from dataeff.config import ConfigError, option, to_dict
+from dataeff.config import ConfigError, option, section, to_dict
 from dataeff.constants import (
     DUPLICATE_PREFIX,
+    FRAMES_LOST_PREFIX,
     INDEX_NAME,
+    PROVENANCE_KEYS,
     QUALITY_KEYS,
     SHARDS_FORMAT,
     SIGNATURE_KEYS,
     SUMMARY_NAME,
 )
-from dataeff.data.keys import IMAGE_EXTENSIONS
+from dataeff.data.decode import is_tiff, tiff_page_count
+from dataeff.data.dicom import DicomConfig, DicomInstance, is_dicom, require_pydicom
+from dataeff.data.frames import FrameOptions, FrameSource, MediaRejected, TiffPages, inspect_frames, rejected
+from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key
 from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits
+from dataeff.data.video import VideoConfig, VideoFrames, require_av
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.lock import locked
 
 __all__ = [
-    "ShardConfig", "main", "inspect_file", "scan_files", "list_files",
+    "ShardConfig", "main", "inspect_file", "inspect_source", "scan_files", "list_files",
     "shard_name", "tar_member", "write_tar", "write_index", "TarSink",
 ]  # fmt: skip
 
@@ -87,6 +97,11 @@ class ShardConfig:
     keep_duplicates: bool = option(
         False, help="also store exact duplicates (status ok, reason exact_duplicate_of:<key>)"
     )
+    exif_transpose: bool = option(
+        True, help="turn photos upright by their EXIF orientation (index column orientation records it)"
+    )
+    video: VideoConfig = section(VideoConfig, help="videos: which files, which frames become samples")
+    dicom: DicomConfig = section(DicomConfig, help="DICOM: which files (frames sampled as video.*)")
     overwrite: bool = option(False, help="replace an output dir holding shards of other inputs or settings")
     progress: bool = option(True, help="show a progress bar")
 
@@ -116,6 +131,16 @@ class ShardConfig:
             jpeg_quality=self.jpeg_quality,
             site_level=self.site_level,
             extensions=tuple(str(e).lower() for e in self.extensions),
+            exif_transpose=self.exif_transpose,
+        )
+
+    def frame_options(self) -> FrameOptions:
+        return FrameOptions(
+            every_n=self.video.every_n,
+            fps=self.video.fps,
+            max_frames=self.video.max_frames,
+            video_extensions=tuple(str(e).lower() for e in self.video.extensions),
+            dicom_extensions=tuple(str(e).lower() for e in self.dicom.extensions),
         )
 
 
@@ -164,15 +189,81 @@ def inspect_file(path: str | os.PathLike, rel: str, opts: InspectOptions) -> Ins
         return _inspect_path(os.fspath(path), rel, opts)
 
 
+def _read(path: str, rel: str, opts: InspectOptions) -> bytes | Inspected:
+    """A file's bytes, or its ``read_error`` row when it vanished or cannot be read since listing."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        item = inspect_bytes(b"", rel, opts)
+        item.row.update(status="rejected", reason="read_error", sha256="")
+        return item
+
+
+def _frames(
+    rel: str, source: FrameSource, opts: InspectOptions, key_base: str, group: str, lossy: bool, size: int
+) -> list[Inspected]:
+    """The frames of a multi-frame ``source`` as samples, plus a ``frames_lost:<n>`` row when some failed;
+    the file's one rejected row when no frame decodes."""
+    try:
+        items = inspect_frames(rel, source, opts, key_base, group, lossy)
+    except MediaRejected as exc:
+        items = [rejected(rel, opts, exc.reason, size)]
+    else:
+        if source.lost:
+            items.append(rejected(rel, opts, f"{FRAMES_LOST_PREFIX}{source.lost}", size))
+    for item in items:
+        item.row.setdefault("group", group)
+    return items
+
+
+def inspect_source(path: str | os.PathLike, rel: str, opts: InspectOptions, fopts: FrameOptions) -> list[Inspected]:
+    """Every index row of one input file: one for a still image, one per kept frame for a video,
+    a DICOM instance or a multi-page TIFF (plus a ``frames_lost:<n>`` row when frames failed).
+
+    Each row carries the provenance columns (docs/architecture.md): ``group`` (a still
+    image's own source path, a video's or TIFF's path, a DICOM study's hash), ``frame`` (-1
+    for a still image) and ``timestamp``. Must run inside :func:`pil_limits`.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(rel)[1].lower()
+    if ext in fopts.video_extensions:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = 0
+        items = _frames(rel, VideoFrames(path, fopts), opts, make_key(rel), display_path(rel), True, size)
+    else:
+        data = _read(path, rel, opts)
+        if isinstance(data, Inspected):
+            items = [data]
+        elif is_dicom(data) or (data and ext in fopts.dicom_extensions):
+            try:
+                instance = DicomInstance(data, rel, fopts)
+            except MediaRejected as exc:
+                items = [rejected(rel, opts, exc.reason, len(data))]
+            else:
+                items = _frames(rel, instance, opts, instance.key_base, instance.group, False, len(data))
+        elif is_tiff(data) and is_image_name(rel, opts.extensions) and tiff_page_count(data) > 1:
+            items = _frames(rel, TiffPages(data, fopts), opts, make_key(rel), display_path(rel), False, len(data))
+        else:
+            items = [inspect_bytes(data, rel, opts)]
+    for item in items:
+        item.row.setdefault("group", item.row["source"])
+        item.row.setdefault("frame", -1)
+        item.row.setdefault("timestamp", None)
+    return items
+
+
 # --------------------------------------------------------------------------- workers
 
 
-_WORKER_OPTS: InspectOptions | None = None
+_WORKER_OPTS: tuple[InspectOptions, FrameOptions] | None = None
 
 
-def _init_worker(opts: InspectOptions) -> None:
+def _init_worker(opts: InspectOptions, fopts: FrameOptions) -> None:
     global _WORKER_OPTS
-    _WORKER_OPTS = opts
+    _WORKER_OPTS = (opts, fopts)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tears the pool down
     try:  # die with the parent (kill -9 of the job must not leave orphans decoding)
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -182,15 +273,9 @@ def _init_worker(opts: InspectOptions) -> None:
 
 
 def _inspect_path(path: str, rel: str, opts: InspectOptions) -> Inspected:
-    """Read and inspect one file; a file that cannot be read is rejected ``read_error``."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError:  # vanished or unreadable since listing: report it, keep going
-        item = inspect_bytes(b"", rel, opts)
-        item.row.update(status="rejected", reason="read_error", sha256="")
-        return item
-    return inspect_bytes(data, rel, opts)
+    """Read and inspect one still image; a file that cannot be read is rejected ``read_error``."""
+    data = _read(path, rel, opts)
+    return data if isinstance(data, Inspected) else inspect_bytes(data, rel, opts)
 
 
 def _packed(item: Inspected) -> Packed:
@@ -209,24 +294,24 @@ def _packed(item: Inspected) -> Packed:
     return item.row, image + tar_member(f"{key}.json", _sample_json(item.meta))
 
 
-def _work(item: tuple[str, str]) -> Packed:
+def _work(item: tuple[str, str]) -> list[Packed]:
     assert _WORKER_OPTS is not None
-    return _packed(_inspect_path(item[0], item[1], _WORKER_OPTS))
+    return [_packed(i) for i in inspect_source(item[0], item[1], *_WORKER_OPTS)]
 
 
-def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Generator[Packed, None, None]:
-    """Inspect and pack ``rels`` in order, in ``cfg.workers`` processes."""
-    opts = cfg.inspect_options()
+def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Generator[list[Packed], None, None]:
+    """Inspect and pack ``rels`` in order, in ``cfg.workers`` processes: the samples of each file."""
+    opts, fopts = cfg.inspect_options(), cfg.frame_options()
     root = str(src)
     items = [(os.path.join(root, rel), rel) for rel in rels]
     if cfg.workers == 1 or len(items) <= cfg.chunksize:
         with pil_limits(opts.max_pixels):
             for path, rel in items:
-                yield _packed(_inspect_path(path, rel, opts))
+                yield [_packed(i) for i in inspect_source(path, rel, opts, fopts)]
         return
     # fork: workers need no re-import, and `python -m dataeff` has no __main__ guard for spawn.
     ctx = mp.get_context("fork")
-    pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(opts,))
+    pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(opts, fopts))
     try:
         yield from pool.imap(_work, items, chunksize=cfg.chunksize)
     finally:
@@ -338,7 +423,7 @@ _INDEX_COLUMNS = (
     ("width", "int64"), ("height", "int64"), ("offset", "int64"), ("length", "int64"),
 ) + tuple((k, "float64") for k in QUALITY_KEYS) + tuple(
     zip(SIGNATURE_KEYS, ("string", "int64", "binary"), strict=True)
-)  # fmt: skip
+) + tuple(zip(PROVENANCE_KEYS, ("string", "int64", "float64", "int64"), strict=True))  # fmt: skip
 
 
 def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -347,6 +432,8 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
     A row without signatures (a rejected file, or a generated sample whose writer computes
     none) gets null ``pixel_sha256`` and ``thumb`` and ``phash`` 0: never null, because
     pandas reads a nullable int64 column with nulls as float64, which cannot hold 64 bits.
+    For the same reason a row without provenance gets ``group`` = its key, ``frame`` -1 and
+    ``orientation`` 1 (a generated sample is its own group).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -356,6 +443,9 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
     for rec in records:
         if rec["phash"] is None:
             rec["phash"] = 0
+        for name, default in (("group", rec["key"]), ("frame", -1), ("orientation", 1)):
+            if rec[name] is None:
+                rec[name] = default
     table = pa.Table.from_pylist(records, schema=schema)
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
@@ -377,14 +467,20 @@ class _Packer:
     """Packs inspected files, in index order, into numbered shards and journals each one."""
 
     def __init__(
-        self, out: Path, name: str, cfg: ShardConfig, done_rows: list[dict], done_shards: list[dict], start: int
+        self,
+        out: Path,
+        name: str,
+        cfg: ShardConfig,
+        done_rows: list[dict],
+        done_shards: list[dict],
+        start: tuple[int, int],
     ):
         self.out, self.name, self.cfg = out, name, cfg
         self.on_shard: Callable[[Path], None] | None = None
         self.max_bytes = int(cfg.max_shard_mb * 2**20)
         self.shards = list(done_shards)
         self.rows = list(done_rows)
-        self.pos = start  # input position of the next file
+        self.pos, self.sub = start  # input position of the next file; its rows already added
         self.pending: list[dict] = []  # rows since the last journalled shard
         self.sink: TarSink | None = None  # the shard being written (streamed: no shard held in memory)
         self.count = self.nbytes = 0
@@ -414,7 +510,11 @@ class _Packer:
             self.sink.append(members)
             self.count, self.nbytes = self.count + 1, self.nbytes + size
         self.pending.append(row)
-        self.pos += 1
+        self.sub += 1
+
+    def next_file(self) -> None:
+        """Every row of the current input file was added."""
+        self.pos, self.sub = self.pos + 1, 0
 
     def close(self) -> None:
         """Write the current shard (if any samples) and journal it with the rows it covers."""
@@ -422,7 +522,7 @@ class _Packer:
             return
         info: dict[str, Any] = {"file": self.sink.path.name, "samples": self.count, "bytes": self.sink.commit()}
         info["sha256"] = self.sink.hash.hexdigest()
-        journal = {"shard": info, "rows": journal_rows(self.pending), "next": self.pos}
+        journal = {"shard": info, "rows": journal_rows(self.pending), "next": self.pos, "skip": self.sub}
         _write_json(self.out / _PARTS / (info["file"] + ".json"), journal, indent=None)
         if self.on_shard is not None:  # e.g. upload it (dataeff.data.remote_shard)
             self.on_shard(self.out / info["file"])
@@ -465,13 +565,17 @@ def _what_differs(record: dict[str, Any], cfg: ShardConfig) -> str:
     return "other input files (files under src added, removed or resized)"
 
 
-def _sources_changed(src: Path, files: Sequence[str], sha256s: Sequence[str], cfg: ShardConfig) -> bool:
-    """Whether a file already sharded (``files[i]`` recorded with ``sha256s[i]``) now holds other bytes.
+def _sources_changed(src: Path, rows: Sequence[dict], cfg: ShardConfig) -> bool:
+    """Whether a still image already sharded (a row without a frame) now holds other bytes than its sha256.
+
+    A frame's sha256 is that of the stored frame, not of its video, so multi-frame files are
+    judged by the settings signature (path and size) only.
 
     Raises:
         ConfigError: it does and ``overwrite`` is false.
     """
-    changed = outputs.changed_file(src, files[: len(sha256s)], sha256s)
+    stills = [r for r in rows if r.get("frame", -1) < 0 and r.get("sha256")]
+    changed = outputs.changed_file(src, [r["source"] for r in stills], [r["sha256"] for r in stills])
     if changed is None:
         return False
     if not cfg.overwrite:
@@ -514,8 +618,13 @@ def _intact(out: Path, info: dict) -> bool:
     return "sha256" not in info or file_sha256(tar) == info["sha256"]
 
 
-def _resume(out: Path, name: str, intact: Callable[[Path, dict], bool]) -> tuple[list[dict], list[dict], int]:
+def _resume(
+    out: Path, name: str, intact: Callable[[Path, dict], bool]
+) -> tuple[list[dict], list[dict], tuple[int, int]]:
     """Rows, shard infos and next input position of the journalled shards, in order.
+
+    The position is (next input file, rows of that file already journalled): a
+    multi-frame file's samples may end one shard and start the next.
 
     A shard counts as done when its journal exists and its tar has the journalled size
     and sha256 (the tar is renamed into place before the journal is written); everything
@@ -523,7 +632,7 @@ def _resume(out: Path, name: str, intact: Callable[[Path, dict], bool]) -> tuple
     """
     rows: list[dict] = []
     shards: list[dict] = []
-    start = 0
+    start = (0, 0)
     while True:
         tar = out / shard_name(name, len(shards))
         journal = out / _PARTS / (tar.name + ".json")
@@ -534,15 +643,24 @@ def _resume(out: Path, name: str, intact: Callable[[Path, dict], bool]) -> tuple
             break
         rows += restore_rows(rec["rows"])
         shards.append(rec["shard"])
-        start = rec["next"]
+        start = (rec["next"], rec["skip"])
     _drop_shards(out, name, len(shards))
     return rows, shards, start
 
 
-def _summary(rows: list[dict], shards: list[dict], cfg: ShardConfig, name: str, signature: str) -> dict:
+def _summary(
+    rows: list[dict], num_files: int, shards: list[dict], cfg: ShardConfig, name: str, signature: str
+) -> dict:
     by_status: dict[str, int] = {}
     by_reason: dict[str, int] = {}
+    frames = {"files": 0, "rows": 0, "lost": 0}  # multi-frame files with a decoded frame, their frame rows
+    sources = set()
     for r in rows:
+        if r["frame"] >= 0:
+            frames["rows"] += 1
+            sources.add(r["source"])
+        elif r["reason"].startswith(FRAMES_LOST_PREFIX):
+            frames["lost"] += int(r["reason"][len(FRAMES_LOST_PREFIX) :])
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
         reason = r["reason"].split(":")[0]  # exact_duplicate_of:<key> -> exact_duplicate_of
         if reason:
@@ -550,8 +668,10 @@ def _summary(rows: list[dict], shards: list[dict], cfg: ShardConfig, name: str, 
     return {
         "format": SHARDS_FORMAT,
         "name": name,
-        "num_files": len(rows),
+        "num_files": num_files,
+        "num_rows": len(rows),
         "num_samples": sum(s["samples"] for s in shards),
+        "frames": {**frames, "files": len(sources)},
         "num_shards": len(shards),
         "shards": shards,
         "counts_by_status": dict(sorted(by_status.items())),
@@ -559,6 +679,15 @@ def _summary(rows: list[dict], shards: list[dict], cfg: ShardConfig, name: str, 
         "signature": signature,
         "config": _settings(cfg),
     }
+
+
+def _require_readers(files: Sequence[str], fopts: FrameOptions) -> None:
+    """Fail before any work when the tree holds videos or DICOM files and their reader is not installed."""
+    exts = {os.path.splitext(rel)[1].lower() for rel in files}
+    if exts & set(fopts.video_extensions):
+        require_av()
+    if exts & set(fopts.dicom_extensions):
+        require_pydicom()
 
 
 @locked("shard")
@@ -588,6 +717,7 @@ def main(
         raise ConfigError(f"name={name!r}: give a plain file prefix, e.g. name=mydata")
     scanned = scan_files(src, exclude=out)
     files = [rel for rel, _ in scanned]
+    _require_readers(files, cfg.frame_options())
     signature = _signature(files, [size for _, size in scanned], cfg)
 
     summary_path, plan_path = out / SUMMARY_NAME, out / _PARTS / "plan.json"
@@ -600,8 +730,8 @@ def main(
             import pandas as pd
 
             done = json.loads(summary_path.read_text())
-            shas = pd.read_parquet(out / INDEX_NAME, columns=["sha256"])["sha256"].fillna("").tolist()
-            changed = _sources_changed(src, files, shas, cfg)
+            index = pd.read_parquet(out / INDEX_NAME, columns=["source", "frame", "sha256"])
+            changed = _sources_changed(src, index.to_dict("records"), cfg)
             damaged = next((s["file"] for s in done["shards"] if not intact(out, s)), None)
             if not changed and damaged is None:
                 shutil.rmtree(out / _PARTS, ignore_errors=True)  # killed between the summary and this cleanup
@@ -636,34 +766,40 @@ def main(
     if not plan_path.is_file():
         plan = {"format": SHARDS_FORMAT, "signature": signature, "num_files": len(files), "config": _settings(cfg)}
         _write_json(plan_path, plan)
-    done_rows, done_shards, start = _resume(out, name, intact)
-    if start and _sources_changed(src, files, [r.get("sha256") or "" for r in done_rows], cfg):
+    done_rows, done_shards, (start, skip) = _resume(out, name, intact)
+    if (start or skip) and _sources_changed(src, done_rows, cfg):
         _drop_shards(out, name, 0)
-        done_rows, done_shards, start = [], [], 0
-    if start:
+        done_rows, done_shards, (start, skip) = [], [], (0, 0)
+    if start or skip:
         log.info("shard: resuming after %d finished shards (%d of %d files done)", len(done_shards), start, len(files))
 
     t0 = time.perf_counter()
-    packer = _Packer(out, name, cfg, done_rows, done_shards, start)
+    packer = _Packer(out, name, cfg, done_rows, done_shards, (start, skip))
     packer.on_shard = on_shard  # called with each finished, journalled tar
-    bar = tqdm(total=len(files), initial=start, unit="img", desc="shard", disable=not cfg.progress, smoothing=0.1)
+    bar = tqdm(total=len(files), initial=start, unit="file", desc="shard", disable=not cfg.progress, smoothing=0.1)
     try:
         with contextlib.closing(_inspected(src, files[start:], cfg)) as items:  # closing ends the pool
-            for row, members in items:
-                packer.add(row, members)
+            for samples in items:
+                for row, members in samples[skip:]:  # skip: rows of a file journalled before a kill
+                    if row["reason"].startswith(FRAMES_LOST_PREFIX):
+                        lost = row["reason"][len(FRAMES_LOST_PREFIX) :]
+                        log.warning("shard: %s: %s frame(s) could not be decoded; kept the others", row["source"], lost)
+                    packer.add(row, members)
+                packer.next_file()
+                skip = 0
                 bar.update(1)
         rows = packer.finish()
     finally:
         bar.close()
-    assert len(rows) == len(files), "every input file must have exactly one index row"
+    assert packer.pos == len(files), "every input file must be inspected exactly once"
 
     write_index(out / INDEX_NAME, rows)
-    summary = _summary(rows, packer.shards, cfg, name, signature)
+    summary = _summary(rows, len(files), packer.shards, cfg, name, signature)
     _write_json(summary_path, summary)  # written last: its presence marks the output complete
     shutil.rmtree(out / _PARTS, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     log.info(
-        "shard: %d files -> %d samples in %d shards %s in %.1f s (%.0f images/s) -> %s",
+        "shard: %d files -> %d samples in %d shards %s in %.1f s (%.0f files/s) -> %s",
         len(files), summary["num_samples"], summary["num_shards"], summary["counts_by_status"],
         elapsed, (len(files) - start) / max(elapsed, 1e-9), out,
     )  # fmt: skip

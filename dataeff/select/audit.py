@@ -2,9 +2,10 @@
 
 Pure pandas over the manifest table, the shard index and the truth CSV (format
 ``dataeff-truth/1``: source, planted in {none, near_duplicate, invalid}, kind, twin).
-Rows are matched by the index's ``source``. Files the shard stage already rejected
-(truncated, not an image, ...) never reach selection and are counted apart as
-caught at shard time.
+Rows are matched by the index's ``source``; a frame of a multi-frame file (a video, a
+multi-frame DICOM) is named ``<source>#<frame>`` in the truth's ``source`` and ``twin``.
+Files the shard stage already rejected (truncated, not an image, ...) never reach
+selection and are counted apart as caught at shard time.
 
 Scoring, per drop reason:
 - quality reasons (dark, blank, overexposed, blurred) are right when the sample is a
@@ -20,6 +21,11 @@ Composition, for every method (random and OptiDEL drop without reasons, so preci
 and recall say nothing about them): the share of the kept originals that are planted
 invalid frames, and of excess near-duplicates (in each planted group, every kept member
 after the first), beside the same shares in the whole pool that reached selection.
+
+Groups (the index's ``group``: a sample's video or DICOM study, a still image on its own;
+an index written before ``dataeff-shards/4`` counts every source as its own group): how many
+groups the pool and the kept subset cover, and how many redundancy drops were of a frame of
+the same group (neighbouring frames) or of another group. Needs no truth file.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from dataeff.constants import (
 
 #: Columns of a ground-truth CSV.
 TRUTH_COLUMNS = ("source", "planted", "kind", "twin")
+#: Separates a multi-frame file's path from a frame number in a truth CSV (``clip.mp4#12``).
+FRAME_MARK = "#"
 
 
 @dataclass
@@ -71,10 +79,40 @@ def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 4) if b else None
 
 
+def locators(index: pd.DataFrame) -> pd.Series:
+    """How a truth CSV names each index row: its ``source``, plus ``#<frame>`` for a frame."""
+    if "frame" not in index.columns:
+        return index["source"]
+    return index["source"].where(index["frame"] < 0, index["source"] + FRAME_MARK + index["frame"].astype(str))
+
+
+def sample_groups(index: pd.DataFrame) -> pd.Series:
+    """The group of each index row (its ``source`` for an index without a ``group`` column)."""
+    return index["group"] if "group" in index.columns else index["source"]
+
+
+def group_coverage(frame: pd.DataFrame, index: pd.DataFrame) -> dict[str, int]:
+    """Groups covered by the pool and the kept subset, and redundancy drops within / across groups."""
+    ok = index[index["status"] == "ok"]
+    group = pd.Series(sample_groups(ok).values, index=ok["key"].values)
+    rows = frame[~frame["generated"]]
+    target = rows["reason"].astype(str).str.extract(f"^{re.escape(REDUNDANT_PREFIX)}(.*)$")[0]
+    dropped = rows[target.notna()]
+    own = group.reindex(dropped["key"].values).values
+    other = group.reindex(target[target.notna()].values).values
+    same = int(((own == other) & pd.notna(own)).sum())
+    return {
+        "pool": int(group.reindex(rows["key"].values).nunique()),
+        "kept": int(group.reindex(rows.loc[rows["kept"], "key"].values).nunique()),
+        "redundant_same_group": same,
+        "redundant_other_group": len(dropped) - same,
+    }
+
+
 def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFrame) -> dict[str, Any]:
     """Precision/recall of dropped samples against planted defects (see module docstring)."""
     truth = truth.copy()
-    idx = index.drop_duplicates("source").set_index("source")
+    idx = index.assign(locator=locators(index)).drop_duplicates("locator").set_index("locator")
     truth["in_index"] = truth["source"].isin(idx.index)
     truth["status"] = truth["source"].map(idx["status"]).fillna("missing")
     truth["key"] = truth["source"].map(idx["key"])
@@ -167,6 +205,7 @@ def audit_selection(frame: pd.DataFrame, index: pd.DataFrame, truth: pd.DataFram
         "per_kind": per_kind,
         "kept": composition(rows.index[family == KEPT]),
         "pool": composition(rows.index),
+        "groups": group_coverage(frame, index),
     }
 
 
@@ -186,6 +225,11 @@ def format_audit(a: dict[str, Any]) -> str:
     lines.append(
         f"kept {kept['samples']}: invalid share {kept['invalid_share']} (pool {pool['invalid_share']}), "
         f"excess near-duplicate share {kept['excess_duplicate_share']} (pool {pool['excess_duplicate_share']})"
+    )
+    g = a["groups"]
+    lines.append(
+        f"groups (videos, studies; a still image is its own): kept {g['kept']} of {g['pool']}; redundancy drops "
+        f"of a frame of the same group {g['redundant_same_group']}, of another group {g['redundant_other_group']}"
     )
     if a["caught_at_shard_time"]:
         lines.append(

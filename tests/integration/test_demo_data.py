@@ -1,4 +1,4 @@
-"""``dataeff demo-data``: deterministic, downstream and pool disjoint, truth covers the pool."""
+"""``dataeff demo-data``: deterministic, downstream and pool disjoint, truth covers the pool, videos decode."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 from dataeff.config import ConfigError
 from dataeff.constants import SPLIT_FORMAT
 from dataeff.data.demo import DemoDataConfig, main
+from dataeff.data.frames import FrameOptions
+from dataeff.data.video import VideoFrames
 from tests.fixtures import KVASIR
 
 
@@ -21,6 +23,11 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _video(source: str) -> str:
+    """A truth row's video: the frame folder, or the video file for a ``<video>.mp4#<frame>`` row."""
+    return source.split("#")[0] if "#" in source else source.rsplit("/", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +60,14 @@ def test_downstream_split_and_pool_are_disjoint(built):
         image = built / "downstream" / "images" / f"{stem}.jpg"
         assert image.read_bytes() == (KVASIR / "images" / f"{stem}.jpg").read_bytes()
         assert (built / "downstream" / "masks" / f"{stem}.png").is_file()
-    # by source id: the pool's originals are byte copies of exactly the other 800 source images
+    # by source id: the pool's original files are byte copies of the other 800 source images (less the
+    # frames filmed into videos, which are re-encoded)
     truth = list(csv.DictReader(open(built / "pool_truth.csv")))
-    pool_originals = {_sha((built / "pool" / r["source"]).read_bytes()) for r in truth if r["kind"] == "original"}
+    originals = [r for r in truth if r["kind"] == "original" and "#" not in r["source"]]
+    pool_originals = {_sha((built / "pool" / r["source"]).read_bytes()) for r in originals}
     sources = {p.stem: _sha(p.read_bytes()) for p in (KVASIR / "images").glob("*.jpg")}
-    assert pool_originals == {h for s, h in sources.items() if s not in set(held)}
+    assert len(pool_originals) == len(originals) > 700
+    assert pool_originals <= {h for s, h in sources.items() if s not in set(held)}
     assert not pool_originals & {sources[s] for s in held}
     summary = json.loads((built / "summary.json").read_text())
     assert not set(summary["pool_sources"]) & set(held) and len(summary["pool_sources"]) == 800
@@ -67,8 +77,13 @@ def test_truth_covers_every_pool_file_and_counts_match(built):
     rows = list(csv.DictReader(open(built / "pool_truth.csv")))
     assert list(rows[0]) == ["source", "planted", "kind", "twin"]
     files = sorted(p.relative_to(built / "pool").as_posix() for p in (built / "pool").rglob("*") if p.is_file())
-    assert [r["source"] for r in rows] == files
-    assert all(len(f.split("/")) == 3 and f.startswith("centre") for f in files)
+    assert sorted({r["source"].split("#")[0] for r in rows}) == files
+    videos = [f for f in files if f.endswith(".mp4")]
+    assert len(videos) == 3 and all(len(f.split("/")) == (2 if f in videos else 3) for f in files)
+    for video in videos:  # every frame the truth names decodes, numbered as the truth numbers them
+        named = [int(r["source"].split("#")[1]) for r in rows if r["source"].startswith(video + "#")]
+        frames = VideoFrames(built / "pool" / video, FrameOptions())
+        assert [f.index for f in frames] == sorted(named) == list(range(len(named))) and frames.lost == 0
     kinds: dict[str, int] = {}
     for r in rows:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
@@ -80,7 +95,7 @@ def test_truth_covers_every_pool_file_and_counts_match(built):
     for r in rows:
         if r["planted"] == "near_duplicate":
             twin = by_source[r["twin"]]
-            assert twin["kind"] == "original" and twin["source"].rsplit("/", 1)[0] == r["source"].rsplit("/", 1)[0]
+            assert twin["kind"] == "original" and _video(twin["source"]) == _video(r["source"])
         else:
             assert r["twin"] == ""
         assert r["planted"] == {"original": "none", "shift": "near_duplicate", "crop": "near_duplicate",

@@ -276,11 +276,11 @@ def test_output_of_an_older_format_is_refused_with_the_overwrite_hint(tmp_path):
 
     out = make_shards(tmp_path, n=4)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["format"] == SHARDS_FORMAT == "dataeff-shards/3"
-    # What a dataeff-shards/2 run left: its signature did not include the new format id.
-    summary.update(format="dataeff-shards/2", signature="0" * 64)
+    assert summary["format"] == SHARDS_FORMAT == "dataeff-shards/4"
+    # What a dataeff-shards/3 run left: its signature did not include the new format id.
+    summary.update(format="dataeff-shards/3", signature="0" * 64)
     (out / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ConfigError, match=r"format dataeff-shards/2.*overwrite=true"):
+    with pytest.raises(ConfigError, match=r"format dataeff-shards/3.*overwrite=true"):
         shard_tree(tmp_path / "raw", out, min_side=8)
     assert shard_tree(tmp_path / "raw", out, min_side=8, overwrite=True)["format"] == SHARDS_FORMAT
-    assert "thumb" in pd.read_parquet(out / "index.parquet").columns
+    assert {"thumb", "group", "frame", "timestamp", "orientation"} <= set(pd.read_parquet(out / "index.parquet"))
