@@ -28,12 +28,12 @@ from tests.fixtures import make_raw_tree, shard_tree
 _GATED_SHARD = """
 import os, sys, time
 import dataeff.data.shard as shard
-real = shard._inspect_path
+real = shard.inspect_source
 def gated(*args):
     while not os.path.exists(sys.argv[1]):
         time.sleep(0.02)
     return real(*args)
-shard._inspect_path = gated
+shard.inspect_source = gated
 from dataeff.cli import main
 raise SystemExit(main(sys.argv[2:]))
 """

@@ -184,7 +184,7 @@ def test_raw_file_changed_before_a_resume_is_refused(tmp_path):
     (parts / "plan.json").write_text(json.dumps({"format": summary["format"], "signature": summary["signature"]}))
     first = summary["shards"][0]
     rows = index.iloc[: index.index[index["shard"] == first["file"]].max() + 1].to_dict("records")
-    journal = {"shard": first, "rows": journal_rows(rows), "next": len(rows)}
+    journal = {"shard": first, "rows": journal_rows(rows), "next": len(rows), "skip": 0}
     (parts / (first["file"] + ".json")).write_text(json.dumps(journal, default=str))
     (out / "summary.json").unlink()
     victim = raw / rows[0]["source"]
