@@ -32,6 +32,8 @@ from dataeff.files import file_sha256, fsync_dir, fsync_file, temp_name, write_a
 
 log = logging.getLogger("dataeff")
 
+#: Step checkpoints kept in a run's ``checkpoints/``: the newest, and one to fall back to.
+KEEP_CHECKPOINTS = 2
 _STEP_PREFIX = "step="
 _HPC_PREFIX = "hpc_ckpt_"
 
@@ -144,7 +146,7 @@ def _is_temp(path: Path) -> bool:
     return path.name.startswith(".") or path.name.endswith(".tmp.ckpt")
 
 
-def _checkpoint_step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
     """The step in a checkpoint's name (``step=00000012.ckpt``, ``hpc_ckpt_3.ckpt``), -1 when none."""
     for prefix in (_STEP_PREFIX, _HPC_PREFIX):
         if path.name.startswith(prefix):
@@ -159,7 +161,7 @@ def _candidates(out: Path) -> list[Path]:
     found = list((out / CHECKPOINT_DIR).glob("*.ckpt")) + list(out.glob(f"{_HPC_PREFIX}*.ckpt"))
     # exists() drops dangling 'last' links; temp names are checkpoints still being (or never) written.
     real = {p.resolve() for p in found if p.exists() and not _is_temp(p)}
-    return sorted(real, key=lambda p: (p.stat().st_mtime, _checkpoint_step(p)), reverse=True)
+    return sorted(real, key=lambda p: (p.stat().st_mtime, checkpoint_step(p)), reverse=True)
 
 
 def remove_partial_checkpoints(out: Path) -> list[Path]:

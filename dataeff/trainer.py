@@ -44,7 +44,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from dataeff import dist
-from dataeff.checkpoints import AtomicCheckpointIO, publish_folder
+from dataeff.checkpoints import KEEP_CHECKPOINTS, AtomicCheckpointIO, checkpoint_step, publish_folder
 from dataeff.checkpoints import find_resume_checkpoint as find_resume_checkpoint  # the stages' resume choice
 from dataeff.config import ConfigError, TrainerConfig, WandbConfig, redact_env
 from dataeff.constants import CHECKPOINT_DIR
@@ -187,7 +187,7 @@ class _StepProgressBar(TQDMProgressBar):
 
 
 class _Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose on-exception save happens only between two complete batches.
+    """``ModelCheckpoint`` keeping two step checkpoints, whose on-exception save comes only between batches.
 
     An exception raised inside a batch (a peer that died during the gradient all-reduce, a
     failed save) leaves that batch half done: its data counted as consumed and its mask
@@ -207,6 +207,14 @@ class _Checkpoint(ModelCheckpoint):
                 )
             return
         super().on_exception(trainer, pl_module, exception)
+
+    def _save_none_monitor_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # Keep the two newest step checkpoints: resume falls back to the older if the newer is damaged.
+        super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
+        assert self.dirpath is not None  # set from the run directory in build_trainer
+        saved = sorted(Path(self.dirpath).glob("step=*.ckpt"), key=checkpoint_step)
+        for old in saved[:-KEEP_CHECKPOINTS]:
+            trainer.strategy.remove_checkpoint(old)
 
 
 def _deepspeed_strategy(micro_batch_size: int | None) -> Any:
@@ -409,7 +417,7 @@ def build_trainer(
         filename="step={step:08d}",
         auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint_every_n_steps,
-        save_top_k=1,  # with no monitor: keep only the newest periodic checkpoint
+        save_top_k=-1,  # pruned to the newest two by _Checkpoint
         save_last="link",  # a symlink to the newest save, not a second copy
         save_on_exception=True,  # SIGTERM -> SIGTERMException -> checkpoint at this step
         save_on_train_epoch_end=False,
