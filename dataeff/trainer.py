@@ -270,12 +270,13 @@ class _ResumableCSVLogger(CSVLogger):
         if old.strip():
             path.write_text(old)
             experiment.metrics_keys = sorted(old.splitlines()[0].split(","))
-            save = experiment.save
+            save, trimmed = experiment.save, False
 
             def save_once_per_step() -> None:
-                if experiment.metrics and not getattr(experiment, "_old_rows_trimmed", False):
+                nonlocal trimmed
+                if experiment.metrics and not trimmed:
                     _drop_rows_from(path, min(int(m["step"]) for m in experiment.metrics))
-                    experiment._old_rows_trimmed = True
+                    trimmed = True
                 save()
 
             experiment.save = save_once_per_step

@@ -150,7 +150,7 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, monkeypatch):
         (out / "results.json").unlink()
         assert (out / "model.safetensors").is_file()
         ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
-        assert ckpts and all(torch.load(c, map_location="cpu", weights_only=False)["global_step"] == 6 for c in ckpts)
+        assert ckpts and all(torch.load(c, map_location="cpu", weights_only=True)["global_step"] == 6 for c in ckpts)
         second = main(load_config(FinetuneConfig, str(TINY), common + ["trainer.max_steps=12"]))
     finally:
         torch.set_num_threads(threads)
