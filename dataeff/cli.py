@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, schema = STAGES[args.stage].load()
         cfg: Any = load_stage_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
-        with quiet_third_party(verbose=args.verbose):
+        # A dead or hung peer inside Lightning or DDP exits 3 naming the collective, like dataeff's own.
+        with quiet_third_party(verbose=args.verbose), dist.collective_failures():
             run(cfg)
     except ConfigError as exc:
         print(f"dataeff {args.stage}: error: {exc}", file=sys.stderr)

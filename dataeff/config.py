@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; annotations only, so 3.10 never imports it
@@ -266,13 +267,68 @@ def load_config(schema: type[T], config_path: str | None = None, overrides: list
         except OmegaConfBaseException as exc:
             raise ConfigError(_describe(exc, "command line")) from None
     try:
+        _record_env_values(merged)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc, "config")) from None
 
 
+# --------------------------------------------------------------------------- secrets
+
+#: String values that ``${oc.env:...}`` interpolations of the configs loaded in this process
+#: resolved to, each with the expression as written. Kept by value, not by key, so a value
+#: copied into another config (a sweep's stage configs, W&B run config) is still recognised.
+_ENV_VALUES: dict[str, str] = {}
+#: Shorter values are replaced only where they are a whole value, never inside other text.
+_MIN_EMBEDDED = 8
+_ENV_NAME = re.compile(r"\$\{oc\.env:\s*([^,}\s]+)")
+
+
+def _record_env_values(node: DictConfig | ListConfig) -> None:
+    """Remember the value of every string node whose interpolation reads the environment."""
+    keys = range(len(node)) if isinstance(node, ListConfig) else list(node.keys())
+    for key in keys:
+        child = node._get_node(key)  # type: ignore[arg-type]  # int keys index a ListConfig
+        if OmegaConf.is_interpolation(node, key):  # type: ignore[arg-type]
+            written = str(child._value())  # type: ignore[union-attr]
+            value = node[key]  # type: ignore[index]
+            if "oc.env" in written and isinstance(value, str) and value and value != written:
+                _ENV_VALUES[value] = written
+                # The variables themselves too: a value built on one later (a cell's path) is caught.
+                for name in _ENV_NAME.findall(written):
+                    if os.environ.get(name):
+                        _ENV_VALUES.setdefault(os.environ[name], f"${{oc.env:{name}}}")
+        elif isinstance(child, (DictConfig, ListConfig)):
+            _record_env_values(child)
+
+
+def redact_env(obj: T) -> T:
+    """``obj`` (plain dicts, lists, strings) with environment-derived values written as their ``${oc.env:...}``.
+
+    Every string that an ``${oc.env:...}`` interpolation of a loaded config resolved to is
+    put back as the expression, and so is each variable's own value; values of 8 characters
+    or more also inside longer strings (a path built on one). Longest values are tried first. Saved configs and W&B run configs go
+    through this, so an API key or a site path given through the environment is never
+    written out; loading the saved file again resolves it from the environment again.
+    """
+    if isinstance(obj, str):
+        if obj in _ENV_VALUES:
+            return _ENV_VALUES[obj]  # type: ignore[return-value]
+        for value, written in sorted(_ENV_VALUES.items(), key=lambda item: -len(item[0])):
+            if len(value) >= _MIN_EMBEDDED and value in obj:
+                obj = obj.replace(value, written)  # type: ignore[assignment]
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact_env(v) for k, v in obj.items()}  # type: ignore[return-value]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_env(v) for v in obj)
+    return obj
+
+
 def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """A config as YAML, environment-derived values written as their ``${oc.env:...}`` (:func:`redact_env`)."""
+    values = redact_env(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return OmegaConf.to_yaml(OmegaConf.create(values))
 
 
 def to_dict(cfg: Any) -> dict:

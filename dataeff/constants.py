@@ -28,6 +28,7 @@ SWEEP_FORMAT = "dataeff-sweep/1"
 REPORT_FORMAT = "dataeff-report/1"
 OVERLAP_FORMAT = "dataeff-overlap/1"
 PROVENANCE_FORMAT = "dataeff-provenance/1"
+CHECKPOINT_DIGEST_FORMAT = "dataeff-checkpoint-digest/1"
 
 # --------------------------------------------------------------------------- file names
 CONFIG_NAME = "config.yaml"
@@ -48,6 +49,8 @@ LEGACY_ENCODER_WEIGHTS = "encoder.safetensors"
 LEGACY_ENCODER_META = "encoder.json"
 MAE_CKPT = "mae.ckpt"
 CHECKPOINT_DIR = "checkpoints"
+#: Beside every checkpoint ``<name>``: ``<name>.digest.json``, the size and sha256 of its file(s).
+CHECKPOINT_DIGEST_SUFFIX = ".digest.json"
 RESULTS_NAME = "results.json"
 BEST_WEIGHTS = "model.safetensors"
 CELL_NAME = "cell.json"

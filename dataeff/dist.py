@@ -8,17 +8,21 @@ arrays and picklable objects. Every helper has a single-process default (rank 0 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+
+from dataeff.config import first_line
 
 T = TypeVar("T")
 log = logging.getLogger("dataeff")
@@ -142,14 +146,60 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _failure(name: str, exc: BaseException, place: tuple[int, int] | None = None) -> DistributedError:
+    rank_, world = place or (rank(), world_size())
+    return DistributedError(
+        f"rank {rank_}/{world}: collective '{name}' failed — another rank probably "
+        f"died or stalled past the timeout ({exc.__class__.__name__}: {first_line(exc)})"
+    )
+
+
 def _guarded(name: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except RuntimeError as exc:  # gloo/NCCL report a dead peer or a timeout as RuntimeError
-        raise DistributedError(
-            f"rank {rank()}/{world_size()}: collective '{name}' failed — another rank probably "
-            f"died or stalled past the timeout ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
-        ) from exc
+        raise _failure(name, exc) from exc
+
+
+def collective_name(exc: BaseException) -> str | None:
+    """Which collective ``exc`` came out of, from its traceback; None when it came from none.
+
+    DDP's own collectives run inside the forward (``buffer broadcast``, module buffers
+    sent from rank 0) and the backward (``gradient all-reduce``, from C++ hooks, so only
+    the autograd frame shows); any other is named by its ``torch.distributed`` function.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    names = {frame.name for frame in frames}
+    if "_sync_buffers" in names:
+        return "buffer broadcast (DDP forward)"
+    for frame in reversed(frames):
+        path = frame.filename.replace(os.sep, "/")
+        if "/torch/distributed/" in path:
+            return frame.name
+        if "/torch/autograd/" in path:
+            return "gradient all-reduce (DDP backward)"
+    if isinstance(exc, getattr(torch_dist, "DistBackendError", ())) or "gloo" in str(exc) or "NCCL" in str(exc):
+        return "a collective"
+    return None
+
+
+@contextlib.contextmanager
+def collective_failures() -> Iterator[None]:
+    """Raise a collective that fails inside the block (Lightning's, DDP's) as :class:`DistributedError`.
+
+    The message names this rank and the collective (:func:`collective_name`), so a dead or
+    hung peer during training exits 3 with one line, like any dataeff collective. Errors
+    that did not come from a collective, and single-process runs, pass unchanged.
+    """
+    # Read now: by the time an error arrives Lightning may have removed the group and WORLD_SIZE.
+    env = env_from(os.environ)
+    try:
+        yield
+    except RuntimeError as exc:
+        name = collective_name(exc) if env.world_size > 1 else None
+        if name is None or isinstance(exc, DistributedError):
+            raise
+        raise _failure(name, exc, (env.rank, env.world_size)) from exc
 
 
 def _device() -> torch.device:

@@ -15,7 +15,7 @@ from dataeff.config import to_yaml
 from dataeff.constants import CONFIG_NAME
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename is durable only once the directory entry is on disk.
     with contextlib.suppress(OSError):  # some filesystems refuse to open a directory
         fd = os.open(directory, os.O_RDONLY)
@@ -23,6 +23,18 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def temp_name(path: Path, keep_suffix: bool = False) -> Path:
+    """A unique hidden name beside ``path``: ``.<name>.<pid>-<random>.tmp`` (``.tmp<suffix>`` with ``keep_suffix``)."""
+    suffix = ".tmp" + (path.suffix if keep_suffix else "")
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk (before a rename publishes it)."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], keep_suffix: bool = False) -> None:
@@ -36,18 +48,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], keep_suf
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".tmp" + (path.suffix if keep_suffix else "")
     # Created by ``write`` itself, so the file gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+    tmp = temp_name(path, keep_suffix)
     try:
         write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -60,7 +70,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def save_resolved(cfg: Any, out_dir: str | os.PathLike, name: str = CONFIG_NAME) -> Path:
-    """Write the resolved config beside a stage's output (atomically) and return its path."""
+    """Write the resolved config beside a stage's output (atomically) and return its path.
+
+    Values that came from the environment (``${oc.env:...}``) are written as the expression,
+    never resolved (:func:`dataeff.config.redact_env`): an API key stays out of the file.
+    """
     path = Path(out_dir) / name
     text = to_yaml(cfg)
     write_atomic(path, lambda tmp: tmp.write_text(text))

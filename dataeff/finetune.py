@@ -422,11 +422,12 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     trainer, info = build_trainer(cfg.trainer, out, cfg.wandb, cfg.run_name or out.name, to_dict(cfg), **val_kwargs)
     status = "failed"
     try:
-        ckpt = dist.broadcast_object(find_resume_checkpoint(out))
+        ckpt = find_resume_checkpoint(out)  # the newest intact one, the same on every rank
         if ckpt is not None:
             log.info("finetune: resuming from %s", ckpt)
         start = time.perf_counter()
-        trainer.fit(module, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None)
+        # weights_only: a checkpoint is tensors and plain containers, so no pickled code is ever run.
+        trainer.fit(module, datamodule=data, ckpt_path=os.fspath(ckpt) if ckpt else None, weights_only=True)
         train_s = time.perf_counter() - start
 
         model = module.model.float()  # DeepSpeed may have cast it to bf16; score in fp32

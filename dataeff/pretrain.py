@@ -32,6 +32,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from dataeff import dist, outputs, provenance
+from dataeff.checkpoints import checkpoint_problem
 from dataeff.config import (
     ConfigError,
     DataConfig,
@@ -375,10 +376,12 @@ def main(cfg: PretrainConfig) -> dict[str, Any] | None:
     model = MAE(cfg.encoder, cfg.mae, cfg.optim, lr=lr, max_steps=steps, seed=cfg.seed)
     ckpt: Path | None = None
     if cfg.resume == "auto":
-        ckpt = find_resume_checkpoint(out)
+        ckpt = find_resume_checkpoint(out)  # the newest intact one, the same on every rank
     elif cfg.resume != "never":
         ckpt = Path(cfg.resume)
-    ckpt = dist.broadcast_object(ckpt)  # every rank resumes from the same file
+        problem = checkpoint_problem(ckpt) if dist.is_main() else None
+        if dist.broadcast_object(problem):
+            raise ConfigError(f"resume={cfg.resume}: {problem}; give another checkpoint or resume=auto")
     if ckpt is not None:
         log.info("pretrain: resuming from %s", ckpt)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from dataeff.config import ConfigError, WandbConfig, option, section
+from dataeff.config import ConfigError, WandbConfig, option, redact_env, section
 from dataeff.constants import CELL_NAME, DOWNSTREAM_OVERLAP, RESULTS_NAME, SUMMARY_NAME
 from dataeff.files import read_json, save_resolved, write_atomic
 from dataeff.lock import locked
@@ -216,7 +216,10 @@ def _log_wandb(cfg: ReportConfig, tables: dict[str, pd.DataFrame], run: Path, me
         dir=str(run),
         mode=cfg.wandb.mode,  # type: ignore[arg-type]  # WANDB_MODE, checked by wandb
         tags=list(cfg.wandb.tags),
-        config={**cfg.wandb.config, "sweep": meta.get("name") or run.name, "alpha": cfg.alpha, "level": LEVEL},
+        # Environment values as their ${oc.env:...}, never resolved (an API key).
+        config=redact_env(
+            {**cfg.wandb.config, "sweep": meta.get("name") or run.name, "alpha": cfg.alpha, "level": LEVEL}
+        ),
     )
     try:
         logged: dict[str, Any] = {name: wandb.Table(dataframe=df) for name, df in tables.items()}

@@ -40,7 +40,7 @@ from dataeff import finetune as finetune_stage
 from dataeff import overlap as overlap_stage
 from dataeff import pretrain as pretrain_stage
 from dataeff import report as report_stage
-from dataeff.config import ConfigError, WandbConfig
+from dataeff.config import ConfigError, WandbConfig, redact_env
 from dataeff.constants import CELL_FORMAT, CELL_NAME, EMBEDDINGS_HEADER, SUMMARY_NAME, SWEEP_FORMAT
 from dataeff.files import read_json, save_resolved, write_json_atomic
 from dataeff.input_checks import check_downstream, check_shards
@@ -127,7 +127,7 @@ def _wandb_run(w: WandbConfig, name: str, job_type: str, out_dir: Path, values: 
         id=stable_run_id(out_dir, name),
         resume="allow",
         mode=w.mode,  # type: ignore[arg-type]  # WANDB_MODE, checked by wandb
-        config={**w.config, **values},
+        config=redact_env({**w.config, **values}),  # environment values as their ${oc.env:...}
     )
     exit_code = 1
     try:

@@ -16,11 +16,16 @@ which requeues the job; SLURM then stops the ranks with SIGTERM, the path above
 saves the step, and the requeued job resumes (``resume=auto``). Lightning's own
 ``hpc_ckpt_<n>.ckpt`` files are considered too.
 
+Checkpoints are written atomically with a digest record (:mod:`dataeff.checkpoints`;
+DeepSpeed's folders too), an exception inside a batch writes none (a half-done batch
+cannot be resumed exactly), and ``metrics.csv`` keeps each step once across resumes.
+
 Model code never sees any of this: strategies live here and in configs only.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime
 import hashlib
 import logging
@@ -33,18 +38,19 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.logger import _convert_params
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from dataeff import dist
-from dataeff.config import ConfigError, TrainerConfig, WandbConfig
+from dataeff.checkpoints import KEEP_CHECKPOINTS, AtomicCheckpointIO, checkpoint_step, publish_folder
+from dataeff.checkpoints import find_resume_checkpoint as find_resume_checkpoint  # the stages' resume choice
+from dataeff.config import ConfigError, TrainerConfig, WandbConfig, redact_env
 from dataeff.constants import CHECKPOINT_DIR
+from dataeff.files import temp_name, write_atomic
 
 log = logging.getLogger("dataeff")
-
-_CKPT_RE = re.compile(r"step=(\d+)")
-_HPC_RE = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
 
 
 # --------------------------------------------------------------------------- pure resolution
@@ -180,31 +186,59 @@ class _StepProgressBar(TQDMProgressBar):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _is_temp(path: Path) -> bool:
-    """A half-written file: ``files.write_atomic`` temp names start with '.', ``.tmp.ckpt`` is Lightning-era."""
-    return path.name.startswith(".") or path.name.endswith(".tmp.ckpt")
+class _Checkpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` keeping two step checkpoints, whose on-exception save comes only between batches.
 
-
-def _checkpoint_step(path: Path) -> int:
-    match = _CKPT_RE.search(path.name) or _HPC_RE.search(path.name)
-    return int(match.group(1)) if match else -1
-
-
-def find_resume_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint of a run directory, or None when there is none.
-
-    Considers ``<out>/checkpoints/*.ckpt`` (periodic, last and on-exception saves; files,
-    or directories when written by DeepSpeed) and SLURM requeue saves
-    ``<out>/hpc_ckpt_<n>.ckpt``. Newest = latest modification time (a checkpoint is only
-    renamed into place when complete), ties broken by the step in the file name.
+    An exception raised inside a batch (a peer that died during the gradient all-reduce, a
+    failed save) leaves that batch half done: its data counted as consumed and its mask
+    seed drawn, its optimiser step not taken. A checkpoint then would make a resumed run
+    skip that batch. SIGTERM (pre-emption) is raised between batches and still saves.
     """
-    out = Path(out_dir)
-    candidates = list((out / CHECKPOINT_DIR).glob("*.ckpt")) + list(out.glob("hpc_ckpt_*.ckpt"))
-    # exists() drops dangling 'last' links; temp names are checkpoints still being written.
-    candidates = [p for p in candidates if p.exists() and not _is_temp(p)]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (p.stat().st_mtime, _checkpoint_step(p)))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        batch = trainer.fit_loop.epoch_loop.batch_progress.current
+        if batch.ready != batch.completed or trainer.validating:
+            if self._should_save_on_exception(trainer):
+                log.warning(
+                    "%s inside step %d: no checkpoint of a half-done batch; a restart resumes from the last "
+                    "complete checkpoint",
+                    type(exception).__name__,
+                    trainer.global_step,
+                )
+            return
+        super().on_exception(trainer, pl_module, exception)
+
+    def _save_none_monitor_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # Keep the two newest step checkpoints: resume falls back to the older if the newer is damaged.
+        super()._save_none_monitor_checkpoint(trainer, monitor_candidates)
+        assert self.dirpath is not None  # set from the run directory in build_trainer
+        saved = sorted(Path(self.dirpath).glob("step=*.ckpt"), key=checkpoint_step)
+        for old in saved[:-KEEP_CHECKPOINTS]:
+            trainer.strategy.remove_checkpoint(old)
+
+
+def _deepspeed_strategy(micro_batch_size: int | None) -> Any:
+    """ZeRO-2 whose checkpoint folders are written under a temp name, digested and renamed like files."""
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    class _AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+        def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+            # Every rank writes its shards into the same temp folder (on a filesystem all ranks share).
+            final = Path(self.broadcast(os.fspath(filepath)))
+            tmp = Path(self.broadcast(os.fspath(temp_name(final))))
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier("checkpoint-written")
+            if self.is_global_zero:
+                publish_folder(tmp, final)
+            self.barrier("checkpoint-published")
+
+    # ZeRO-2: optimiser state and gradients sharded, parameters replicated; the
+    # client optimiser (fused AdamW from the module) is wrapped by DeepSpeed.
+    return _AtomicDeepSpeedStrategy(
+        stage=2,
+        zero_allow_untested_optimizer=True,
+        logging_batch_size_per_gpu=micro_batch_size if micro_batch_size else "auto",
+    )
 
 
 # --------------------------------------------------------------------------- loggers
@@ -217,10 +251,13 @@ def stable_run_id(out_dir: Path, run_name: str) -> str:
 
 
 class _ResumableCSVLogger(CSVLogger):
-    """``CSVLogger`` writing ``<out>/metrics.csv`` that keeps the rows of earlier, interrupted runs.
+    """``CSVLogger`` writing ``<out>/metrics.csv`` that keeps the rows of earlier, interrupted runs, once each.
 
     Lightning's writer deletes an existing metrics file when it starts; a resumed run must
-    append to it instead, so the old rows are put back and their header adopted.
+    append to it instead, so the old rows are put back and their header adopted. The
+    interrupted run may have logged steps after the checkpoint it is resumed from; those
+    are logged again, so at the first save the old rows from the first new step on are
+    dropped. Hyperparameters (``hparams.yaml``) are written with :func:`redact_env`.
     """
 
     @property
@@ -233,7 +270,36 @@ class _ResumableCSVLogger(CSVLogger):
         if old.strip():
             path.write_text(old)
             experiment.metrics_keys = sorted(old.splitlines()[0].split(","))
+            save, trimmed = experiment.save, False
+
+            def save_once_per_step() -> None:
+                nonlocal trimmed
+                if experiment.metrics and not trimmed:
+                    _drop_rows_from(path, min(int(m["step"]) for m in experiment.metrics))
+                    trimmed = True
+                save()
+
+            experiment.save = save_once_per_step
         return experiment
+
+    def log_hyperparams(self, params: Any = None) -> None:
+        super().log_hyperparams(redact_env(_convert_params(params)))
+
+
+def _drop_rows_from(path: Path, step: int) -> None:
+    """Rewrite ``metrics.csv`` (atomically) without its rows of step ``step`` and later."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = list(reader.fieldnames or [])
+        rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < step]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(path, write)
 
 
 class _WandbLogger(WandbLogger):
@@ -248,6 +314,9 @@ class _WandbLogger(WandbLogger):
         super().__init__(**kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
+
+    def log_hyperparams(self, params: Any) -> None:
+        super().log_hyperparams(redact_env(_convert_params(params)))
 
 
 def _build_loggers(
@@ -275,7 +344,8 @@ def _build_loggers(
                 # once per process, so every later run would inherit the first stage's job type.
                 job_type=os.environ.get("WANDB_JOB_TYPE") or None,
                 # Top-level keys, so W&B can group by them and plot them on an axis (tags cannot).
-                config={**run_config, **wandb.config},
+                # Values from the environment (an API key) go as their ${oc.env:...} expression.
+                config=redact_env({**run_config, **wandb.config}),
             )
         )
     return loggers
@@ -340,23 +410,15 @@ def build_trainer(
 
         strategy = DDPStrategy(process_group_backend="gloo", timeout=_dist_timeout())
     elif strategy == "deepspeed_stage_2":
-        from pytorch_lightning.strategies import DeepSpeedStrategy
-
-        # ZeRO-2: optimiser state and gradients sharded, parameters replicated; the
-        # client optimiser (fused AdamW from the module) is wrapped by DeepSpeed.
-        strategy = DeepSpeedStrategy(
-            stage=2,
-            zero_allow_untested_optimizer=True,
-            logging_batch_size_per_gpu=micro_batch_size if micro_batch_size else "auto",
-        )
+        strategy = _deepspeed_strategy(micro_batch_size)
 
     throughput = ThroughputCallback()
-    checkpoint = ModelCheckpoint(
+    checkpoint = _Checkpoint(
         dirpath=os.fspath(out / CHECKPOINT_DIR),
         filename="step={step:08d}",
         auto_insert_metric_name=False,
         every_n_train_steps=cfg.checkpoint_every_n_steps,
-        save_top_k=1,  # with no monitor: keep only the newest periodic checkpoint
+        save_top_k=-1,  # pruned to the newest two by _Checkpoint
         save_last="link",  # a symlink to the newest save, not a second copy
         save_on_exception=True,  # SIGTERM -> SIGTERMException -> checkpoint at this step
         save_on_train_epoch_end=False,
@@ -379,6 +441,7 @@ def build_trainer(
         default_root_dir=os.fspath(out),
         logger=_build_loggers(out, wandb, run_name, run_config, cfg.log_every_n_steps),
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -410,10 +473,10 @@ def save_final_checkpoint(trainer: pl.Trainer, out_dir: str | os.PathLike) -> Pa
         # also stops Lightning's "weights_only was not set" line on every run.
         trainer.save_checkpoint(os.fspath(path), weights_only=False)
     if trainer.is_global_zero:
-        last = ckpt_dir / "last.ckpt"
-        if last.is_symlink() or last.is_file():
-            last.unlink()
-        os.symlink(path.name, last)
+        # Made under a temp name and renamed over the old link: 'last' always points somewhere.
+        link = temp_name(ckpt_dir / "last.ckpt")
+        os.symlink(path.name, link)
+        os.replace(link, ckpt_dir / "last.ckpt")
     trainer.strategy.barrier("final-checkpoint")
     return path
 

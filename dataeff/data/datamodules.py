@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, option
@@ -260,6 +260,69 @@ class PretrainDataModule(pl.LightningDataModule):
             self._loader.load_state_dict(self._pending)
 
 
+class EpochSampler(DistributedSampler):
+    """One rank's share of a ``(seed, epoch)``-seeded order of ``n`` items, each with its augmentation seed.
+
+    Yields ``(index, seed)``: the order and every item's random augmentation depend only on
+    ``(seed, epoch, position)``, never on what ran before, so a run resumed at any batch
+    sees exactly the items and crops of an uninterrupted one. As with
+    ``DistributedSampler``, the order is padded by wrapping to a multiple of the world
+    size (every rank gets as many items), and rank ``r`` takes every ``world_size``-th item
+    from ``r``. Without ``shuffle`` the order is ``0..n-1`` (validation). A
+    ``DistributedSampler`` subclass, so Lightning keeps it instead of wrapping it in its own.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+        self.n, self.world_size, self.start = n, world_size, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Make the next ``iter()`` yield epoch ``epoch`` from its ``start``-th item on."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        padded = np.resize(order, self.total_size)
+        share = padded[self.rank :: self.world_size]
+        seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(len(share))
+        for position in range(self.start, len(share)):
+            yield int(share[position]), int(seeds[position])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` that remembers its position, like :class:`StreamLoader`.
+
+    Each ``iter()`` continues where the previous one stopped and the next epoch starts a new
+    order; ``state_dict`` / ``load_state_dict`` (``{"epoch", "batches_consumed"}``) let
+    Lightning put a resumed run back at the same batch.
+    """
+
+    def __init__(self, dataset: Any, sampler: EpochSampler, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, **kwargs)
+        self.epoch_sampler, self.batch_items = sampler, batch_size
+        self._position = (0, 0)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches_consumed"}``; a finished epoch reads as the start of the next."""
+        epoch, consumed = self._position
+        if consumed >= len(self):
+            epoch, consumed = epoch + 1, 0
+        return {"epoch": epoch, "batches_consumed": consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._position = (int(state["epoch"]), int(state["batches_consumed"]))
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        state = self.state_dict()
+        epoch, consumed = state["epoch"], state["batches_consumed"]
+        self.epoch_sampler.set_position(epoch, consumed * self.batch_items)
+        self._position = (epoch, consumed)
+        for batch in super().__iter__():
+            consumed += 1
+            self._position = (epoch, consumed)
+            yield batch
+
+
 @dataclass
 class SegmentationDataConfig:
     """A downstream segmentation dataset (image + mask folders) and how it is loaded."""
@@ -353,7 +416,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             "segmentation %s: %s (split %s)", cfg.root, {k: len(v) for k, v in self.pairs.items()}, self.split_path
         )
 
-    def _loader(self, part: str) -> DataLoader:
+    def _dataset(self, part: str) -> downstream.SegmentationDataset:
         self.setup()
         cfg = self.cfg
         train = part == "train"
@@ -363,22 +426,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         dataset = downstream.SegmentationDataset(self.pairs[part], transform, cfg.num_classes)
         if len(dataset) == 0:
             raise ValueError(f"segmentation {cfg.root}: the {part} split is empty ({self.split_path})")
-        generator = torch.Generator().manual_seed(cfg.seed)
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=train,
-            drop_last=False,
-            num_workers=cfg.num_workers,
-            generator=generator,
-            persistent_workers=cfg.num_workers > 0,
-        )
+        return dataset
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+    def _resumable(self, part: str) -> ResumableLoader:
+        dataset, cfg = self._dataset(part), self.cfg
+        rank, world = _process_place(self.trainer)
+        sampler = EpochSampler(len(dataset), cfg.seed, rank, world, shuffle=part == "train")
+        workers = cfg.num_workers
+        return ResumableLoader(dataset, sampler, cfg.batch_size, num_workers=workers, persistent_workers=workers > 0)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def train_dataloader(self) -> ResumableLoader:
+        return self._resumable("train")
+
+    def val_dataloader(self) -> ResumableLoader:
+        return self._resumable("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return DataLoader(self._dataset("test"), batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers)

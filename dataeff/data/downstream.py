@@ -403,13 +403,20 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict[str, Any]:
+        """Pair ``i``; ``(i, seed)`` draws its random augmentation from ``seed`` alone (a resumable order)."""
+        i, seed = i if isinstance(i, tuple) else (i, None)
         stem, image_path, mask_path = self.pairs[i]
         image = read_rgb(image_path)
         mask = read_mask(mask_path, self.num_classes)
         if mask.shape != (image.height, image.width):
             raise ValueError(f"{mask_path}: mask {mask.shape[::-1]} and image {image.size} sizes differ")
-        x, m = self.transform(image, mask)
+        if seed is None:
+            x, m = self.transform(image, mask)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x, m = self.transform(image, mask)
         item: dict[str, Any] = {"image": x, "mask": m, "key": stem}
         if self.native:
             item["native_mask"], item["file"] = torch.from_numpy(mask), image_path.name

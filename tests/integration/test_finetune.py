@@ -175,7 +175,7 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path, monkeypatch):
         monkeypatch.setattr(finetune, "build_trainer", original)
         assert not (out / "results.json").exists() and (out / "model.safetensors").is_file()
         ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
-        states = [torch.load(c, map_location="cpu", weights_only=False) for c in ckpts]
+        states = [torch.load(c, map_location="cpu", weights_only=True) for c in ckpts]
         assert ckpts and all(state["global_step"] == 6 for state in states)
         best_before = states[0]["dataeff_best"]["miou"]
         second = main(load_config(FinetuneConfig, str(TINY), common))

@@ -84,7 +84,7 @@ def test_sigterm_saves_checkpoint_and_resume_matches_uninterrupted(shards, refer
     monkeypatch.setenv("WANDB_MODE", "offline")
     ckpt = find_resume_checkpoint(out)
     assert ckpt is not None and "step=00000005" in os.path.realpath(ckpt), ckpt
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 5
     assert all(int(s["step"]) == 5 for s in state["optimizer_states"][0]["state"].values())
     assert not (out / "summary.json").exists()

@@ -77,7 +77,8 @@ def test_batches_masks_and_split_saved_then_reused(tmp_path, layout):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (2, 32, 32) and batch["mask"].dtype == torch.long
-    masks = torch.cat([b["mask"] for part in ("train", "val", "test") for b in dm._loader(part)])
+    loaders = (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader())
+    masks = torch.cat([b["mask"] for loader in loaders for b in loader])
     assert set(masks.unique().tolist()) == {0, 1}
     split = json.loads((tmp_path / "out" / "split.json").read_text())
     assert split["format"] == SPLIT_FORMAT and split["groups"] is None

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dataeff.config import ConfigError, TrainerConfig
 from dataeff.trainer import find_resume_checkpoint, resolve_layout
@@ -44,8 +45,9 @@ def test_layout_errors():
 
 
 def _touch(path: Path, age_s: float) -> Path:
+    """A small real checkpoint (it must load to be chosen), modified ``age_s`` seconds ago."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    torch.save({"global_step": 1}, path)
     stamp = time.time() - age_s
     os.utime(path, (stamp, stamp))
     return path
