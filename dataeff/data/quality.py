@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from dataeff.constants import QUALITY_KEYS, SIGNATURE_KEYS
+from dataeff.data.integrity import decode_error
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key, site_of
 from dataeff.data.signatures import GRAY_SIDE, gray_base, image_signature
 from dataeff.data.signatures import gray_thumbnail as gray_thumbnail  # re-export: mosaics compute stats with it
@@ -50,25 +51,47 @@ class UnreadableMode(ValueError):
     """The image decodes but its pixel mode has no faithful 8-bit RGB rendering (e.g. float ``F``)."""
 
 
-def wide_to_uint8(values: np.ndarray) -> np.ndarray:
+#: Values converted at a time when scaling a wide image to 8 bits: temporaries stay ~32 MB
+#: whatever the image size (a whole 9000 x 9000 image in float64 would be 648 MB each).
+_BLOCK_VALUES = 1 << 22
+
+
+def wide_to_uint8(values: np.ndarray, lo: int | None = None, hi: int | None = None) -> np.ndarray:
     """Scale a 16/32-bit integer image to 8 bits.
 
     Values inside [0, 65535] are taken as 16-bit and mapped linearly with rounding
     (65535 -> 255, i.e. divide by 257), which keeps the intensity scale across images;
     anything outside that range is stretched from its own min..max.
 
+    Args:
+        lo, hi: the image's min and max, when ``values`` is one block of rows of it
+            (default: those of ``values``).
+
     Shape:
         values: (H, W), any integer dtype -> (H, W) uint8.
     """
+    if lo is None or hi is None:
+        lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
     v = values.astype(np.float64)
-    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
-    if lo >= 0.0 and hi <= 65535.0:
+    if lo >= 0 and hi <= 65535:
         scaled = v / 257.0
     elif hi > lo:
         scaled = (v - lo) * (255.0 / (hi - lo))
     else:
         scaled = np.zeros_like(v)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _wide_to_gray(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer image as 8-bit ``L`` (:func:`wide_to_uint8`), converted a block of rows at a time."""
+    lo, hi = img.getextrema()  # one band: (min, max)
+    assert isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+    gray = np.empty((img.height, img.width), dtype=np.uint8)
+    rows = max(1, _BLOCK_VALUES // max(img.width, 1))
+    for top in range(0, img.height, rows):
+        bottom = min(top + rows, img.height)
+        gray[top:bottom] = wide_to_uint8(np.asarray(img.crop((0, top, img.width, bottom))), int(lo), int(hi))
+    return Image.fromarray(gray, "L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -88,8 +111,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _DIRECT_MODES:
         return img.convert("RGB")
     if img.mode in _WIDE_MODES:
-        gray = wide_to_uint8(np.asarray(img))
-        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+        return _wide_to_gray(img).convert("RGB")
     raise UnreadableMode(f"pixel mode {img.mode!r} has no 8-bit RGB rendering")
 
 
@@ -167,6 +189,8 @@ class InspectOptions:
 
     min_side: int = 32
     max_pixels: int = 89_478_485
+    max_bytes: int = 1 << 28
+    max_decoded_bytes: int = 1 << 29
     max_side: int = 0
     jpeg_quality: int = 95
     site_level: int = 0
@@ -225,6 +249,13 @@ def _reject(row: dict[str, Any], reason: str) -> Inspected:
     return Inspected(row)
 
 
+def reject_unread(rel: str, size: int, reason: str, opts: InspectOptions) -> Inspected:
+    """The rejected row of a file that was never read (:mod:`dataeff.data.integrity`): no checksum."""
+    row = _row(rel, b"", opts)
+    row.update(size=size, sha256="")
+    return _reject(row, reason)
+
+
 def _encode(img: Image.Image, as_jpeg: bool, quality: int) -> bytes:
     buf = io.BytesIO()
     if as_jpeg:
@@ -238,7 +269,9 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
     """Check one input file and prepare its sample.
 
     Order of checks: zero_byte, unsupported_extension, not_an_image (no image header),
-    decompression_bomb (more than ``max_pixels`` pixels; checked before decoding),
+    decompression_bomb (more than ``max_pixels`` pixels, or pixels taking more than
+    ``max_decoded_bytes``; checked before decoding), bad_checksum / truncated / corrupt_data
+    (a PNG chunk CRC, JPEG entropy data; :func:`~dataeff.data.integrity.decode_error`),
     truncated (damaged or cut short: the full decode fails), too_small (short side below
     ``min_side``), unreadable_mode (no 8-bit RGB rendering). CMYK, palette, grayscale,
     alpha and 16-bit images are converted to RGB. The original bytes are stored when
@@ -270,6 +303,9 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
         (w, h), fmt, mode = img.size, img.format, img.mode
         if opts.max_pixels > 0 and w * h > opts.max_pixels:
             return _reject(row, "decompression_bomb")
+        reason = decode_error(img, data, opts.max_decoded_bytes)
+        if reason:
+            return _reject(row, reason)
         size = long_side_size(w, h, opts.max_side)
         keep = fmt in ("JPEG", "PNG") and mode == "RGB" and size == (w, h)
         if fmt == "JPEG" and (not keep or min(w, h) >= 2 * THUMB_SIDE):

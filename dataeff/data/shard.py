@@ -46,8 +46,9 @@ from dataeff.constants import (
     SIGNATURE_KEYS,
     SUMMARY_NAME,
 )
-from dataeff.data.keys import IMAGE_EXTENSIONS
-from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits
+from dataeff.data.integrity import Entry, Unread, read_input, scan_tree
+from dataeff.data.keys import IMAGE_EXTENSIONS, is_image_name
+from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits, reject_unread
 from dataeff.files import save_resolved, write_atomic, write_json_atomic
 
 __all__ = [
@@ -79,6 +80,14 @@ class ShardConfig:
     max_side: int = option(0, help="shrink images whose long side is larger to this many px (0 = keep size)")
     min_side: int = option(32, help="reject images whose short side is below this, px (too_small)")
     max_pixels: int = option(89_478_485, help="reject images with more pixels (decompression_bomb); 0 = no limit")
+    max_bytes: int = option(
+        1 << 28, help="reject files larger than this many bytes (too_large), checked before reading; 0 = no limit"
+    )
+    max_decoded_bytes: int = option(
+        1 << 29,
+        help="reject images whose decoded pixels take more bytes (decompression_bomb; 16-bit and every "
+        "channel counted), checked before decoding; 0 = no limit",
+    )
     jpeg_quality: int = option(95, help="JPEG quality when a JPEG source must be re-encoded")
     site_level: int = option(0, help="folder level below `src` naming the site/centre (0 = first folder)")
     extensions: list = option(list(IMAGE_EXTENSIONS), help="file extensions read as images (case-insensitive)")
@@ -100,7 +109,7 @@ class ShardConfig:
             raise ConfigError(f"max_shard_mb={self.max_shard_mb}: must be > 0")
         if self.jpeg_quality > 100:
             raise ConfigError(f"jpeg_quality={self.jpeg_quality}: must be in 1..100")
-        for key in ("max_side", "min_side", "max_pixels", "site_level"):
+        for key in ("max_side", "min_side", "max_pixels", "max_bytes", "max_decoded_bytes", "site_level"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if not self.extensions or any(not str(e).startswith(".") for e in self.extensions):
@@ -110,6 +119,8 @@ class ShardConfig:
         return InspectOptions(
             min_side=self.min_side,
             max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+            max_decoded_bytes=self.max_decoded_bytes,
             max_side=self.max_side,
             jpeg_quality=self.jpeg_quality,
             site_level=self.site_level,
@@ -130,29 +141,18 @@ def starts_new_shard(count: int, nbytes: int, sample_bytes: int, max_count: int,
 
 
 def scan_files(src: Path, exclude: Path | None = None) -> list[tuple[str, int]]:
-    """``(relative POSIX path, size)`` of every regular file under ``src``, sorted by path.
+    """``(relative POSIX path, size)`` of every path under ``src`` that gets an index row, sorted by path.
 
-    Symbolic links to files count as files; links to folders are not followed (no cycles).
-    ``exclude`` (the output folder, when it sits inside ``src``) is skipped.
+    Links to files count as files; links to folders are followed unless they loop; FIFOs,
+    devices, sockets, broken links and loops are listed too (size 0), to be rejected with
+    a reason (:func:`~dataeff.data.integrity.scan_tree`). ``exclude`` (the output folder,
+    when it sits inside ``src``) is skipped.
     """
-    skip = os.path.realpath(exclude) if exclude is not None else None
-    found: list[tuple[str, int]] = []
-
-    def walk(folder: str, prefix: str) -> None:
-        with os.scandir(folder) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    if skip is None or os.path.realpath(entry.path) != skip:
-                        walk(entry.path, prefix + entry.name + "/")
-                elif entry.is_file():
-                    found.append((prefix + entry.name, entry.stat().st_size))
-
-    walk(str(src), "")
-    return sorted(found)
+    return [(e.rel, e.size) for e in scan_tree(src, exclude)]
 
 
 def list_files(src: Path, exclude: Path | None = None) -> list[str]:
-    """Every regular file under ``src`` as a POSIX relative path, sorted (see :func:`scan_files`)."""
+    """Every path under ``src`` that gets an index row, POSIX relative, sorted (see :func:`scan_files`)."""
     return [rel for rel, _ in scan_files(src, exclude)]
 
 
@@ -179,15 +179,17 @@ def _init_worker(opts: InspectOptions) -> None:
     pil_limits(opts.max_pixels).__enter__()  # for the life of the worker
 
 
-def _inspect_path(path: str, rel: str, opts: InspectOptions) -> Inspected:
-    """Read and inspect one file; a file that cannot be read is rejected ``read_error``."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError:  # vanished or unreadable since listing: report it, keep going
-        item = inspect_bytes(b"", rel, opts)
-        item.row.update(status="rejected", reason="read_error", sha256="")
-        return item
+def _inspect_path(path: str, rel: str, opts: InspectOptions, reason: str = "") -> Inspected:
+    """Read and inspect one file, unless the listing gave a ``reason`` not to read it.
+
+    A file that cannot be read (vanished, unreadable, no longer a regular file, over
+    ``max_bytes``) is rejected with the reason :func:`~dataeff.data.integrity.read_input` gives.
+    """
+    if reason:
+        return reject_unread(rel, 0, reason, opts)
+    data = read_input(path, opts.max_bytes)
+    if isinstance(data, Unread):
+        return reject_unread(rel, data.size, data.reason, opts)
     return inspect_bytes(data, rel, opts)
 
 
@@ -207,20 +209,21 @@ def _packed(item: Inspected) -> Packed:
     return item.row, image + tar_member(f"{key}.json", _sample_json(item.meta))
 
 
-def _work(item: tuple[str, str]) -> Packed:
+def _work(item: tuple[str, str, str]) -> Packed:
     assert _WORKER_OPTS is not None
-    return _packed(_inspect_path(item[0], item[1], _WORKER_OPTS))
+    path, rel, reason = item
+    return _packed(_inspect_path(path, rel, _WORKER_OPTS, reason))
 
 
-def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Generator[Packed, None, None]:
-    """Inspect and pack ``rels`` in order, in ``cfg.workers`` processes."""
+def _inspected(src: Path, entries: Sequence[Entry], cfg: ShardConfig) -> Generator[Packed, None, None]:
+    """Inspect and pack ``entries`` in order, in ``cfg.workers`` processes."""
     opts = cfg.inspect_options()
     root = str(src)
-    items = [(os.path.join(root, rel), rel) for rel in rels]
+    items = [(os.path.join(root, e.rel), e.rel, e.reason) for e in entries]
     if cfg.workers == 1 or len(items) <= cfg.chunksize:
         with pil_limits(opts.max_pixels):
-            for path, rel in items:
-                yield _packed(_inspect_path(path, rel, opts))
+            for path, rel, reason in items:
+                yield _packed(_inspect_path(path, rel, opts, reason))
         return
     # fork: workers need no re-import, and `python -m dataeff` has no __main__ guard for spawn.
     ctx = mp.get_context("fork")
@@ -523,9 +526,14 @@ def main(cfg: ShardConfig) -> dict:
     name = cfg.name or out.resolve().name
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"name={name!r}: give a plain file prefix, e.g. name=mydata")
-    scanned = scan_files(src, exclude=out)
-    files = [rel for rel, _ in scanned]
-    signature = _signature(files, [size for _, size in scanned], cfg)
+    entries = scan_tree(src, exclude=out)
+    if not any(is_image_name(e.rel, cfg.extensions) for e in entries):
+        raise ConfigError(
+            f"src={cfg.src}: no images under src (no file named {', '.join(cfg.extensions)}); "
+            "give the folder of raw images to shard"
+        )
+    files = [e.rel for e in entries]
+    signature = _signature(files, [e.size for e in entries], cfg)
 
     summary_path, plan_path = out / SUMMARY_NAME, out / _PARTS / "plan.json"
     for marker in (summary_path, plan_path):
@@ -570,7 +578,7 @@ def main(cfg: ShardConfig) -> dict:
     packer = _Packer(out, name, cfg, done_rows, done_shards, start)
     bar = tqdm(total=len(files), initial=start, unit="img", desc="shard", disable=not cfg.progress, smoothing=0.1)
     try:
-        with contextlib.closing(_inspected(src, files[start:], cfg)) as items:  # closing ends the pool
+        with contextlib.closing(_inspected(src, entries[start:], cfg)) as items:  # closing ends the pool
             for row, members in items:
                 packer.add(row, members)
                 bar.update(1)

@@ -30,9 +30,9 @@ from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from dataeff import dist
-from dataeff.config import ConfigError, EncoderConfig, option, section, to_dict
+from dataeff.config import ConfigError, EncoderConfig, first_line, option, section, to_dict
 from dataeff.constants import EMBEDDINGS_FORMAT, EMBEDDINGS_HEADER
-from dataeff.data.stream import eval_transform, iter_shard, list_shards, shard_keys
+from dataeff.data.stream import DamagedShardError, eval_transform, iter_shard, list_shards, shard_keys
 from dataeff.encoder_check import check_encoder
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.models.encoder import build_encoder, pooled_features
@@ -147,6 +147,10 @@ def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, .
     return tuple(shape)
 
 
+def _damaged(emb_dir: str | os.PathLike, name: str, exc: BaseException) -> ConfigError:
+    return ConfigError(f"embeddings={emb_dir}: {name} is damaged ({first_line(exc)}); re-embed into a fresh directory")
+
+
 def read_header(emb_dir: str | os.PathLike) -> dict:
     """``header.json`` of a complete embeddings directory, with its files checked.
 
@@ -157,15 +161,22 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
     path = Path(emb_dir) / EMBEDDINGS_HEADER
     if not path.is_file():
         raise ConfigError(f"embeddings={emb_dir}: no {EMBEDDINGS_HEADER}; run 'dataeff embed' (to completion) first")
-    header = json.loads(path.read_text())
-    for name in header["files"]:
+    try:
+        header = json.loads(path.read_text())
+        files, dim = list(header["files"]), header["dim"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _damaged(emb_dir, EMBEDDINGS_HEADER, exc) from None
+    for name in files:
         f = Path(emb_dir) / name
         if not f.is_file():
             raise ConfigError(f"embeddings={emb_dir}: {name} is missing; re-run 'dataeff embed'")
-        shape = npz_shape(f)
-        if len(shape) != 2 or shape[1] != header["dim"]:
+        try:
+            shape = npz_shape(f)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise _damaged(emb_dir, name, exc) from None
+        if len(shape) != 2 or shape[1] != dim:
             raise ConfigError(
-                f"embeddings={emb_dir}: {name} holds vectors of shape {shape}, the header says dim {header['dim']}; "
+                f"embeddings={emb_dir}: {name} holds vectors of shape {shape}, the header says dim {dim}; "
                 "mismatched embedding dimensions (files from different encoders?) — re-embed into a fresh directory"
             )
     return header
@@ -183,9 +194,12 @@ def load_embeddings(
     files = header["files"] if files is None else files
     keys, embs = [np.zeros(0, dtype=str)], [np.zeros((0, header["dim"]), dtype=np.float16)]
     for name in files:
-        with np.load(Path(emb_dir) / name, allow_pickle=False) as z:
-            keys.append(z["keys"])
-            embs.append(z["embeddings"])
+        try:
+            with np.load(Path(emb_dir) / name, allow_pickle=False) as z:
+                keys.append(z["keys"])
+                embs.append(z["embeddings"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise _damaged(emb_dir, name, exc) from None
     k, e = np.concatenate(keys), np.concatenate(embs)
     order = np.argsort(k, kind="stable")
     return k[order], e[order].astype(dtype, copy=False)
@@ -220,11 +234,13 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     try:
         tars = list_shards(cfg.data.shards)
+        keys_per_shard = shard_keys(tars)
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(
             f"data.shards={cfg.data.shards}: {exc}; set data.shards to a directory written by 'dataeff shard'"
         ) from None
-    keys_per_shard = shard_keys(tars)
     total = sum(len(k) for k in keys_per_shard)
     if total == 0:
         raise ConfigError(f"data.shards={cfg.data.shards}: empty shard set (no ok samples in the index)")
@@ -242,6 +258,8 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"out={out} holds embeddings of another encoder or shard set; choose a fresh out directory"
             )
+        if rank == 0:  # killed between writing the header and this cleanup
+            shutil.rmtree(out / "parts", ignore_errors=True)
         log.info("embeddings already complete in %s; nothing to do", out)
         return {"count": total, "embedded": 0, "wall_s": 0.0, "images_per_s": 0.0, "world_size": world}
     if rank == 0:
@@ -271,7 +289,10 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
             bar.update(len(batch_keys))
             done += len(batch_keys)
         if keys != expected:
-            raise RuntimeError(f"{tars[i]}: read {len(keys)} samples, the index lists {len(expected)} ok samples")
+            raise DamagedShardError(
+                f"{tars[i]}: read {len(keys)} samples, the index lists {len(expected)} ok samples; the tar is "
+                "damaged or is not the one indexed, re-run 'dataeff shard' with overwrite=true"
+            )
         emb = np.concatenate(embs) if embs else np.zeros((0, 0), dtype=np.float16)
         _save_npz(part, np.array(keys, dtype=str), emb, tar=np.array(tars[i]))
     bar.close()
