@@ -7,6 +7,7 @@ names to them, builds ``--help`` from the dataclass fields, and tears down.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = next((a for a in argv if a in STAGES), None) if any(a in ("-h", "--help") for a in argv) else None
     args = build_parser(with_stage_help=wanted).parse_args(argv)
     log = dist.setup_logging()
+    cfg: Any = None
     try:
         run, schema = STAGES[args.stage].load()
-        cfg: Any = load_stage_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
+        cfg = load_stage_config(schema, args.config, _with_positional(STAGES[args.stage], args.overrides))
         # A dead or hung peer inside Lightning or DDP exits 3 naming the collective, like dataeff's own.
         with quiet_third_party(verbose=args.verbose), dist.collective_failures():
             run(cfg)
@@ -186,6 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     except dist.DistributedError as exc:
         log.error("%s", exc)
         return 3
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every output is written under a temp name and renamed when complete, so what is
+        # finished stays valid and a re-run with space continues from it.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        out = f" (out={cfg.out})" if getattr(cfg, "out", "") else ""
+        print(
+            f"dataeff {args.stage}: error: {exc.strerror or 'no space left'}{where}{out}; "
+            "free space and re-run the same command: finished work is kept",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         dist.destroy()
     return 0

@@ -16,11 +16,13 @@ import dataclasses
 import io
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -213,6 +215,26 @@ def packaged_configs() -> list[str]:
     return sorted(names)
 
 
+def _parse_yaml(source: str, read: Callable[[], Any]) -> DictConfig:
+    """``read()`` (an ``OmegaConf.load``) as a mapping, or a one-line ConfigError naming ``source``.
+
+    PyYAML's errors (bad syntax, a ``!!python`` tag it refuses to construct) carry a
+    multi-line message and the position; the message keeps the position and the problem.
+    """
+    try:
+        loaded = read()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot be read as a YAML text file ({first_line(exc)})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{source}: the top level must be a mapping of config keys (key: value), not a list")
+    return loaded
+
+
 def _read_config(config: str) -> tuple[str, Any]:
     """``(source shown in errors, parsed YAML)`` for ``--config``: an existing file, else a packaged name.
 
@@ -221,7 +243,7 @@ def _read_config(config: str) -> tuple[str, Any]:
     """
     path = Path(config)
     if path.is_file():
-        return str(path), OmegaConf.load(path)
+        return str(path), _parse_yaml(str(path), lambda: OmegaConf.load(path))
     name = config.strip("/")
     if config.endswith(_YAML_SUFFIXES) or not name:
         raise ConfigError(f"config file not found: {config}")
@@ -231,7 +253,8 @@ def _read_config(config: str) -> tuple[str, Any]:
             f"config {config!r} is neither a file nor a packaged config name; packaged configs: {', '.join(available)}"
         )
     node = _packaged_root().joinpath(*f"{name}.yaml".split("/"))
-    return f"dataeff/{PACKAGED_CONFIGS}/{name}.yaml", OmegaConf.load(io.StringIO(node.read_text(encoding="utf-8")))
+    source = f"dataeff/{PACKAGED_CONFIGS}/{name}.yaml"
+    return source, _parse_yaml(source, lambda: OmegaConf.load(io.StringIO(node.read_text(encoding="utf-8"))))
 
 
 def load_config(schema: type[T], config_path: str | None = None, overrides: list[str] | None = None) -> T:

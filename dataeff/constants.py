@@ -84,6 +84,18 @@ FRAMES_LOST_PREFIX = "frames_lost:"
 #: its file (-1 for a still image), its time in seconds (null when unknown), and the EXIF
 #: orientation its pixels were turned by (1 = as stored).
 PROVENANCE_KEYS = ("group", "frame", "timestamp", "orientation")
+#: Rejection reasons of paths under ``src`` that are never read (``dataeff.data.integrity``):
+#: a link that resolves to itself or to a folder above it, a link to nothing, a FIFO, socket
+#: or device, a file or folder that cannot be opened, a file over ``max_bytes``.
+SYMLINK_LOOP = "symlink_loop"
+BROKEN_LINK = "broken_link"
+NOT_A_REGULAR_FILE = "not_a_regular_file"
+READ_ERROR = "read_error"
+TOO_LARGE = "too_large"
+#: Rejection reasons of files whose bytes fail a format check before decoding: a PNG chunk
+#: whose CRC does not match, JPEG entropy data that libjpeg reports as corrupt.
+BAD_CHECKSUM = "bad_checksum"
+CORRUPT_DATA = "corrupt_data"
 #: Index reason of a byte-identical copy of an earlier file (status ``duplicate``).
 DUPLICATE_PREFIX = "exact_duplicate_of:"
 #: ``dataeff index`` rejections: a WebDataset sample without a jpg/png/webp member, a key seen before.

@@ -48,25 +48,47 @@ def is_tiff(data: bytes) -> bool:
     return data[:4] in TIFF_MAGIC
 
 
-def wide_to_uint8(values: np.ndarray) -> np.ndarray:
+#: Values converted at a time when scaling a wide image to 8 bits: temporaries stay ~32 MB
+#: whatever the image size (a whole 9000 x 9000 image in float64 would be 648 MB each).
+_BLOCK_VALUES = 1 << 22
+
+
+def wide_to_uint8(values: np.ndarray, lo: int | None = None, hi: int | None = None) -> np.ndarray:
     """Scale a 16/32-bit integer image to 8 bits.
 
     Values inside [0, 65535] are taken as 16-bit and mapped linearly with rounding
     (65535 -> 255, i.e. divide by 257), which keeps the intensity scale across images;
     anything outside that range is stretched from its own min..max.
 
+    Args:
+        lo, hi: the image's min and max, when ``values`` is one block of rows of it
+            (default: those of ``values``).
+
     Shape:
         values: any shape, any integer dtype -> the same shape, uint8.
     """
+    if lo is None or hi is None:
+        lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
     v = values.astype(np.float64)
-    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
-    if lo >= 0.0 and hi <= 65535.0:
+    if lo >= 0 and hi <= 65535:
         scaled = v / 257.0
     elif hi > lo:
         scaled = (v - lo) * (255.0 / (hi - lo))
     else:
         scaled = np.zeros_like(v)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _wide_to_gray(img: Image.Image) -> Image.Image:
+    """A 16/32-bit integer image as 8-bit ``L`` (:func:`wide_to_uint8`), converted a block of rows at a time."""
+    lo, hi = img.getextrema()  # one band: (min, max)
+    assert isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+    gray = np.empty((img.height, img.width), dtype=np.uint8)
+    rows = max(1, _BLOCK_VALUES // max(img.width, 1))
+    for top in range(0, img.height, rows):
+        bottom = min(top + rows, img.height)
+        gray[top:bottom] = wide_to_uint8(np.asarray(img.crop((0, top, img.width, bottom))), int(lo), int(hi))
+    return Image.fromarray(gray, "L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -86,8 +108,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _DIRECT_MODES:
         return img.convert("RGB")
     if img.mode in _WIDE_MODES:
-        gray = wide_to_uint8(np.asarray(img))
-        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+        return _wide_to_gray(img).convert("RGB")
     raise UnreadableMode(f"pixel mode {img.mode!r} has no 8-bit RGB rendering")
 
 

@@ -31,6 +31,7 @@ from PIL import Image, ImageFile
 from dataeff.constants import QUALITY_KEYS, SIGNATURE_KEYS
 from dataeff.data.decode import UnreadableMode, exif_orientation, open_image, orient, swaps_sides, to_rgb
 from dataeff.data.decode import wide_to_uint8 as wide_to_uint8  # re-export: its home before decode.py
+from dataeff.data.integrity import decode_error
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key, site_of
 from dataeff.data.signatures import GRAY_SIDE, gray_base, image_signature
 from dataeff.data.signatures import gray_thumbnail as gray_thumbnail  # re-export: mosaics compute stats with it
@@ -114,6 +115,8 @@ class InspectOptions:
 
     min_side: int = 32
     max_pixels: int = 89_478_485
+    max_bytes: int = 1 << 28
+    max_decoded_bytes: int = 1 << 29
     max_side: int = 0
     jpeg_quality: int = 95
     site_level: int = 0
@@ -174,6 +177,13 @@ def _reject(row: dict[str, Any], reason: str) -> Inspected:
     return Inspected(row)
 
 
+def reject_unread(rel: str, size: int, reason: str, opts: InspectOptions) -> Inspected:
+    """The rejected row of a file that was never read (:mod:`dataeff.data.integrity`): no checksum."""
+    row = _row(rel, b"", opts)
+    row.update(size=size, sha256="")
+    return _reject(row, reason)
+
+
 def _encode(img: Image.Image, as_jpeg: bool, quality: int) -> bytes:
     buf = io.BytesIO()
     if as_jpeg:
@@ -187,7 +197,9 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
     """Check one input file and prepare its sample.
 
     Order of checks: zero_byte, unsupported_extension, not_an_image (no image header),
-    decompression_bomb (more than ``max_pixels`` pixels; checked before decoding),
+    decompression_bomb (more than ``max_pixels`` pixels, or pixels taking more than
+    ``max_decoded_bytes``; checked before decoding), bad_checksum / truncated / corrupt_data
+    (a PNG chunk CRC, JPEG entropy data; :func:`~dataeff.data.integrity.decode_error`),
     truncated (damaged or cut short: the full decode fails), too_small (short side below
     ``min_side``), unreadable_mode (no 8-bit RGB rendering). CMYK, palette, grayscale,
     alpha and 16-bit images are converted to RGB. The original bytes are stored when
@@ -221,6 +233,9 @@ def inspect_bytes(data: bytes, rel: str, opts: InspectOptions) -> Inspected:
         (w, h), fmt, mode = img.size, img.format, img.mode
         if opts.max_pixels > 0 and w * h > opts.max_pixels:
             return _reject(row, "decompression_bomb")
+        reason = decode_error(img, data, opts.max_decoded_bytes)
+        if reason:
+            return _reject(row, reason)
         row["orientation"] = turn = exif_orientation(img) if opts.exif_transpose else 1
         size = long_side_size(w, h, opts.max_side)
         keep = fmt in ("JPEG", "PNG") and mode == "RGB" and size == (w, h) and turn == 1

@@ -57,10 +57,11 @@ from dataeff.data.decode import is_tiff, tiff_page_count
 from dataeff.data.dicom import DicomConfig, DicomInstance, is_dicom, require_pydicom
 from dataeff.data.frames import FrameOptions, FrameSource, MediaRejected, TiffPages, inspect_frames, rejected
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key
-from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits
+from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits, reject_unread
 from dataeff.data.video import VideoConfig, VideoFrames, require_av
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.lock import locked
+from dataeff.data.integrity import Entry, Unread, read_input, scan_tree
 
 __all__ = [
     "ShardConfig", "main", "inspect_file", "inspect_source", "scan_files", "list_files",
@@ -91,6 +92,14 @@ class ShardConfig:
     max_side: int = option(0, help="shrink images whose long side is larger to this many px (0 = keep size)")
     min_side: int = option(32, help="reject images whose short side is below this, px (too_small)")
     max_pixels: int = option(89_478_485, help="reject images with more pixels (decompression_bomb); 0 = no limit")
+    max_bytes: int = option(
+        1 << 28, help="reject files larger than this many bytes (too_large), checked before reading; 0 = no limit"
+    )
+    max_decoded_bytes: int = option(
+        1 << 29,
+        help="reject images whose decoded pixels take more bytes (decompression_bomb; 16-bit and every "
+        "channel counted), checked before decoding; 0 = no limit",
+    )
     jpeg_quality: int = option(95, help="JPEG quality when a JPEG source must be re-encoded")
     site_level: int = option(0, help="folder level below `src` naming the site/centre (0 = first folder)")
     extensions: list = option(list(IMAGE_EXTENSIONS), help="file extensions read as images (case-insensitive)")
@@ -117,7 +126,7 @@ class ShardConfig:
             raise ConfigError(f"max_shard_mb={self.max_shard_mb}: must be > 0")
         if self.jpeg_quality > 100:
             raise ConfigError(f"jpeg_quality={self.jpeg_quality}: must be in 1..100")
-        for key in ("max_side", "min_side", "max_pixels", "site_level"):
+        for key in ("max_side", "min_side", "max_pixels", "max_bytes", "max_decoded_bytes", "site_level"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
         if not self.extensions or any(not str(e).startswith(".") for e in self.extensions):
@@ -127,6 +136,8 @@ class ShardConfig:
         return InspectOptions(
             min_side=self.min_side,
             max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes,
+            max_decoded_bytes=self.max_decoded_bytes,
             max_side=self.max_side,
             jpeg_quality=self.jpeg_quality,
             site_level=self.site_level,
@@ -157,29 +168,18 @@ def starts_new_shard(count: int, nbytes: int, sample_bytes: int, max_count: int,
 
 
 def scan_files(src: Path, exclude: Path | None = None) -> list[tuple[str, int]]:
-    """``(relative POSIX path, size)`` of every regular file under ``src``, sorted by path.
+    """``(relative POSIX path, size)`` of every path under ``src`` that gets an index row, sorted by path.
 
-    Symbolic links to files count as files; links to folders are not followed (no cycles).
-    ``exclude`` (the output folder, when it sits inside ``src``) is skipped.
+    Links to files count as files; links to folders are followed unless they loop; FIFOs,
+    devices, sockets, broken links and loops are listed too (size 0), to be rejected with
+    a reason (:func:`~dataeff.data.integrity.scan_tree`). ``exclude`` (the output folder,
+    when it sits inside ``src``) is skipped.
     """
-    skip = os.path.realpath(exclude) if exclude is not None else None
-    found: list[tuple[str, int]] = []
-
-    def walk(folder: str, prefix: str) -> None:
-        with os.scandir(folder) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    if skip is None or os.path.realpath(entry.path) != skip:
-                        walk(entry.path, prefix + entry.name + "/")
-                elif entry.is_file():
-                    found.append((prefix + entry.name, entry.stat().st_size))
-
-    walk(str(src), "")
-    return sorted(found)
+    return [(e.rel, e.size) for e in scan_tree(src, exclude)]
 
 
 def list_files(src: Path, exclude: Path | None = None) -> list[str]:
-    """Every regular file under ``src`` as a POSIX relative path, sorted (see :func:`scan_files`)."""
+    """Every path under ``src`` that gets an index row, POSIX relative, sorted (see :func:`scan_files`)."""
     return [rel for rel, _ in scan_files(src, exclude)]
 
 
@@ -187,17 +187,6 @@ def inspect_file(path: str | os.PathLike, rel: str, opts: InspectOptions) -> Ins
     """:func:`~dataeff.data.quality.inspect_bytes` on a file (under the PIL limits of ``opts``)."""
     with pil_limits(opts.max_pixels):
         return _inspect_path(os.fspath(path), rel, opts)
-
-
-def _read(path: str, rel: str, opts: InspectOptions) -> bytes | Inspected:
-    """A file's bytes, or its ``read_error`` row when it vanished or cannot be read since listing."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError:
-        item = inspect_bytes(b"", rel, opts)
-        item.row.update(status="rejected", reason="read_error", sha256="")
-        return item
 
 
 def _frames(
@@ -217,26 +206,32 @@ def _frames(
     return items
 
 
-def inspect_source(path: str | os.PathLike, rel: str, opts: InspectOptions, fopts: FrameOptions) -> list[Inspected]:
+def inspect_source(
+    path: str | os.PathLike, rel: str, opts: InspectOptions, fopts: FrameOptions, reason: str = ""
+) -> list[Inspected]:
     """Every index row of one input file: one for a still image, one per kept frame for a video,
     a DICOM instance or a multi-page TIFF (plus a ``frames_lost:<n>`` row when frames failed).
 
     Each row carries the provenance columns (docs/architecture.md): ``group`` (a still
     image's own source path, a video's or TIFF's path, a DICOM study's hash), ``frame`` (-1
-    for a still image) and ``timestamp``. Must run inside :func:`pil_limits`.
+    for a still image) and ``timestamp``. A file the listing gave a ``reason`` not to read
+    gets that rejected row; a file over ``max_bytes`` is refused before it is read (videos,
+    decoded as a stream, are not capped). Must run inside :func:`pil_limits`.
     """
     path = os.fspath(path)
     ext = os.path.splitext(rel)[1].lower()
-    if ext in fopts.video_extensions:
+    if reason:
+        items = [reject_unread(rel, 0, reason, opts)]
+    elif ext in fopts.video_extensions:
         try:
             size = os.path.getsize(path)
         except OSError:
             size = 0
         items = _frames(rel, VideoFrames(path, fopts), opts, make_key(rel), display_path(rel), True, size)
     else:
-        data = _read(path, rel, opts)
-        if isinstance(data, Inspected):
-            items = [data]
+        data = read_input(path, opts.max_bytes)
+        if isinstance(data, Unread):
+            items = [reject_unread(rel, data.size, data.reason, opts)]
         elif is_dicom(data) or (data and ext in fopts.dicom_extensions):
             try:
                 instance = DicomInstance(data, rel, fopts)
@@ -272,10 +267,18 @@ def _init_worker(opts: InspectOptions, fopts: FrameOptions) -> None:
     pil_limits(opts.max_pixels).__enter__()  # for the life of the worker
 
 
-def _inspect_path(path: str, rel: str, opts: InspectOptions) -> Inspected:
-    """Read and inspect one still image; a file that cannot be read is rejected ``read_error``."""
-    data = _read(path, rel, opts)
-    return data if isinstance(data, Inspected) else inspect_bytes(data, rel, opts)
+def _inspect_path(path: str, rel: str, opts: InspectOptions, reason: str = "") -> Inspected:
+    """Read and inspect one still image, unless the listing gave a ``reason`` not to read it.
+
+    A file that cannot be read (vanished, unreadable, no longer a regular file, over
+    ``max_bytes``) is rejected with the reason :func:`~dataeff.data.integrity.read_input` gives.
+    """
+    if reason:
+        return reject_unread(rel, 0, reason, opts)
+    data = read_input(path, opts.max_bytes)
+    if isinstance(data, Unread):
+        return reject_unread(rel, data.size, data.reason, opts)
+    return inspect_bytes(data, rel, opts)
 
 
 def _packed(item: Inspected) -> Packed:
@@ -294,20 +297,21 @@ def _packed(item: Inspected) -> Packed:
     return item.row, image + tar_member(f"{key}.json", _sample_json(item.meta))
 
 
-def _work(item: tuple[str, str]) -> list[Packed]:
+def _work(item: tuple[str, str, str]) -> list[Packed]:
     assert _WORKER_OPTS is not None
-    return [_packed(i) for i in inspect_source(item[0], item[1], *_WORKER_OPTS)]
+    path, rel, reason = item
+    return [_packed(i) for i in inspect_source(path, rel, *_WORKER_OPTS, reason=reason)]
 
 
-def _inspected(src: Path, rels: Sequence[str], cfg: ShardConfig) -> Generator[list[Packed], None, None]:
-    """Inspect and pack ``rels`` in order, in ``cfg.workers`` processes: the samples of each file."""
+def _inspected(src: Path, entries: Sequence[Entry], cfg: ShardConfig) -> Generator[list[Packed], None, None]:
+    """Inspect and pack ``entries`` in order, in ``cfg.workers`` processes: the samples of each file."""
     opts, fopts = cfg.inspect_options(), cfg.frame_options()
     root = str(src)
-    items = [(os.path.join(root, rel), rel) for rel in rels]
+    items = [(os.path.join(root, e.rel), e.rel, e.reason) for e in entries]
     if cfg.workers == 1 or len(items) <= cfg.chunksize:
         with pil_limits(opts.max_pixels):
-            for path, rel in items:
-                yield [_packed(i) for i in inspect_source(path, rel, opts, fopts)]
+            for path, rel, reason in items:
+                yield [_packed(i) for i in inspect_source(path, rel, opts, fopts, reason=reason)]
         return
     # fork: workers need no re-import, and `python -m dataeff` has no __main__ guard for spawn.
     ctx = mp.get_context("fork")
@@ -648,9 +652,7 @@ def _resume(
     return rows, shards, start
 
 
-def _summary(
-    rows: list[dict], num_files: int, shards: list[dict], cfg: ShardConfig, name: str, signature: str
-) -> dict:
+def _summary(rows: list[dict], num_files: int, shards: list[dict], cfg: ShardConfig, name: str, signature: str) -> dict:
     by_status: dict[str, int] = {}
     by_reason: dict[str, int] = {}
     frames = {"files": 0, "rows": 0, "lost": 0}  # multi-frame files with a decoded frame, their frame rows
@@ -715,10 +717,17 @@ def main(
     name = cfg.name or out.resolve().name
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"name={name!r}: give a plain file prefix, e.g. name=mydata")
-    scanned = scan_files(src, exclude=out)
-    files = [rel for rel, _ in scanned]
-    _require_readers(files, cfg.frame_options())
-    signature = _signature(files, [size for _, size in scanned], cfg)
+    entries = scan_tree(src, exclude=out)
+    fopts = cfg.frame_options()
+    inputs = (*cfg.extensions, *fopts.video_extensions, *fopts.dicom_extensions)
+    if not any(is_image_name(e.rel, inputs) for e in entries):
+        raise ConfigError(
+            f"src={cfg.src}: no images under src (no file named {', '.join(inputs)}); "
+            "give the folder of raw images, videos or DICOM files to shard"
+        )
+    files = [e.rel for e in entries]
+    _require_readers(files, fopts)
+    signature = _signature(files, [e.size for e in entries], cfg)
 
     summary_path, plan_path = out / SUMMARY_NAME, out / _PARTS / "plan.json"
     for marker in (summary_path, plan_path):
@@ -778,7 +787,7 @@ def main(
     packer.on_shard = on_shard  # called with each finished, journalled tar
     bar = tqdm(total=len(files), initial=start, unit="file", desc="shard", disable=not cfg.progress, smoothing=0.1)
     try:
-        with contextlib.closing(_inspected(src, files[start:], cfg)) as items:  # closing ends the pool
+        with contextlib.closing(_inspected(src, entries[start:], cfg)) as items:  # closing ends the pool
             for samples in items:
                 for row, members in samples[skip:]:  # skip: rows of a file journalled before a kill
                     if row["reason"].startswith(FRAMES_LOST_PREFIX):

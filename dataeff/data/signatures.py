@@ -74,7 +74,11 @@ def pixel_sha256(image: Image.Image) -> str:
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    h.update(rgb.tobytes())  # row-major RGB bytes: the same as np.asarray(rgb).tobytes()
+    # Row-major RGB bytes, the same as np.asarray(rgb).tobytes(), a block of ~4 MB at a time:
+    # tobytes of a whole large image holds its pixels twice (chunks, then their join).
+    rows = max(1, (1 << 22) // max(3 * rgb.width, 1))
+    for top in range(0, rgb.height, rows):
+        h.update(rgb.crop((0, top, rgb.width, min(top + rows, rgb.height))).tobytes())
     return h.hexdigest()
 
 

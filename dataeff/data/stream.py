@@ -39,7 +39,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate, get_work
 from torchvision import transforms as T
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from dataeff.config import DataConfig
+from dataeff.config import ConfigError, DataConfig, first_line
 from dataeff.constants import GENERATED_DIR, IMAGENET_MEAN, IMAGENET_STD, INDEX_NAME
 from dataeff.data import remote
 from dataeff.select.manifest import read_selection
@@ -53,6 +53,24 @@ DECODED_EXTS = frozenset(IMAGE_EXTS + ("json",))
 #: through (one request is worth megabytes of transfer); one request reads at most MAX_REQUEST.
 MAX_GAP = 2 * 2**20
 MAX_REQUEST = 64 * 2**20
+
+
+
+class DamagedShardError(ConfigError):
+    """A tar or its index is damaged: unparsable, cut short, or disagreeing with each other.
+
+    An input error (``dataeff`` exits 2), one line naming the file. A DataLoader re-raises
+    a worker's exception as ``type(exc)("Caught ... Original Traceback ...")``; the
+    original line is the traceback's last one, so it is taken back from there.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Traceback" in message:
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+_RESHARD = "re-run 'dataeff shard' (or 'dataeff index') with overwrite=true"
 
 
 # --------------------------------------------------------------------------- shard sets
@@ -146,9 +164,31 @@ def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
             f"no {INDEX_NAME} in {shard_dir}: run 'dataeff shard' on the raw images, or 'dataeff index' on "
             "WebDataset shards, first"
         )
-    if remote.is_url(path):
-        return pd.read_parquet(io.BytesIO(remote.read_bytes(path)))
-    return pd.read_parquet(path)
+    try:
+        return pd.read_parquet(io.BytesIO(remote.read_bytes(path)) if remote.is_url(path) else path)
+    except (OSError, ValueError) as exc:  # pyarrow's errors for a cut or overwritten file are both kinds
+        raise DamagedShardError(f"{path}: unreadable index ({first_line(exc)}); {_RESHARD}") from None
+def check_spans(index_path: str, tar: str, samples: pd.DataFrame) -> None:
+    """Refuse index rows whose image bytes cannot lie inside ``tar``.
+
+    Each image starts after its 512-byte tar header, on a block boundary, and ends
+    inside the file; anything else (a negative or huge offset or length) would make a
+    reader seek before the file or allocate the length.
+
+    Raises:
+        DamagedShardError: naming the index, the first bad sample and the tar.
+    """
+    offset, length = samples["offset"].to_numpy(), samples["length"].to_numpy()
+    if not (np.issubdtype(offset.dtype, np.integer) and np.issubdtype(length.dtype, np.integer)):
+        raise DamagedShardError(f"{index_path}: offset/length are not integers; the index is damaged, {_RESHARD}")
+    size = remote.size(tar)
+    bad = (offset < tarfile.BLOCKSIZE) | (offset % tarfile.BLOCKSIZE != 0) | (length < 0) | (offset + length > size)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DamagedShardError(
+            f"{index_path}: sample {samples['key'].iloc[i]} has offset {offset[i]}, length {length[i]}, outside "
+            f"{remote.basename(tar)} ({size} bytes) or off its 512-byte blocks; the index or the tar is damaged, {_RESHARD}"
+        )
 
 
 def shard_samples(tars: list[str]) -> list[pd.DataFrame]:
@@ -176,7 +216,10 @@ def shard_samples(tars: list[str]) -> list[pd.DataFrame]:
                 )
             ok = index.loc[index["status"] == "ok", ["key", "shard", "offset", "length"]]
             by_dir[directory] = {name: g.drop(columns="shard") for name, g in ok.groupby("shard", sort=False)}
-        out.append(by_dir[directory].get(remote.basename(tar), empty).reset_index(drop=True))
+        samples = by_dir[directory].get(remote.basename(tar), empty).reset_index(drop=True)
+        if len(samples):
+            check_spans(remote.join(directory, INDEX_NAME), tar, samples)
+        out.append(samples)
     return out
 
 
@@ -189,8 +232,14 @@ def read_member(fh: BinaryIO, path: str, key: str, offset: int, length: int) -> 
     """The image bytes of sample ``key`` at ``offset`` of an open tar, checked against their header.
 
     Raises:
-        ValueError: the tar holds something else there (the shard and its index disagree).
+        DamagedShardError: the span lies outside the tar, or the tar holds something else
+            there (the shard and its index disagree).
     """
+    if offset < tarfile.BLOCKSIZE or length < 0 or offset + length > os.fstat(fh.fileno()).st_size:
+        raise DamagedShardError(
+            f"{path}: sample {key} at byte {offset}, length {length}, lies outside the tar; "
+            f"the shard and its index disagree, {_RESHARD}"
+        )
     fh.seek(offset - tarfile.BLOCKSIZE)
     return checked_member(fh.read(tarfile.BLOCKSIZE + length), path, key, offset, length)
 
@@ -207,9 +256,8 @@ def checked_member(block: bytes, path: str, key: str, offset: int, length: int) 
     except ValueError:
         size = -1
     if len(block) != tarfile.BLOCKSIZE + length or not block.startswith(name) or size != length:
-        raise ValueError(
-            f"{path}: no image of sample {key} at byte {offset}; the shard and its index disagree, "
-            "re-run 'dataeff shard' or 'dataeff index'"
+        raise DamagedShardError(
+            f"{path}: no image of sample {key} at byte {offset}; the shard and its index disagree, {_RESHARD}"
         )
     return block[tarfile.BLOCKSIZE :]
 
@@ -262,11 +310,14 @@ def read_samples(tar: str, keys: Sequence[str], spans: np.ndarray, picks: Sequen
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
+    """A stored sample's image bytes as RGB; damaged bytes raise :class:`DamagedShardError` naming ``where``."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise ValueError(f"{where}: undecodable image ({exc.__class__.__name__}: {exc})") from exc
+        raise DamagedShardError(
+            f"{where}: undecodable image ({exc.__class__.__name__}: {first_line(exc)}); the shard is damaged, {_RESHARD}"
+        ) from None
     return image.convert("RGB")
 
 
@@ -282,7 +333,16 @@ def _iter_members(path: str, keys: set[str] | None = None) -> Iterator[tuple[str
     current: str | None = None
     fields: dict[str, bytes] = {}
     with remote.open_stream(path) as stream:
-        for member in tar_file_iterator(stream, select_files=wanted):
+        members = tar_file_iterator(stream, select_files=wanted)
+        while True:
+            try:
+                member = next(members, None)
+            except remote.RemoteUnavailable:
+                raise  # the store, not the tar
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise DamagedShardError(f"{path}: damaged tar ({first_line(exc).split(' @ ')[0]}); {_RESHARD}") from None
+            if member is None:
+                break
             key, ext = base_plus_ext(member["fname"])
             if key != current:
                 if current is not None:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataeff import dist, provenance
-from dataeff.config import ConfigError, EncoderConfig, option, section, to_dict
+from dataeff.config import ConfigError, EncoderConfig, first_line, option, section, to_dict
 from dataeff.constants import EMBEDDINGS_FORMAT, EMBEDDINGS_HEADER
 from dataeff.data import remote
 from dataeff.data.stream import ShardBatches, eval_transform, list_shards, shard_samples
@@ -165,6 +165,10 @@ def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, .
     return tuple(shape)
 
 
+def _damaged(emb_dir: str | os.PathLike, name: str, exc: BaseException) -> ConfigError:
+    return ConfigError(f"embeddings={emb_dir}: {name} is damaged ({first_line(exc)}); re-embed into a fresh directory")
+
+
 def read_header(emb_dir: str | os.PathLike) -> dict:
     """``header.json`` of a complete embeddings directory, with its files checked.
 
@@ -175,15 +179,22 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
     path = remote.join(emb_dir, EMBEDDINGS_HEADER)
     if not remote.is_file(path):
         raise ConfigError(f"embeddings={emb_dir}: no {EMBEDDINGS_HEADER}; run 'dataeff embed' (to completion) first")
-    header = json.loads(remote.read_text(path))
-    for name in header["files"]:
+    try:
+        header = json.loads(remote.read_text(path))
+        files, dim = list(header["files"]), header["dim"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _damaged(emb_dir, EMBEDDINGS_HEADER, exc) from None
+    for name in files:
         f = remote.join(emb_dir, name)
         if not remote.is_file(f):
             raise ConfigError(f"embeddings={emb_dir}: {name} is missing; re-run 'dataeff embed'")
-        shape = npz_shape(f)
-        if len(shape) != 2 or shape[1] != header["dim"]:
+        try:
+            shape = npz_shape(f)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise _damaged(emb_dir, name, exc) from None
+        if len(shape) != 2 or shape[1] != dim:
             raise ConfigError(
-                f"embeddings={emb_dir}: {name} holds vectors of shape {shape}, the header says dim {header['dim']}; "
+                f"embeddings={emb_dir}: {name} holds vectors of shape {shape}, the header says dim {dim}; "
                 "mismatched embedding dimensions (files from different encoders?) — re-embed into a fresh directory"
             )
     return header
@@ -202,10 +213,13 @@ def load_embeddings(
     keys, embs = [np.zeros(0, dtype=str)], [np.zeros((0, header["dim"]), dtype=np.float16)]
     for name in files:
         path = remote.join(emb_dir, name)
-        source = io.BytesIO(remote.read_bytes(path)) if remote.is_url(path) else path
-        with np.load(source, allow_pickle=False) as z:
-            keys.append(z["keys"])
-            embs.append(z["embeddings"])
+        try:
+            source = io.BytesIO(remote.read_bytes(path)) if remote.is_url(path) else path
+            with np.load(source, allow_pickle=False) as z:
+                keys.append(z["keys"])
+                embs.append(z["embeddings"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise _damaged(emb_dir, name, exc) from None
     k, e = np.concatenate(keys), np.concatenate(embs)
     order = np.argsort(k, kind="stable")
     return k[order], e[order].astype(dtype, copy=False)
@@ -255,11 +269,13 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     try:
         tars = list_shards(cfg.data.shards)
+        samples = shard_samples(tars)
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(
             f"data.shards={cfg.data.shards}: {exc}; set data.shards to a directory written by 'dataeff shard'"
         ) from None
-    samples = shard_samples(tars)
     keys_per_shard = [list(frame["key"]) for frame in samples]
     total = sum(len(k) for k in keys_per_shard)
     if total == 0:
@@ -289,6 +305,8 @@ def main(cfg: EmbedConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"out={out} holds embeddings of another encoder or shard set; choose a fresh out directory"
             )
+        if rank == 0:  # killed between writing the header and this cleanup
+            shutil.rmtree(out / "parts", ignore_errors=True)
         log.info("embeddings already complete in %s; nothing to do", out)
         return {"count": total, "embedded": 0, "wall_s": 0.0, "images_per_s": 0.0, "world_size": world}
     if rank == 0:
