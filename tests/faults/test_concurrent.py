@@ -29,10 +29,10 @@ _GATED_SHARD = """
 import os, sys, time
 import dataeff.data.shard as shard
 real = shard.inspect_source
-def gated(*args):
+def gated(*args, **kwargs):
     while not os.path.exists(sys.argv[1]):
         time.sleep(0.02)
-    return real(*args)
+    return real(*args, **kwargs)
 shard.inspect_source = gated
 from dataeff.cli import main
 raise SystemExit(main(sys.argv[2:]))
