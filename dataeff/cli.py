@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f" writing {exc.filename}" if exc.filename else ""
         out = f" (out={cfg.out})" if getattr(cfg, "out", "") else ""
         print(
-            f"dataeff {args.stage}: error: {exc.strerror or 'no space left'}{where}{out}; "
+            f"dataeff {args.stage}: error: {os.strerror(exc.errno)}{where}{out}; "
             "free space and re-run the same command: finished work is kept",
             file=sys.stderr,
         )

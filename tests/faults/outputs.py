@@ -4,8 +4,8 @@ Both runs must have written to the same path (move the first one aside before th
 starts): outputs record their own paths and hash their configs. What legitimately
 differs between two identical runs is left out, by name: wall-clock
 fields (``wall_s``, ``images_per_s``, ``started``, ...), torch's random
-``serialization_id`` inside checkpoints and the temp-file name torch uses as the
-archive's root folder, and the Markdown report and plots that render those clock figures
+``serialization_id`` inside checkpoints, the temp-file name torch uses as the
+archive's root folder and so the sha256 recorded for a checkpoint, and the Markdown report and plots that render those clock figures
 (their numbers are compared in ``report.csv``).
 """
 
@@ -35,11 +35,16 @@ CLOCK_FIELDS = frozenset(
 RENDERED = (".md", ".png")
 
 
-def _without_clock(value: Any) -> Any:
+def _without_clock(value: Any, archive: bool = False) -> Any:
+    """``value`` without clock fields; ``archive``: it describes a checkpoint, whose sha256 is not reproducible."""
     if isinstance(value, dict):
-        return {k: _without_clock(v) for k, v in value.items() if k not in CLOCK_FIELDS}
+        return {
+            k: _without_clock(v, archive or str(k).endswith(".ckpt"))
+            for k, v in value.items()
+            if k not in CLOCK_FIELDS and not (archive and k == "sha256")
+        }
     if isinstance(value, list):
-        return [_without_clock(v) for v in value]
+        return [_without_clock(v, archive) for v in value]
     return value
 
 
@@ -61,8 +66,8 @@ def comparable(path: Path) -> Any:
     data = path.read_bytes()
     if path.suffix == ".ckpt":
         return _zip_members(data)
-    if path.suffix == ".json":
-        return _without_clock(json.loads(data))
+    if path.suffix == ".json":  # a checkpoint's digest record holds the archive's sha256
+        return _without_clock(json.loads(data), archive=path.name.endswith(".ckpt.digest.json"))
     if path.suffix == ".csv":
         return _csv_rows(data)
     return data

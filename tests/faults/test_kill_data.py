@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dataeff import cli
 from tests.e2e.test_sweep import make_downstream
@@ -53,7 +54,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _killed(kill_at: int, when: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``dataeff <args>`` in a new session, SIGKILLed with its process group at commit ``kill_at``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        # The clean run's thread count (an earlier test may have changed it): float sums depend on it.
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
     cmd = [sys.executable, "-m", "tests.faults.kill_points", str(kill_at), when, "", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240, start_new_session=True)
 
