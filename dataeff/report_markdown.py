@@ -190,9 +190,10 @@ def _low_label_lines(seeds: pd.DataFrame) -> list[str]:
             "trains on the same pairs, so paired comparisons compare the same labels; seeds differ in their draw."
         )
     if len(seeds) and seeds["encoder_frozen"].any():
+        frozen = _joined(seeds.loc[seeds["encoder_frozen"].astype(bool), "dataset"])
         lines.append(
-            "- Evaluation: frozen encoder (`freeze_encoder`): only the segmentation head is trained, so the "
-            "scores measure the pre-trained features themselves."
+            f"- Evaluation on {frozen}: frozen encoder (`freeze_encoder`): only the segmentation head is trained, "
+            "so the scores measure the pre-trained features themselves."
         )
     return lines
 
