@@ -13,7 +13,7 @@ SRC ?=
 OUT ?=
 ARGS ?=
 
-.PHONY: venv test test-fast test-min test-gpu test-slurm gpu-check demo shard bench lint clean
+.PHONY: venv test test-fast test-min test-gpu test-slurm gpu-check demo fidelity shard bench lint clean
 
 venv: $(STAMP)
 
@@ -76,6 +76,11 @@ gpu-check: $(STAMP)
 
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash launch/demo.sh
+
+# The fidelity sweep (docs/fidelity.md): the demo's pool and split, low-label fine-tuning and a
+# frozen-encoder evaluation, 5 seeds; resumable, writes runs/fidelity/report.md.
+fidelity: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH SWEEP_CONFIG=configs/sweep/fidelity.yaml bash launch/demo.sh
 
 shard: $(STAMP)
 	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make shard SRC=<raw image dir> OUT=shards/<name> [ARGS='key=value ...']"; exit 2; }

@@ -133,6 +133,9 @@ class FinetuneConfig:
     val_every_n_steps: int = option(0, help="validate every N optimiser steps (0 = after every epoch)")
     class_names: list = option([], help="class names for results.json (default: background, class_1, ...)")
     n_predictions: int = option(6, help="test cases drawn in predictions.png")
+    freeze_encoder: bool = option(
+        False, help="train the head only on a frozen encoder (frozen-encoder evaluation of the pre-training)"
+    )
     keep_checkpoints: bool = option(
         False, help="keep out/checkpoints after a successful run (they hold optimiser state)"
     )
@@ -183,7 +186,10 @@ def _build_model(cfg: FinetuneConfig) -> SegmentationModel:
         raise ConfigError(
             f"data.image_size={size} is not a multiple of the encoder patch size {encoder.patch_embed.patch_size[0]}"
         )
-    return SegmentationModel(encoder, cfg.data.num_classes, cfg.head.n_levels, cfg.head.channels)
+    model = SegmentationModel(encoder, cfg.data.num_classes, cfg.head.n_levels, cfg.head.channels)
+    if cfg.freeze_encoder:  # frozen parameters get no gradient, and param_groups leaves them out of the optimiser
+        model.encoder.requires_grad_(False)
+    return model
 
 
 def evaluate_share(
@@ -394,7 +400,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     dist.init()  # no-op for one process; under torchrun/srun Lightning joins this group
     if dist.is_main():
         save_resolved(cfg, out)
-    data = SegmentationDataModule(cfg.data, out)
+    data = SegmentationDataModule(cfg.data, out, label_seed=cfg.seed)
     data.setup()
     has_val = len(data.pairs["val"]) > 0
     if not data.pairs["test"]:
@@ -453,6 +459,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                 "class_names": class_names(cfg),
                 "n_test": len(data.pairs["test"]),
                 "n_train": len(data.pairs["train"]),
+                "label_draw": cfg.data.n_train > 0,
+                "encoder_frozen": cfg.freeze_encoder,
                 "n_val": len(data.pairs["val"]),
                 "dataset": Path(cfg.data.root).name,
                 "confusion_matrix": cm.astype(int).tolist(),

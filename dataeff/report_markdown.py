@@ -2,7 +2,8 @@
 
 The page, top to bottom: the *pre-training vs scratch* box (first, so it cannot be missed),
 the demonstration warning, the protocol, the leakage check, per dataset the results with
-95% intervals, the paired comparisons as sentences, the ranking (only of cells that beat
+95% intervals, the papers' claims against full (:mod:`dataeff.report_claims`), the paired
+comparisons as sentences, the ranking (only of cells that beat
 no pre-training), the per-seed numbers; then the selections, galleries and plots.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from dataeff.report_claims import claim_lines
 from dataeff.report_table import LEVEL, MEAN, display_name, ranking
 from dataeff.sweep_layout import REPORT_COMPARISONS_CSV, REPORT_SEEDS_CSV, SCRATCH
 
@@ -163,6 +165,7 @@ def protocol_lines(meta: dict[str, Any], seeds: pd.DataFrame, alpha: float) -> l
         ),
         f"- Splits (the same for every method and seed: from the dataset's split.json or data.seed, never "
         f"the run seed): {_split_text(seeds)}.",
+        *_low_label_lines(seeds),
         f"- Seeds: {', '.join(map(str, seed_list)) or '–'} per cell; {SEED_NOTE} (seed {meta.get('shared_seed', 0)}).",
         f"- Uncertainty: mean and {level} Student-t interval over seeds, mean ± t(0.975, n−1)·s/√n "
         "(`dataeff.stats.mean_ci`; t = 4.30 for 3 seeds). Comparisons pair the runs by seed and give the "
@@ -175,6 +178,24 @@ def protocol_lines(meta: dict[str, Any], seeds: pd.DataFrame, alpha: float) -> l
     for skipped in meta.get("skipped", []):
         lines.append(f"- Skipped {skipped['cell']}: {skipped['why']}")
     return [*lines, ""]
+
+
+def _low_label_lines(seeds: pd.DataFrame) -> list[str]:
+    """Protocol lines for a low-label draw (data.n_train) and a frozen-encoder evaluation, when the runs used them."""
+    lines = []
+    if len(seeds) and seeds["label_draw"].any():
+        lines.append(
+            f"- Labels: each run fine-tunes on a draw of {_joined(seeds['n_train'], lambda v: f'{v:.0f}')} labelled "
+            "training pairs from the train split (`data.n_train`), drawn by the run seed: every cell of a seed "
+            "trains on the same pairs, so paired comparisons compare the same labels; seeds differ in their draw."
+        )
+    if len(seeds) and seeds["encoder_frozen"].any():
+        frozen = _joined(seeds.loc[seeds["encoder_frozen"].astype(bool), "dataset"])
+        lines.append(
+            f"- Evaluation on {frozen}: frozen encoder (`freeze_encoder`): only the segmentation head is trained, "
+            "so the scores measure the pre-trained features themselves."
+        )
+    return lines
 
 
 def _split_text(seeds: pd.DataFrame) -> str:
@@ -399,6 +420,8 @@ def markdown_report(
         title = "mean over downstream datasets" if ds == MEAN else ds
         out += [f"## Results: {title}", ""]
         out += results_lines(summary, ds)
+        out += [f"### The papers' questions (paired with full by seed, {LEVEL * 100:g}% CI, mIoU points)", ""]
+        out += claim_lines(comps, ds)
         out += [f"### Paired comparisons ({LEVEL * 100:g}% CI, paired by seed, mIoU points)", ""]
         out += comparison_lines(comps, ds)
         out += ["### Ranking", ""] + ranking_lines(summary, verdicts, ds)

@@ -104,6 +104,8 @@ def _scores(res: dict[str, Any]) -> dict[str, Any]:
         "scoring": str(res.get("scoring", "")),
         "encoder_init": encoder if isinstance(encoder, str) else "",
         "n_train": _num(res.get("n_train")),
+        "label_draw": bool(res.get("label_draw", False)),
+        "encoder_frozen": bool(res.get("encoder_frozen", False)),
         "n_val": _num(res.get("n_val")),
         "n_test": _num(res.get("n_test")),
     }
@@ -149,6 +151,7 @@ SEED_COLUMNS = (
     *("method", "ratio", "seed", "dataset", "miou", "dice", "fg_iou", "dice_img", "iou_img", "n_img"),
     *("del", "normdel", "kept", "pool_size", "kept_fraction", "images_seen", "pretrain_steps", "epochs_seen"),
     *("budget", "pretrain_hours", "device", "scoring", "encoder_init", "n_train", "n_val", "n_test", "wall_s", "done"),
+    *("label_draw", "encoder_frozen"),
 )
 
 

@@ -7,6 +7,8 @@
 #
 # usage: bash launch/demo.sh [key=value ...]   (extra keys go to the sweep, e.g.
 #        select.sam.checkpoint=<sam_vit_b.pth> select.sam.model=vit_b for OptiDEL with a real SAM)
+#        SWEEP_CONFIG=configs/sweep/fidelity.yaml bash launch/demo.sh   (`make fidelity`: the same
+#        pool and downstream split, the fidelity protocol of docs/fidelity.md)
 # Every step skips what is already done, so a rerun resumes. The sweep prints where
 # runs/demo/report.md, report.csv and plots/ are. W&B stays offline unless WANDB_MODE is set.
 set -euo pipefail
@@ -15,4 +17,4 @@ export WANDB_MODE="${WANDB_MODE:-offline}"
 
 dataeff demo-data --config configs/demo-data.yaml
 dataeff shard --config configs/shard/tiny.yaml src=demo/pool out=shards/demo-pool
-dataeff sweep --config configs/sweep/demo.yaml "$@"
+dataeff sweep --config "${SWEEP_CONFIG:-configs/sweep/demo.yaml}" "$@"

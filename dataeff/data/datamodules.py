@@ -33,6 +33,7 @@ from dataeff import dist
 from dataeff.config import ConfigError, DataConfig, option
 from dataeff.constants import SPLIT_NAME
 from dataeff.data import downstream
+from dataeff.data.label_subset import draw_labelled
 from dataeff.data.stream import (
     StreamDataset,
     full_batches,
@@ -346,6 +347,11 @@ class SegmentationDataConfig:
     hflip: bool = option(True, help="random horizontal flip (train)")
     vflip: bool = option(True, help="random vertical flip (train; endoscopy has no up/down)")
     min_scale: float = option(0.5, help="random resized crop lower scale bound (train)")
+    n_train: int = option(
+        0,
+        help="labelled training pairs: a seeded draw of this many from the train split (0 = all); "
+        "the fine-tuning seed picks the draw (val and test splits are unchanged)",
+    )
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", *downstream.LAYOUTS):
@@ -360,6 +366,8 @@ class SegmentationDataConfig:
             raise ConfigError("data.image_size >= 8, data.batch_size >= 1 and data.num_workers >= 0 are required")
         if not 0.0 < self.min_scale <= 1.0:
             raise ConfigError(f"data.min_scale={self.min_scale}: must be in (0, 1]")
+        if self.n_train < 0:
+            raise ConfigError(f"data.n_train={self.n_train}: must be >= 0 (0 = every training pair)")
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -368,14 +376,15 @@ class SegmentationDataModule(pl.LightningDataModule):
     The split is ``<root>/split.json`` when present, else ``<out_dir>/split.json`` from a
     previous run, else a new seeded split saved there (so reruns reuse it). With
     ``cfg.groups`` a new split keeps every group whole, and a split read from disk that
-    puts one group in two parts is an error.
+    puts one group in two parts is an error. With ``cfg.n_train`` the train part is a
+    ``label_seed``-seeded draw of that many pairs (:mod:`dataeff.data.label_subset`).
 
     Batches: ``{"image": (B, 3, S, S), "mask": LongTensor (B, S, S), "key": list[str]}``.
     """
 
-    def __init__(self, cfg: SegmentationDataConfig, out_dir: str | os.PathLike) -> None:
+    def __init__(self, cfg: SegmentationDataConfig, out_dir: str | os.PathLike, label_seed: int = 0) -> None:
         super().__init__()
-        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.cfg, self.out_dir, self.label_seed = cfg, Path(out_dir), label_seed
         self.split: dict[str, Any] | None = None
         self.split_path: Path | None = None
 
@@ -412,6 +421,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             downstream.check_groups(self.split, group_of, str(self.split_path))
         by_stem = {s: (s, i, m) for s, i, m in pairs}
         self.pairs = {part: [by_stem[s] for s in self.split[part]] for part in ("train", "val", "test")}
+        self.pairs["train"] = draw_labelled(self.pairs["train"], cfg.n_train, self.label_seed)
         log.info(
             "segmentation %s: %s (split %s)", cfg.root, {k: len(v) for k, v in self.pairs.items()}, self.split_path
         )
