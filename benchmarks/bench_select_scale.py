@@ -59,6 +59,19 @@ def local_pool(n: int, dim: int, rank: int, world: int, seed: int) -> tuple[np.n
     return rows, pos
 
 
+def pool_keys(n: int) -> np.ndarray:
+    """'k000000000', 'k000000001', ...: sorted like the pool, built digit by digit (no wide temporaries).
+
+    Shape:
+        -> (n,) <U10.
+    """
+    codes = np.empty((n, 10), dtype=np.uint32)
+    codes[:, 0] = ord("k")
+    for j in range(9):
+        codes[:, 9 - j] = (np.arange(n, dtype=np.int64) // 10**j) % 10 + ord("0")
+    return codes.view("<U10").reshape(n)
+
+
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, n: int, mode: str, out: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -71,7 +84,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, n: int
 
     dist.init(timeout_s=3600)
     rows, pos = local_pool(n, args.dim, rank, world, args.seed)
-    keys = np.char.add("k", np.char.zfill(np.arange(n).astype(str), 9))  # pool order = key order
+    keys = pool_keys(n)
     cfg = load_config(
         SelectConfig,
         None,

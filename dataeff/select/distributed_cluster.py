@@ -11,7 +11,7 @@ With ``select.gather=partitioned`` the embeddings arrive as :class:`LocalRows` (
 rank holds only the rows it read) instead of the whole matrix: the k-means sample
 rows move to rank 0, each assignment chunk's rows to the rank that assigns it, and
 each cluster's rows to the rank that owns it, by all-to-all in rounds of at most
-:data:`EXCHANGE_ROWS` rows per rank (or one cluster, when larger). Every pure core
+:data:`EXCHANGE_ROWS` rows received per rank (or one cluster, when larger). Every pure core
 then sees exactly the rows, in exactly the order, that it sees with the gathered
 matrix, so results are bit-identical; only per-row scalars (labels, similarities,
 redundancy statistics) are gathered whole.
@@ -241,9 +241,13 @@ def _owned_cluster_rows(
         return
     owner, rnd = np.zeros(len(members), np.int64), np.full(len(members), -1, np.int64)
     batches: list[list[np.ndarray]] = []
+    budget = max(EXCHANGE_ROWS, int(sizes.max(initial=1)))
     for r, clusters in enumerate(owned):
-        cut = np.cumsum(sizes[clusters]) // max(EXCHANGE_ROWS, int(sizes.max(initial=1)))
-        owner[clusters], rnd[clusters] = r, cut - cut.min(initial=0)
+        owner[clusters], b, used = r, 0, 0
+        for c in clusters:  # a new batch when this cluster would overflow the current one
+            if used and used + sizes[c] > budget:
+                b, used = b + 1, 0
+            rnd[c], used = b, used + int(sizes[c])
         batches.append([clusters[rnd[clusters] == i] for i in range(int(rnd[clusters].max(initial=-1)) + 1)])
     label = np.full(emb.n, -1, np.int64)
     for c, rows in enumerate(members):
