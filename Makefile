@@ -12,6 +12,7 @@ export WANDB_MODE ?= offline
 SRC ?=
 OUT ?=
 ARGS ?=
+MAX_N ?= 10000
 
 .PHONY: venv test test-fast test-min test-gpu test-slurm gpu-check demo fidelity shard bench lint clean
 
@@ -88,7 +89,8 @@ shard: $(STAMP)
 
 bench: $(STAMP)
 	@set -e; for script in benchmarks/bench_*.py; do \
-	  echo "== $$script"; $(BIN)/python $$script; done
+	  args=""; case $$script in *bench_scale.py) args="--max-n $(MAX_N)";; esac; \
+	  echo "== $$script $$args"; $(BIN)/python $$script $$args; done
 
 clean:
 	rm -rf runs selections embeddings bench-out .pytest_cache

@@ -276,6 +276,41 @@ def broadcast_array(array: np.ndarray | None, src: int = 0) -> np.ndarray:
     return buf[:n].cpu().numpy().view(np.dtype(dt)).reshape(shape).copy()
 
 
+def all_to_all_arrays(send: list[np.ndarray]) -> list[np.ndarray]:
+    """``send[r]`` goes to rank ``r``; returns what every rank sent here, in rank order.
+
+    One ``all_to_all_single`` of raw bytes with uneven splits (gloo and NCCL both
+    support it); shapes and dtypes travel first. The returned arrays are views of one
+    receive buffer.
+    """
+    if not is_initialized():
+        assert len(send) == 1, "one process sends to itself only"
+        return [send[0]]
+    assert len(send) == world_size(), "one array per destination rank"
+    send = [np.ascontiguousarray(a) for a in send]
+    metas = all_gather_object([(a.shape, a.dtype.str) for a in send])  # metas[src][dst]
+    me = rank()
+    incoming = [m[me] for m in metas]
+    in_sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in incoming]
+    out_sizes = [a.nbytes for a in send]
+    payload = np.concatenate([a.reshape(-1).view(np.uint8) for a in send]) if sum(out_sizes) else np.zeros(0, np.uint8)
+    buf = torch.from_numpy(payload).to(_device())
+    recv = torch.empty(sum(in_sizes), dtype=torch.uint8, device=_device())
+    _guarded("all_to_all", lambda: torch_dist.all_to_all_single(recv, buf, in_sizes, out_sizes))
+    data = recv.cpu().numpy()
+    offsets = np.concatenate([[0], np.cumsum(in_sizes)])
+    return [
+        data[offsets[i] : offsets[i + 1]].view(np.dtype(dt)).reshape(shape) for i, (shape, dt) in enumerate(incoming)
+    ]
+
+
+def ranks_per_node(environ: Mapping[str, str] | None = None) -> int:
+    """Processes sharing this node's memory: torchrun's or SLURM's count, else the world size."""
+    environ = os.environ if environ is None else environ
+    per_node = environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    return int(per_node) if per_node.isdigit() else world_size()
+
+
 class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return is_main() or record.levelno >= logging.WARNING

@@ -23,6 +23,9 @@ from dataeff.select.semdedup import SemDeDupConfig
 #: Selection methods; ``methods.METHODS`` maps each to its function.
 MethodName = Literal["full", "random", "semdedup", "meddel", "optidel"]
 METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+#: How the embeddings reach the ranks (``pool.py``): the whole matrix on every rank, or each rank's own rows.
+GatherMode = Literal["auto", "all", "partitioned"]
+GATHER_MODES: tuple[str, ...] = get_args(GatherMode)
 
 
 @dataclass
@@ -47,6 +50,17 @@ class SelectConfig:
         "",
         help="'dataeff overlap' output dir of these embeddings: its matched pool samples are removed before any "
         "method runs (reason downstream_overlap); the method keeps round(R*(N - excluded)); '' = none",
+    )
+    gather: GatherMode = option(
+        "auto",
+        help="all = every rank holds the whole (N, D) embedding matrix; partitioned = each rank keeps the rows it "
+        "read and each cluster's rows move to the rank that owns it (same manifest, memory ~ N/W + a cluster); "
+        "auto = partitioned when the gathered matrices of a node exceed gather_memory_fraction of its memory",
+    )
+    gather_memory_fraction: float = option(
+        0.25,
+        help="with gather=auto: share of the node's physical memory the gathered float16 matrices "
+        "(N x D x 2 bytes x ranks per node) may take before partitioning; gathering peaks near 3x that",
     )
     data: SelectDataConfig = section(
         SelectDataConfig, help="data.shards overrides the shard directory recorded by embed"
@@ -74,5 +88,17 @@ class SelectConfig:
             raise ConfigError("embeddings is empty: set embeddings=<dir written by 'dataeff embed'>")
         if not self.out:
             raise ConfigError("out is empty: set out=selections/<run>")
+        if self.gather not in GATHER_MODES:
+            raise ConfigError(f"gather={self.gather!r}: choose one of {', '.join(GATHER_MODES)}")
+        if not 0.0 < self.gather_memory_fraction <= 1.0:
+            raise ConfigError(f"gather_memory_fraction={self.gather_memory_fraction}: must be in (0, 1]")
+        if self.gather == "partitioned" and self.partition_blocker():
+            raise ConfigError(f"gather=partitioned: {self.partition_blocker()}; set gather=all or auto")
         if self.method == "optidel":
             check_inputs(self.sam, self.scorer)
+
+    def partition_blocker(self) -> str:
+        """Why this run needs the whole embedding matrix on rank 0 ('' = it can be partitioned)."""
+        if self.report.gallery:
+            return "report.gallery=true compares the embeddings of removed pairs on rank 0"
+        return ""

@@ -1,13 +1,18 @@
 """The pool a selection runs on: shard indexes and embeddings, gathered and aligned by key.
 
 Every rank loads a share of the embedding files; the rows are all-gathered and sorted
-by key, so every later step sees the same pool whatever the world size. The shard
-index supplies each sample's status, location and quality statistics.
+by key, so every later step sees the same pool whatever the world size
+(``select.gather=all``). When the gathered matrix would not fit
+(``select.gather=partitioned``, or ``auto`` past ``select.gather_memory_fraction`` of
+the node's memory) only the keys are gathered and each rank keeps the rows it read
+(``distributed_cluster.LocalRows``). The shard index supplies each sample's status,
+location and quality statistics.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,8 @@ from dataeff.config import ConfigError
 from dataeff.constants import QUALITY_KEYS
 from dataeff.data import remote
 from dataeff.data.stream import read_index
-from dataeff.select.embed import load_embeddings, read_header
+from dataeff.select.distributed_cluster import LocalRows
+from dataeff.select.embed import load_embeddings, npz_shape, read_header
 
 log = logging.getLogger("dataeff")
 
@@ -63,10 +69,63 @@ def gather_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, np.nda
     emb = dist.all_gather_concat(emb)
     order = np.argsort(keys, kind="stable")
     keys, emb = keys[order], emb[order]
+    _check_unique(keys, emb_dir)
+    return keys, emb
+
+
+def partition_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, LocalRows]:
+    """Every rank: the pool's sorted keys, but only the embedding rows of its own files.
+
+    Rank r reads rank files r, r+W, ... straight into one preallocated array (no second
+    copy of its share).
+
+    Shape:
+        -> keys (N,) str sorted, this rank's rows (n_r, D) float16 with their positions in ``keys``.
+    """
+    header = read_header(emb_dir)
+    files = [Path(emb_dir) / name for name in header["files"][rank::world]]
+    counts = [npz_shape(f)[0] for f in files]
+    rows = np.empty((sum(counts), header["dim"]), dtype=np.float16)
+    local_keys, at = [np.zeros(0, dtype=str)], 0
+    for f, count in zip(files, counts, strict=True):
+        with np.load(f, allow_pickle=False) as z:
+            local_keys.append(z["keys"])
+            rows[at : at + count] = z["embeddings"]
+        at += count
+    mine = np.concatenate(local_keys)
+    keys = np.sort(dist.all_gather_concat(mine), kind="stable")
+    _check_unique(keys, emb_dir)
+    return keys, LocalRows(rows, np.searchsorted(keys, mine).astype(np.int64), len(keys))
+
+
+def choose_gather(gather: str, memory_fraction: float, blocker: str, n: int, dim: int) -> str:
+    """``all`` or ``partitioned`` for ``select.gather`` (``auto`` decides here; same answer on every rank).
+
+    ``auto`` partitions when the gathered float16 matrix of every rank on this node,
+    N x D x 2 bytes x ranks per node, exceeds ``memory_fraction`` of the node's physical
+    memory, unless ``blocker`` (a reason the run needs the whole matrix) is set.
+    """
+    if gather != "auto":
+        return gather
+    need = n * dim * 2 * dist.ranks_per_node()
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    too_big = need > memory_fraction * total
+    if too_big and blocker:
+        log.warning(
+            "gathered embeddings (%.1f GiB on this node) exceed select.gather_memory_fraction=%g of %.1f GiB, "
+            "but %s: gathering anyway",
+            need / 2**30,
+            memory_fraction,
+            total / 2**30,
+            blocker,
+        )
+    return "partitioned" if too_big and not blocker else "all"
+
+
+def _check_unique(keys: np.ndarray, emb_dir: str) -> None:
     if len(keys) and (keys[1:] == keys[:-1]).any():
         dup = keys[1:][keys[1:] == keys[:-1]][0]
         raise ConfigError(f"embeddings={emb_dir}: key {dup} appears twice; re-embed into a fresh directory")
-    return keys, emb
 
 
 def align_quality(keys: np.ndarray, index: pd.DataFrame, emb_dir: str) -> pd.DataFrame:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import cast
+
+import numpy as np
 
 from dataeff import dist, outputs, provenance
 from dataeff.config import ConfigError, to_dict
@@ -26,12 +29,13 @@ from dataeff.select import manifest
 from dataeff.select.audit import audit_selection, format_audit, read_truth
 from dataeff.select.cluster import resolve_k
 from dataeff.select.config import SelectConfig
+from dataeff.select.distributed_cluster import Embeddings
 from dataeff.select.embed import read_header
 from dataeff.select.exclude import Exclusion, eligible_mask, expand_decisions, read_exclusion
 from dataeff.select.gallery import GALLERY_DIR, write_gallery
 from dataeff.select.methods import METHODS
 from dataeff.select.optidel_run import PATCHES_NAME
-from dataeff.select.pool import align_quality, gather_pool, read_pool_index
+from dataeff.select.pool import align_quality, choose_gather, gather_pool, partition_pool, read_pool_index
 
 # SelectConfig and METHODS are the names the CLI (and the sweep) look up on this module.
 __all__ = ["METHODS", "SelectConfig", "main"]
@@ -92,16 +96,26 @@ def main(cfg: SelectConfig) -> None:
         save_resolved(cfg, out)
 
     t0 = time.time()
-    keys, emb = gather_pool(cfg.embeddings, rank, world)
+    gather = choose_gather(cfg.gather, cfg.gather_memory_fraction, cfg.partition_blocker(), n_ok, header["dim"])
+    emb: Embeddings
+    if gather == "partitioned":
+        log.info("gather=partitioned: each rank keeps its own embedding rows (pool of %d x %d)", n_ok, header["dim"])
+        keys, emb = partition_pool(cfg.embeddings, rank, world)
+    else:
+        keys, emb = gather_pool(cfg.embeddings, rank, world)
     quality = align_quality(keys, index, cfg.embeddings)
     # Removed before the method runs, so no method can keep (or even look at) a downstream copy.
     eligible = eligible_mask(keys, exclusion.keys)
-    if eligible.all():  # no copy of the (N, D) embeddings when nothing is excluded
-        sub = method(emb, keys, quality, cfg, rank, world)
-    else:
-        sub = method(emb[eligible], keys[eligible], quality[eligible].reset_index(drop=True), cfg, rank, world)
+    sub_emb, sub_keys, sub_quality = emb, keys, quality
+    if not eligible.all():  # no copy of the (N, D) embeddings when nothing is excluded
+        sub_emb = emb[eligible] if isinstance(emb, np.ndarray) else emb.subset(eligible)
+        sub_keys, sub_quality = keys[eligible], quality[eligible].reset_index(drop=True)
+    # The methods hand the embeddings only to distributed_cluster.py, which takes either form.
+    sub = method(cast(np.ndarray, sub_emb), sub_keys, sub_quality, cfg, rank, world)
+    del sub_emb
     decisions = expand_decisions(sub, eligible)
     decisions.info.setdefault("target", manifest.target_count(cfg.ratio, int(eligible.sum())))
+    decisions.info["gather"] = gather
     decisions.info["wall_s"] = round(time.time() - t0, 3)
     if rank == 0:
         frame = manifest.selection_frame(keys, decisions)
@@ -118,6 +132,7 @@ def main(cfg: SelectConfig) -> None:
             summary["audit"] = audit_selection(frame, index, truth)
             print(format_audit(summary["audit"]))
         if cfg.report.gallery:
+            assert isinstance(emb, np.ndarray), "config: a gallery blocks gather=partitioned"
             sheets = write_gallery(out, frame, index, cfg.report, cfg.seed, keys, emb, cfg.meddel, exclusion.matched)
             summary["gallery"] = [str(p) for p in sheets] + list(gallery)
         manifest.write_selection(out, frame, summary)

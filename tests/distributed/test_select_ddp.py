@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from dataeff.constants import SELECTION_NAME
 from dataeff.select.manifest import read_selection
 from tests.fixtures import make_shards
 from tests.multiproc import run_ranks
@@ -17,6 +18,10 @@ METHODS = {
     "semdedup": [],
     "meddel-phash": ["method=meddel", "meddel.phash=true"],
     "meddel-near": ["method=meddel", "meddel.near_copies=true"],
+    # gather=partitioned: each rank keeps its own embedding rows; the manifest must not change.
+    "meddel-part": ["method=meddel", "gather=partitioned"],
+    "semdedup-part": ["method=semdedup", "gather=partitioned"],
+    "meddel-near-part": ["method=meddel", "meddel.near_copies=true", "gather=partitioned"],
 }
 
 
@@ -52,3 +57,7 @@ def test_two_ranks_match_one_rank(tmp_path):
         pd.testing.assert_frame_equal(one, two)  # same kept keys, same reasons, clusters, scores
         assert s1["counts_by_reason"] == s2["counts_by_reason"] and s1["kept"] == s2["kept"] == 8
         assert s1.get("epsilon") == s2.get("epsilon")
+    for method in ("meddel", "semdedup", "meddel-near"):
+        gathered = (tmp_path / "w2" / method / SELECTION_NAME).read_bytes()
+        for world in ("w1", "w2"):
+            assert (tmp_path / world / f"{method}-part" / SELECTION_NAME).read_bytes() == gathered
