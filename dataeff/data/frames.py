@@ -125,13 +125,6 @@ def frame_key(base: str, index: int) -> str:
     return f"{base}-f{index:06d}"
 
 
-def rejected(rel: str, opts: InspectOptions, reason: str, size: int) -> Inspected:
-    """The index row of a whole file refused with ``reason`` (no sample)."""
-    item = inspect_bytes(b"", rel, opts)
-    item.row.update(status="rejected", reason=reason, sha256="", size=size)
-    return item
-
-
 def _payload(pixels: np.ndarray, max_side: int, lossy: bool, quality: int) -> bytes:
     """A frame as the file to check and store: JPEG (lossy sources) or PNG, shrunk to ``max_side`` first.
 

@@ -178,7 +178,7 @@ def _reject(row: dict[str, Any], reason: str) -> Inspected:
 
 
 def reject_unread(rel: str, size: int, reason: str, opts: InspectOptions) -> Inspected:
-    """The rejected row of a file that was never read (:mod:`dataeff.data.integrity`): no checksum."""
+    """The rejected row of a file refused as a whole (never read, or no usable frame): no checksum."""
     row = _row(rel, b"", opts)
     row.update(size=size, sha256="")
     return _reject(row, reason)

@@ -55,7 +55,7 @@ from dataeff.constants import (
 )
 from dataeff.data.decode import is_tiff, tiff_page_count
 from dataeff.data.dicom import DicomConfig, DicomInstance, is_dicom, require_pydicom
-from dataeff.data.frames import FrameOptions, FrameSource, MediaRejected, TiffPages, inspect_frames, rejected
+from dataeff.data.frames import FrameOptions, FrameSource, MediaRejected, TiffPages, inspect_frames
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key
 from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits, reject_unread
 from dataeff.data.video import VideoConfig, VideoFrames, require_av
@@ -197,10 +197,10 @@ def _frames(
     try:
         items = inspect_frames(rel, source, opts, key_base, group, lossy)
     except MediaRejected as exc:
-        items = [rejected(rel, opts, exc.reason, size)]
+        items = [reject_unread(rel, size, exc.reason, opts)]
     else:
         if source.lost:
-            items.append(rejected(rel, opts, f"{FRAMES_LOST_PREFIX}{source.lost}", size))
+            items.append(reject_unread(rel, size, f"{FRAMES_LOST_PREFIX}{source.lost}", opts))
     for item in items:
         item.row.setdefault("group", group)
     return items
@@ -236,7 +236,7 @@ def inspect_source(
             try:
                 instance = DicomInstance(data, rel, fopts)
             except MediaRejected as exc:
-                items = [rejected(rel, opts, exc.reason, len(data))]
+                items = [reject_unread(rel, len(data), exc.reason, opts)]
             else:
                 items = _frames(rel, instance, opts, instance.key_base, instance.group, False, len(data))
         elif is_tiff(data) and is_image_name(rel, opts.extensions) and tiff_page_count(data) > 1:

@@ -193,29 +193,25 @@ def mask_pass(sam: torch.nn.Module, cfg: SamConfig) -> MaskPass:
     """The SAM pass ``sam.mask_pass`` names, with the configured prompts and thresholds."""
     if cfg.mask_pass == "generator":
         return OneImageAtATime(mask_generator(sam, cfg))
-    return BatchedMaskPass(
-        sam,
-        points_per_side=cfg.points_per_side,
-        points_per_batch=cfg.points_per_batch,
-        pred_iou_thresh=cfg.pred_iou_thresh,
-        stability_score_thresh=cfg.stability_score_thresh,
-        box_nms_thresh=cfg.box_nms_thresh,
-        images_per_batch=cfg.images_per_batch,
-    )
+    return BatchedMaskPass(sam, images_per_batch=cfg.images_per_batch, **_prompts(cfg))
+
+
+def _prompts(cfg: SamConfig) -> dict[str, Any]:
+    """The prompt grid and mask filters, named as both passes take them."""
+    return {
+        "points_per_side": cfg.points_per_side,
+        "points_per_batch": cfg.points_per_batch,
+        "pred_iou_thresh": cfg.pred_iou_thresh,
+        "stability_score_thresh": cfg.stability_score_thresh,
+        "box_nms_thresh": cfg.box_nms_thresh,
+    }
 
 
 def mask_generator(sam: torch.nn.Module, cfg: SamConfig) -> Any:
     """SAM's automatic mask generator with the configured thresholds (one image per call)."""
     from segment_anything import SamAutomaticMaskGenerator
 
-    return SamAutomaticMaskGenerator(
-        sam,
-        points_per_side=cfg.points_per_side,
-        points_per_batch=cfg.points_per_batch,
-        pred_iou_thresh=cfg.pred_iou_thresh,
-        stability_score_thresh=cfg.stability_score_thresh,
-        box_nms_thresh=cfg.box_nms_thresh,
-    )
+    return SamAutomaticMaskGenerator(sam, **_prompts(cfg))
 
 
 def filter_masks(masks: list[dict], height: int, width: int, cfg: SamConfig) -> dict[str, np.ndarray]:

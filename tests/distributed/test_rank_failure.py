@@ -11,19 +11,16 @@ collective: at once for a dead peer, after ``DATAEFF_DIST_TIMEOUT`` for a stalle
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures import make_embedded_pool
-from tests.multiproc import free_port
+from tests.multiproc import start_parked_pair, wait_parked
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 10  # DATAEFF_DIST_TIMEOUT of the ranks
 START_LIMIT_S = 240  # process start-up on a loaded CI machine (imports torch, timm, faiss)
 
@@ -58,37 +55,12 @@ def _start_pair(embedded: dict[str, Path], name: str) -> tuple[subprocess.Popen,
         f"data.shards={embedded['shards']}",
         f"out={out}",
     ]
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            DATAEFF_DIST_TIMEOUT=str(TIMEOUT_S),
-            PARKED_MARKER=str(marker),
-            OMP_NUM_THREADS="1",
-            WANDB_MODE="offline",
-        )
-        cmd = [sys.executable, "-m", "dataeff", *args] if rank == 0 else [sys.executable, "-c", PARKED_RANK, *args]
-        procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    return procs[0], procs[1], marker
+    rank0, rank1 = start_parked_pair(args, PARKED_RANK, marker, TIMEOUT_S, WANDB_MODE="offline")
+    return rank0, rank1, marker
 
 
 def _wait_parked(rank0: subprocess.Popen, rank1: subprocess.Popen, marker: Path) -> None:
-    deadline = time.monotonic() + START_LIMIT_S
-    while not marker.exists():
-        if rank0.poll() is not None or rank1.poll() is not None:
-            raise AssertionError(
-                f"a rank ended before the failure point:\n{rank0.communicate()[1]}\n{rank1.communicate()[1]}"
-            )
-        assert time.monotonic() < deadline, "rank 1 never reached the centroid broadcast"
-        time.sleep(0.1)
+    wait_parked(rank0, rank1, marker, START_LIMIT_S, "the centroid broadcast")
 
 
 def test_killed_rank_makes_survivor_exit_with_message(embedded):

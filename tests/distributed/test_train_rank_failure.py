@@ -10,21 +10,18 @@ of the half-done step.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_finetune import make_kvasir_pairs
-from tests.multiproc import free_port
+from tests.multiproc import start_parked_pair, wait_parked
 from tests.pretrain_helpers import tiny_shards
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 10  # DATAEFF_DIST_TIMEOUT of the ranks
 START_LIMIT_S = 240  # process start-up and the first steps on a loaded CI machine
 PARK_STEP = 3
@@ -75,37 +72,12 @@ def _stage_args(inputs: dict[str, Path], stage: str, out: Path) -> list[str]:
 def _start_pair(inputs: dict[str, Path], stage: str, name: str) -> tuple[subprocess.Popen, subprocess.Popen, Path]:
     out, marker = inputs["tmp"] / name, inputs["tmp"] / f"{name}.parked"
     args = _stage_args(inputs, stage, out)
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            DATAEFF_DIST_TIMEOUT=str(TIMEOUT_S),
-            PARKED_MARKER=str(marker),
-            PARK_STEP=str(PARK_STEP),
-            OMP_NUM_THREADS="1",
-        )
-        cmd = [sys.executable, "-m", "dataeff", *args] if rank == 0 else [sys.executable, "-c", PARKED_RANK, *args]
-        procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    return procs[0], procs[1], marker
+    rank0, rank1 = start_parked_pair(args, PARKED_RANK, marker, TIMEOUT_S, PARK_STEP=str(PARK_STEP))
+    return rank0, rank1, marker
 
 
 def _wait_parked(rank0: subprocess.Popen, rank1: subprocess.Popen, marker: Path) -> None:
-    deadline = time.monotonic() + START_LIMIT_S
-    while not marker.exists():
-        if rank0.poll() is not None or rank1.poll() is not None:
-            raise AssertionError(
-                f"a rank ended before the failure point:\n{rank0.communicate()[1]}\n{rank1.communicate()[1]}"
-            )
-        assert time.monotonic() < deadline, "rank 1 never reached the parking step"
-        time.sleep(0.1)
+    wait_parked(rank0, rank1, marker, START_LIMIT_S, "the parking step")
 
 
 def _run(inputs: dict[str, Path], stage: str, kill: bool) -> tuple[int, str, float]:
