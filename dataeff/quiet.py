@@ -29,6 +29,9 @@ WARNING_MESSAGES: tuple[str, ...] = (
     # The run directory holds metrics.csv and checkpoints/ on purpose, and again when a run resumes.
     r"Experiment logs directory .* exists and is not empty",
     r"Checkpoint directory .* exists and is not empty",
+    # A host with SLURM's client tools: a stage started by torchrun, a SLURM script's srun or by hand is
+    # launched as intended (dataeff's "trainer:" line says what runs where).
+    r"The `srun` command is available on your system but is not used",
 )
 
 #: Lightning info lines (``rank_zero_info``), matched at the start of the message.

@@ -52,17 +52,24 @@ def _points(value: float) -> str:
     return f"{abs(value) * 100:.1f}"
 
 
-def answer(question: Question, row: dict[str, Any]) -> str:
-    """The plain reading of one paired difference ``row`` (a :func:`comparisons` row, fractions)."""
+def answer(question: Question, row: dict[str, Any], full_beat_scratch: bool = True) -> str:
+    """The plain reading of one paired difference ``row`` (a :func:`comparisons` row, fractions).
+
+    ``full_beat_scratch`` false: a subset beating full beats no pre-training at most, so it
+    cannot support the claim.
+    """
     name = display_name(question.method, question.ratio)
     low, high, mean = float(row["ci_low"]), float(row["ci_high"]), float(row["diff_mean"])
     if math.isnan(low):
         return f"{name}: fewer than 2 paired seeds, no interval: unanswered."
     if question.claim == "beat":
         if low > 0:
-            return (
-                f"{name} beat full beyond the CI (by {_points(low)} to {_points(high)} points): the claim holds here."
+            verdict = (
+                "the claim holds here"
+                if full_beat_scratch
+                else "but full itself did not beat scratch, so this does not support the claim"
             )
+            return f"{name} beat full beyond the CI (by {_points(low)} to {_points(high)} points): {verdict}."
         if high < 0:
             return f"{name} was worse than full beyond the CI: the claim fails here."
         return f"{name} did not beat full beyond the CI (interval contains 0): the claim is not supported here."
@@ -81,11 +88,12 @@ def claim_lines(comps: pd.DataFrame, dataset: str) -> list[str]:
     """Markdown bullets: full vs scratch first (the precondition), then each paper claim in the sweep."""
     gate = _row(comps, dataset, "full", 1.0, SCRATCH)
     out = []
+    full_beat_scratch = gate is None or float(gate["ci_low"]) > 0
     if gate is None:
         out.append("- Full pre-training vs scratch: not in this sweep; the answers below are unconditioned.")
     else:
         out.append(f"- {gate['sentence']}.")
-        if not float(gate["ci_low"]) > 0:
+        if not full_beat_scratch:
             out.append(
                 "- **Full pre-training did not beat scratch beyond the CI, so these comparisons cannot tell "
                 "pre-training data apart**: a subset 'matching' full here matches no pre-training too."
@@ -96,7 +104,7 @@ def claim_lines(comps: pd.DataFrame, dataset: str) -> list[str]:
         if row is None:
             continue
         asked += 1
-        out.append(f"- {row['sentence']}. {answer(question, row)}")
+        out.append(f"- {row['sentence']}. {answer(question, row, full_beat_scratch)}")
     if not asked:
         out.append("- None of the papers' cells (MedDEL, random at 5%/20%; OptiDEL at 5%) ran with `full`.")
     return [*out, ""]

@@ -176,3 +176,14 @@ def test_wandb_logger_leaves_anonymous_unset(tmp_path):
 
     logger = _WandbLogger(project="p", save_dir=str(tmp_path), mode="offline")
     assert "anonymous" not in logger._wandb_init
+
+
+def test_srun_hint_is_muted_where_slurm_tools_are_installed():
+    """Lightning's SLURM environment warns on every stage of a host that has srun, however it was launched."""
+    hint = "The `srun` command is available on your system but is not used. HINT: If your intention is to run"
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with quiet.quiet_third_party():
+            warnings.warn(hint, UserWarning, stacklevel=1)
+        warnings.warn(hint, UserWarning, stacklevel=1)  # outside a stage run it shows
+    assert len(shown) == 1

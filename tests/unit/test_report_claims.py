@@ -43,6 +43,9 @@ def test_without_a_pretraining_effect_the_answers_are_flagged():
     cells = {**CELLS, ("scratch", 0.0): [0.61, 0.60, 0.63]}
     text = "\n".join(claim_lines(comparisons(_seeds(cells)), "a"))
     assert "Full pre-training did not beat scratch beyond the CI, so these comparisons cannot tell" in text
+    # OptiDEL still beats full, but that cannot carry the claim when full beats nothing.
+    assert "OptiDEL 5% beat full beyond the CI" in text and "the claim holds here" not in text
+    assert "full itself did not beat scratch, so this does not support the claim" in text
 
 
 def test_no_full_cell_and_single_seed():
