@@ -127,7 +127,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         final = Path(path)
 
         def write(tmp: Path) -> None:
-            torch.save(checkpoint, tmp)
+            # Through a file object, torch names the archive's root folder "archive" instead of
+            # after the (unique) temp name: the same state gives the same bytes, whatever the pid.
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
             # Before the rename: a checkpoint under its final name always has its record.
             write_json_atomic(digest_path(final), checkpoint_digest(tmp), indent=1)
 

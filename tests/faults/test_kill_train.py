@@ -64,9 +64,12 @@ if KIND == "kill-mid-save":
     real_save = torch.save
     def dying_save(obj, target, *args, **kwargs):
         real_save(obj, target, *args, **kwargs)
-        if f"step={{STEP:08d}}" in str(target):
-            data = open(target, "rb").read()
-            open(target, "wb").write(data[: len(data) // 2])
+        name = getattr(target, "name", target)  # a path, or the open temp file
+        if f"step={{STEP:08d}}" in str(name):
+            if hasattr(target, "flush"):
+                target.flush()
+            data = open(name, "rb").read()
+            open(name, "wb").write(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
     torch.save = dying_save
 

@@ -36,12 +36,20 @@ def test_save_leaves_the_checkpoint_and_its_record_only(tmp_path):
     assert torch.load(path, weights_only=True)["global_step"] == 4
 
 
+def test_the_same_state_gives_the_same_archive_whatever_the_temp_name(tmp_path):
+    """The unique temp name (host, pid, random) must not reach the bytes: a re-run's checkpoint equals the first."""
+    import zipfile
+
+    names = [zipfile.ZipFile(_save(tmp_path / d / "last.ckpt", 4)).namelist() for d in ("a", "b")]
+    assert names[0] == names[1] and all(n.startswith("archive/") for n in names[0])
+
+
 def test_a_save_killed_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     path = _save(tmp_path / "step=00000004.ckpt", 4)
     before = path.read_bytes()
 
     def dies_midway(obj, target):
-        Path(target).write_bytes(b"PK\x03\x04 half a checkpoint")
+        target.write(b"PK\x03\x04 half a checkpoint")  # the open temp file
         raise KeyboardInterrupt  # stands for the kill: nothing after this line runs
 
     monkeypatch.setattr(torch, "save", dies_midway)
