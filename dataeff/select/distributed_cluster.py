@@ -182,12 +182,14 @@ def redundancy_stats(
     signatures: tuple[np.ndarray, np.ndarray] | None = None,
     max_distance: int = PHASH_MAX_DISTANCE,
     min_corr: float = MIN_THUMB_CORR,
+    max_scan_rows: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-cluster redundancy (clusters partitioned over ranks), gathered into pool arrays.
 
     Args:
         signatures: pool pHashes and thumbnails for MedDEL's optional copy signal
             (:func:`~dataeff.select.meddel.cluster_redundancy`); None = embeddings only.
+        max_scan_rows: leaf bound of the scan (``meddel.max_scan_rows``); 0 = exact (SemDeDup).
 
     Shape:
         emb: (N, D) float16 or this rank's :class:`LocalRows`, labels/sims/valid: (N,), signatures: ((N,) uint64, (N, S, S)
@@ -212,7 +214,15 @@ def redundancy_stats(
                     continue
                 sig = None if signatures is None else (signatures[0][rows], signatures[1][rows])
                 m, prev, pos = cluster_redundancy(
-                    rows_of(rows).astype(np.float32), sims[rows], order, seed, int(c), sig, max_distance, min_corr
+                    rows_of(rows).astype(np.float32),
+                    sims[rows],
+                    order,
+                    seed,
+                    int(c),
+                    sig,
+                    max_distance,
+                    min_corr,
+                    max_scan_rows,
                 )
                 rows_l.append(rows)
                 m_l.append(m)

@@ -22,14 +22,26 @@ PAPERS.md "MedDEL":
    the earlier member it duplicates (``redundant_of:<key>``): with the default order
    the member farther from the centroid of a near-duplicate pair stays.
 
+The scan in step 3 costs O(s^2 D) for a cluster of s members, O(sum s^2) over the
+pool: with a fixed k, 10x rows make it 100x. ``max_scan_rows`` (default 4096; 0 =
+exact) bounds it: a cluster with more valid members is cut in two along its top
+principal direction (float64 power iteration from a start vector seeded by (seed,
+cluster id)) at the widest gap near the median, recursively, into leaves of at most
+that many rows; each member is compared only with the earlier members of its leaf, in
+the cluster's visiting order, so the cost is O(N * bound). Near-duplicates project
+close together and nearly always share a leaf; a pair cut apart is missed (its later
+member keeps its best in-leaf similarity, a lower bound of the exact one). With the
+default k = round(sqrt(N)) clusters average sqrt(N) members, so only pools with
+clusters above 4096 members (on average from N ~ 1.7e7) reach the bound.
+
 Our addition, off by default (``phash``; the paper has no such signal): inside each
 cluster, a member whose shard-time perceptual hash is within ``phash_max_distance``
 bits of an earlier member's and whose 16 x 16 thumbnail correlates with it at least
 ``min_thumb_corr`` is a copy of that member whatever the embedding says: its
 similarity is raised to 1.0, so it goes first, and its reason names that member.
 A weak encoder scatters brightness-shifted and re-encoded copies of one frame
-(docs/selection.md); the signature comparison stays inside the cluster, so the
-cost stays ~N^1.5.
+(docs/selection.md); the signature comparison stays inside the cluster (inside the
+scan leaf when the cluster is split), so the cost stays ~N^1.5.
 
 Our second addition, off by default (``near_copies``): a pool-wide pass over the same
 thumbnails (``near_copies.py``: nearest neighbours of each thumbnail and of its zoomed
@@ -55,6 +67,12 @@ from dataeff.select.near_copies import COPY_K, MIN_COPY_CORR
 ORDERS = ("hard", "easy", "random")
 #: Similarity-matrix elements per block in :func:`max_earlier_similarity` (64 MB of float32).
 _BLOCK_ELEMS = 1 << 24
+#: Power iterations per leaf split: the direction need not converge, only spread the rows.
+_POWER_ITERATIONS = 8
+#: Rows (at most) of the strided sample a leaf split's direction is computed from.
+_DIRECTION_ROWS = 1024
+#: Third word of the split's start-vector seed, apart from the random visit order's stream.
+_SPLIT_STREAM = 1
 
 
 @dataclass
@@ -99,6 +117,12 @@ class MedDELConfig:
         help="with near_copies: a pair is a copy when its zoom/shift-tolerant thumbnail correlation is at least this",
     )
     near_copy_k: int = option(COPY_K, help="with near_copies: nearest neighbours per thumbnail query (candidates)")
+    max_scan_rows: int = option(
+        4096,
+        help="redundancy: a cluster with more valid members is split (cuts near the median along its principal "
+        "direction) into leaves of at most this many, compared only within a leaf (cost N*bound, not sum of size^2); "
+        "0 = exact",
+    )
 
     def __post_init__(self) -> None:
         bad = [c for c in self.quality_checks if c not in QUALITY_REASONS]
@@ -123,6 +147,10 @@ class MedDELConfig:
             )
         if self.near_copy_k < 1:
             raise ConfigError(f"meddel.near_copy_k={self.near_copy_k}: must be >= 1 (default {COPY_K})")
+        if self.max_scan_rows != 0 and self.max_scan_rows < 2:
+            raise ConfigError(
+                f"meddel.max_scan_rows={self.max_scan_rows}: must be 0 (exact scan) or >= 2 (rows per leaf)"
+            )
 
 
 def quality_reasons(quality: pd.DataFrame, cfg: MedDELConfig) -> np.ndarray:
@@ -203,12 +231,97 @@ def max_earlier_similarity(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(m, 1.0), arg
 
 
+def principal_direction(x: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Top principal direction of the rows, by power iteration from ``start`` in float64.
+
+    numpy sums, not BLAS: the same bits whatever the thread count.
+
+    Shape:
+        x: (n, D) float32, start: (D,) nonzero -> (D,) float64 unit.
+    """
+    xc = x.astype(np.float64)
+    xc -= xc.mean(axis=0)
+    v = start / np.sqrt((start * start).sum())
+    for _ in range(_POWER_ITERATIONS):
+        w = ((xc * v).sum(axis=1)[:, None] * xc).sum(axis=0)
+        norm = np.sqrt((w * w).sum())
+        if norm == 0.0:  # all rows equal: any direction projects them alike
+            break
+        v = w / norm
+    return v
+
+
+def _projection(x: np.ndarray, rows: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``x[rows]`` dotted with ``v`` in float64, by numpy sums over row blocks (16 MB of products at a time).
+
+    Unlike BLAS, whose kernels treat a trailing row and a split among threads differently,
+    equal rows get equal bits, so rank ties fall to visit position as intended.
+
+    Shape:
+        x: (s, D) float32, rows: (n,), v: (D,) float64 -> (n,) float64.
+    """
+    step = max(1, (_BLOCK_ELEMS // 8) // x.shape[1])
+    return np.concatenate([(x[rows[a : a + step]] * v).sum(axis=1) for a in range(0, len(rows), step)])
+
+
+def scan_leaves(x: np.ndarray, max_rows: int, seed: int, cluster_id: int) -> list[np.ndarray]:
+    """A cluster's visit positions in leaves of at most ``max_rows``, for the redundancy scan.
+
+    A part with more rows is ranked by its projection on its top principal direction
+    (:func:`principal_direction` of an evenly strided sample; ties by visit position) and
+    cut in two near the median by :func:`_cut_near_median`, recursively. Near-duplicates
+    project close together, so they nearly always share a leaf; a pair cut apart is
+    missed. The start vector depends only on (seed, cluster_id), so the leaves depend
+    only on the rows. ``max_rows`` = 0, or a cluster that fits: one leaf, the exact scan.
+
+    Shape:
+        x: (s, D) float32 rows in visiting order -> leaves, each (<= max_rows,) int64 ascending.
+    """
+    s = len(x)
+    if max_rows == 0 or s <= max_rows:
+        return [np.arange(s)]
+    start = np.random.default_rng((seed, cluster_id, _SPLIT_STREAM)).standard_normal(x.shape[1:])
+    leaves, parts = [], [np.arange(s)]
+    while parts:
+        part = parts.pop()
+        if len(part) <= max_rows:
+            leaves.append(part)
+            continue
+        # The direction from an evenly strided sample (by visit position); every row projected
+        # in float64, so that two rows swap ranks only when their projections truly differ.
+        v = principal_direction(x[part[:: -(-len(part) // _DIRECTION_ROWS)]], start)
+        proj = _projection(x, part, v)
+        rank = np.lexsort((part, proj))
+        cut = _cut_near_median(proj[rank])
+        parts += [np.sort(part[rank[:cut]]), np.sort(part[rank[cut:]])]
+    return leaves
+
+
+def _cut_near_median(p: np.ndarray) -> int:
+    """Rank at which to cut sorted projections: the widest gap within the middle tenth of ranks.
+
+    A cut exactly at the median would separate whichever two rows sit there, a
+    near-duplicate pair with probability ~1/n per split; the widest nearby gap almost
+    never lies inside one. Ties go to the rank nearest the median.
+
+    Shape:
+        p: (n,) ascending, n >= 2 -> cut in 1..n-1 (the lower part is ranks [0, cut)).
+    """
+    n = len(p)
+    half = n // 2
+    cuts = np.arange(max(1, half - n // 20), min(n - 1, half + n // 20) + 1)
+    gaps = p[cuts] - p[cuts - 1]
+    return int(cuts[np.lexsort((np.abs(cuts - half), -gaps))[0]])
+
+
 def earliest_copy(phash: np.ndarray, thumbs: np.ndarray, max_distance: int, min_corr: float) -> np.ndarray:
     """For each row, the first earlier row it copies by perceptual signature, or -1.
 
     Row j copies row i < j when their pHashes are at most ``max_distance`` bits apart and
     their thumbnails correlate at least ``min_corr`` (the confirmation the hash needs on
-    endoscopy, docs/overlap.md). Computed in row blocks like :func:`max_earlier_similarity`.
+    endoscopy, docs/overlap.md). Computed in row blocks like :func:`max_earlier_similarity`,
+    and like it run per scan leaf (:func:`scan_leaves`) of a cluster larger than
+    ``max_scan_rows``: the pair test is quadratic too, so a copy in another leaf is missed.
 
     Shape:
         phash: (s,) uint64, thumbs: (s, S, S) uint8, rows in visiting order -> (s,) int64.
@@ -242,6 +355,7 @@ def cluster_redundancy(
     signatures: tuple[np.ndarray, np.ndarray] | None = None,
     max_distance: int = PHASH_MAX_DISTANCE,
     min_corr: float = MIN_THUMB_CORR,
+    max_scan_rows: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cluster's redundancy statistics, aligned to its members in row order.
 
@@ -249,17 +363,30 @@ def cluster_redundancy(
     earlier one by :func:`earliest_copy` gets similarity 1.0 to it, whatever the
     embeddings say (a weak encoder can put a brightness-shifted copy far from its original).
 
+    With ``max_scan_rows`` > 0, a larger cluster is cut into leaves by :func:`scan_leaves`
+    and both comparisons (embeddings and signatures, each quadratic) run within each leaf,
+    its members in visiting order: a member's ``m`` is then its largest similarity to an
+    earlier member of its leaf, a lower bound of the exact one. ``pos`` stays the visit
+    position in the whole cluster.
+
     Shape:
         x: (s, D) float32 unit rows, sims: (s,), signatures: ((s,) uint64, (s, S, S) uint8)
         -> m (s,) largest similarity to an earlier member, prev (s,) position (row order)
         of that member or -1, pos (s,) visit position.
     """
     perm = visit_order(sims, order, seed, cluster_id)
-    m_v, arg_v = max_earlier_similarity(np.ascontiguousarray(x[perm], dtype=np.float32))
-    if signatures is not None:
-        copy_v = earliest_copy(signatures[0][perm], signatures[1][perm], max_distance, min_corr)
-        found = copy_v >= 0
-        m_v[found], arg_v[found] = 1.0, copy_v[found]
+    x_v = np.ascontiguousarray(x[perm], dtype=np.float32)
+    leaves = scan_leaves(x_v, max_scan_rows, seed, cluster_id)
+    m_v = np.empty(len(perm), dtype=np.float32)
+    arg_v = np.empty(len(perm), dtype=np.int64)
+    for leaf in leaves:
+        m_l, arg_l = max_earlier_similarity(x_v if len(leaves) == 1 else x_v[leaf])
+        if signatures is not None:
+            copy_l = earliest_copy(signatures[0][perm[leaf]], signatures[1][perm[leaf]], max_distance, min_corr)
+            found = copy_l >= 0
+            m_l[found], arg_l[found] = 1.0, copy_l[found]
+        m_v[leaf] = m_l
+        arg_v[leaf] = np.where(arg_l >= 0, leaf[np.maximum(arg_l, 0)], -1)
     m = np.empty(len(perm), dtype=np.float32)
     prev = np.empty(len(perm), dtype=np.int64)
     pos = np.empty(len(perm), dtype=np.int64)

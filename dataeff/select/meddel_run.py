@@ -64,7 +64,9 @@ def run_meddel(
         np.where(near != "", near, M.embedding_outliers(labels, sims, ok, k, mc.outlier_quantile, mc.min_cluster_size)),
     )
     t = time.time()
-    m, prev, pos = redundancy_stats(emb, labels, sims, invalid == "", k, mc.order, cfg.seed, rank, world, **copies)
+    m, prev, pos = redundancy_stats(
+        emb, labels, sims, invalid == "", k, mc.order, cfg.seed, rank, world, max_scan_rows=mc.max_scan_rows, **copies
+    )
     timings["dedup"] = time.time() - t
     t = time.time()
     kept, redundant, info = M.decide(labels, m, pos, invalid, target_count(cfg.ratio, n), mc.epsilon)

@@ -19,10 +19,11 @@ def _pool() -> np.ndarray:
 
 
 def _stats(rank: int, world: int) -> list[str]:
-    return [_hash(rank, world, partitioned) for partitioned in (False, True)]
+    # max_scan_rows=1000: clusters of ~3,300 split into scan leaves (meddel.max_scan_rows).
+    return [_hash(rank, world, partitioned, bound) for bound in (0, 1000) for partitioned in (False, True)]
 
 
-def _hash(rank: int, world: int, partitioned: bool) -> str:
+def _hash(rank: int, world: int, partitioned: bool, max_scan_rows: int) -> str:
     from dataeff.config import load_config
     from dataeff.select import distributed_cluster as D
     from dataeff.select.config import SelectConfig
@@ -35,12 +36,12 @@ def _hash(rank: int, world: int, partitioned: bool) -> str:
         emb = D.LocalRows(emb[pos], pos.copy(), N)
     labels, sims, k = D.cluster_pool(emb, cfg.cluster, 0, rank, world, {})
     valid = np.arange(N) % 11 != 0  # some rows invalid: they never move
-    m, prev, pos_ = D.redundancy_stats(emb, labels, sims, valid, k, "hard", 0, rank, world)
+    m, prev, pos_ = D.redundancy_stats(emb, labels, sims, valid, k, "hard", 0, rank, world, max_scan_rows=max_scan_rows)
     assert (prev >= 0).sum() >= 400, "planted copies are found"
     return hashlib.sha256(b"".join(a.tobytes() for a in (labels, sims, m, prev, pos_))).hexdigest()
 
 
 def test_partitioned_rows_match_gathered_matrix():
     (one,) = run_ranks(_stats, 1)
-    assert one[0] == one[1]
+    assert one[0] == one[1] and one[2] == one[3] and one[0] != one[2]
     assert run_ranks(_stats, 2) == [one, one]

@@ -321,3 +321,107 @@ def test_meddel_phash_without_signature_columns_asks_to_reshard():
         run_meddel(emb, keys, quality_frame(len(keys)), cfg, 0, 1)
     with pytest.raises(ConfigError, match="meddel.min_thumb_corr"):
         select_cfg(**{"meddel.min_thumb_corr": 0})
+
+
+# --------------------------------------------------------------------------- bounded scan (meddel.max_scan_rows)
+
+
+def _cluster_with_twins(n=1000, dim=64, twins=40, seed=0):
+    """One cluster's unit rows (spread over a few directions, like a real cluster) and planted twin pairs.
+
+    Returns (x float32, centroid similarities, (original, copy) row pairs with cosine > 0.99).
+    """
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=dim)
+    spread = rng.normal(size=(8, dim))  # the cluster varies mostly along 8 directions
+    base = centre / np.linalg.norm(centre) + 0.3 * rng.normal(size=(n - twins, 8)) @ spread / np.sqrt(dim)
+    base += 0.05 * rng.normal(size=base.shape) / np.sqrt(dim)
+    originals = rng.choice(n - twins, size=twins, replace=False)
+    x = np.concatenate([base, base[originals] + 0.02 * rng.normal(size=(twins, dim)) / np.sqrt(dim)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    perm = rng.permutation(n)  # twins anywhere in row order
+    x, where = x[perm], np.argsort(perm)
+    pairs = [(int(where[o]), int(where[n - twins + j])) for j, o in enumerate(originals)]
+    assert all(float(x[a] @ x[b]) > 0.99 for a, b in pairs)
+    centroid = x.mean(axis=0) / np.linalg.norm(x.mean(axis=0))
+    return x, x @ centroid, pairs
+
+
+def test_bounded_scan_equals_the_exact_scan_when_the_cluster_fits():
+    x, sims, _ = _cluster_with_twins(n=300)
+    exact = M.cluster_redundancy(x, sims, "hard", 0, 7)
+    for bound in (300, 4096):
+        for a, b in zip(M.cluster_redundancy(x, sims, "hard", 0, 7, max_scan_rows=bound), exact, strict=True):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_bounded_scan_keeps_the_twins_and_only_lowers_similarities(monkeypatch):
+    x, sims, pairs = _cluster_with_twins()
+    exact_m, _, exact_pos = M.cluster_redundancy(x, sims, "hard", 0, 3)
+    scanned = []
+    scan = M.max_earlier_similarity
+    monkeypatch.setattr(M, "max_earlier_similarity", lambda rows: (scanned.append(len(rows)), scan(rows))[1])
+    m, prev, pos = M.cluster_redundancy(x, sims, "hard", 0, 3, max_scan_rows=64)
+    assert max(scanned) <= 64 and sum(scanned) == len(x)  # every member scanned once, within a leaf of <= 64
+    assert pos.tolist() == exact_pos.tolist()
+    # A leaf's product may round differently from the whole cluster's: 1e-6 is float32 noise.
+    assert (m <= exact_m + 1e-6).all() and (m < exact_m - 1e-3).any()  # a lower bound, and pairs were cut apart
+    for a, b in pairs:  # the later-visited twin still finds the earlier one
+        later, earlier = (b, a) if pos[b] > pos[a] else (a, b)
+        assert m[later] > 0.99 and prev[later] == earlier, (a, b, m[later], prev[later])
+    assert ((prev == -1) == ~np.isfinite(m)).all() and (pos[prev[prev >= 0]] < pos[prev >= 0]).all()
+
+
+def test_scan_leaves_are_deterministic_bounded_halves_in_visit_order():
+    x, _, _ = _cluster_with_twins()
+    leaves = M.scan_leaves(x, 64, 0, 3)
+    assert sorted(np.concatenate(leaves).tolist()) == list(range(len(x)))
+    assert all(28 <= len(leaf) <= 64 and (np.diff(leaf) > 0).all() for leaf in leaves)  # cut within 45-55%
+    again = M.scan_leaves(x.copy(), 64, 0, 3)
+    assert [leaf.tolist() for leaf in again] == [leaf.tolist() for leaf in leaves]
+    assert M.scan_leaves(x, 0, 0, 3)[0].tolist() == list(range(len(x)))  # 0: one leaf, the exact scan
+    same = np.repeat(x[:1], 10, axis=0)  # identical rows: cut by visit position
+    assert sorted(leaf.tolist() for leaf in M.scan_leaves(same, 4, 0, 0)) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    m1 = M.cluster_redundancy(x, np.zeros(len(x)), "random", 5, 9, max_scan_rows=64)
+    m2 = M.cluster_redundancy(x, np.zeros(len(x)), "random", 5, 9, max_scan_rows=64)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(m1, m2, strict=True))
+
+
+def test_leaf_cut_moves_off_a_near_duplicate_pair_at_the_median():
+    # 100 rows on a line at 0, 1, ..., 99, except ranks 49 and 50: twins at 49.5 and 49.5001.
+    # A cut at the median rank (50) would part them; the widest nearby gap (1.5) is just below.
+    t = np.arange(100.0)
+    t[49], t[50] = 49.5, 49.5001
+    perm = np.random.default_rng(0).permutation(100)  # visit order unrelated to the line
+    x = np.stack([t[perm], np.zeros(100)], axis=1).astype(np.float32)
+    leaves = M.scan_leaves(x, 99, 0, 0)
+    twins = {int(np.flatnonzero(perm == 49)[0]), int(np.flatnonzero(perm == 50)[0])}
+    assert sorted(len(leaf) for leaf in leaves) == [49, 51]
+    assert any(twins <= set(leaf.tolist()) for leaf in leaves)
+
+
+def test_bounded_scan_restricts_signature_copies_to_the_leaf():
+    x, sims, _ = _cluster_with_twins(n=200, twins=0)
+    phash, thumbs = _signatures(200, seed=4)
+    leaves = M.scan_leaves(x[M.visit_order(sims, "hard", 0, 0)], 50, 0, 0)
+    perm = M.visit_order(sims, "hard", 0, 0)
+    a, b = perm[leaves[0][0]], perm[leaves[0][1]]  # same leaf
+    c = perm[leaves[1][-1]]  # another leaf, visited after a
+    phash[[b, c]], thumbs[[b, c]] = phash[a], thumbs[a]
+    m, prev, _ = M.cluster_redundancy(x, sims, "hard", 0, 0, (phash, thumbs), 10, 0.99, max_scan_rows=50)
+    assert m[b] == 1.0 and prev[b] == a
+    assert m[c] < 1.0  # its original sits in another leaf
+    m, prev, _ = M.cluster_redundancy(x, sims, "hard", 0, 0, (phash, thumbs), 10, 0.99)
+    assert m[c] == 1.0 and prev[c] == a
+
+
+def test_max_scan_rows_is_validated_and_reaches_the_scan(monkeypatch):
+    with pytest.raises(ConfigError, match="meddel.max_scan_rows"):
+        select_cfg(**{"meddel.max_scan_rows": 1})
+    assert select_cfg().meddel.max_scan_rows == 4096 and select_cfg(**{"meddel.max_scan_rows": 0})
+    keys, emb, _, _ = synthetic_pool(seed=6, centres=2, per=60)
+    scanned = []
+    scan = M.max_earlier_similarity
+    monkeypatch.setattr(M, "max_earlier_similarity", lambda rows: (scanned.append(len(rows)), scan(rows))[1])
+    d = run_meddel(emb, keys, quality_frame(len(keys)), select_cfg(ratio=0.5, **{"meddel.max_scan_rows": 16}), 0, 1)
+    assert d.kept.sum() == target_count(0.5, len(keys)) and 0 < max(scanned) <= 16
