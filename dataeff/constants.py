@@ -106,6 +106,10 @@ KEPT = "kept"
 DOWNSTREAM_OVERLAP = "downstream_overlap"
 NOT_SELECTED = "not_selected"
 REDUNDANT_PREFIX = "redundant_of:"
+#: A selection's per-sample reasons as one-byte codes (the position here), as the methods hold
+#: them until the manifest is written (``manifest.Reasons``): code 0, "not dropped", is written
+#: ``not_selected``; ``redundant_of:`` is completed with the key of the duplicated sample.
+REASON_CODES = (NOT_SELECTED, KEPT, *QUALITY_REASONS, *EMBEDDING_REASONS, DOWNSTREAM_OVERLAP, REDUNDANT_PREFIX)
 
 # --------------------------------------------------------------------------- normalisation
 #: ImageNet channel statistics: timm ViTs and every dataeff encoder are trained with them.

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -236,7 +236,8 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 def all_gather_array(array: np.ndarray) -> list[np.ndarray]:
     """Every rank's array, in rank order; lengths (first axis) may differ per rank.
 
-    Arrays travel as raw bytes through tensors (not pickle), padded to the longest.
+    Arrays travel as raw bytes through tensors (not pickle), padded to the longest; on CPU
+    the returned arrays are views of the receive buffers (no second copy of the pool).
     """
     if not is_initialized():
         return [array]
@@ -249,7 +250,7 @@ def all_gather_array(array: np.ndarray) -> list[np.ndarray]:
     gathered = [torch.empty_like(buf) for _ in metas]
     _guarded("all_gather", lambda: torch_dist.all_gather(gathered, buf))
     return [
-        g[:n].cpu().numpy().view(np.dtype(dt)).reshape(shape).copy()
+        g[:n].cpu().numpy().view(np.dtype(dt)).reshape(shape)
         for g, n, (shape, dt) in zip(gathered, sizes, metas, strict=False)
     ]
 
@@ -276,32 +277,33 @@ def broadcast_array(array: np.ndarray | None, src: int = 0) -> np.ndarray:
     return buf[:n].cpu().numpy().view(np.dtype(dt)).reshape(shape).copy()
 
 
-def all_to_all_arrays(send: list[np.ndarray]) -> list[np.ndarray]:
-    """``send[r]`` goes to rank ``r``; returns what every rank sent here, in rank order.
+def all_to_all_rows(rows: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Rows grouped by destination (the first ``counts[0]`` for rank 0, and so on) sent to their rank.
 
-    One ``all_to_all_single`` of raw bytes with uneven splits (gloo and NCCL both
-    support it); shapes and dtypes travel first. The returned arrays are views of one
-    receive buffer.
+    Returns the rows every rank sent here, in source rank order. One ``all_to_all_single``
+    of raw bytes with uneven splits (gloo and NCCL both support it); the counts travel
+    first; every rank's rows have the same dtype and row shape. On CPU neither side is
+    copied: the sent array is the send buffer, the received one a view of the receive buffer.
+
+    Shape:
+        rows: (sum(counts), ...) -> (rows sent here, ...).
     """
     if not is_initialized():
-        assert len(send) == 1, "one process sends to itself only"
-        return [send[0]]
-    assert len(send) == world_size(), "one array per destination rank"
-    send = [np.ascontiguousarray(a) for a in send]
-    metas = all_gather_object([(a.shape, a.dtype.str) for a in send])  # metas[src][dst]
-    me = rank()
-    incoming = [m[me] for m in metas]
-    in_sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in incoming]
-    out_sizes = [a.nbytes for a in send]
-    payload = np.concatenate([a.reshape(-1).view(np.uint8) for a in send]) if sum(out_sizes) else np.zeros(0, np.uint8)
-    buf = torch.from_numpy(payload).to(_device())
-    recv = torch.empty(sum(in_sizes), dtype=torch.uint8, device=_device())
-    _guarded("all_to_all", lambda: torch_dist.all_to_all_single(recv, buf, in_sizes, out_sizes))
-    data = recv.cpu().numpy()
-    offsets = np.concatenate([[0], np.cumsum(in_sizes)])
-    return [
-        data[offsets[i] : offsets[i + 1]].view(np.dtype(dt)).reshape(shape) for i, (shape, dt) in enumerate(incoming)
-    ]
+        assert len(counts) == 1, "one process sends to itself only"
+        return rows
+    assert len(counts) == world_size(), "one count per destination rank"
+    rows = np.ascontiguousarray(rows)
+    incoming = [c[rank()] for c in all_gather_object([int(c) for c in counts])]  # counts[src][dst]
+    row_bytes = rows.dtype.itemsize * int(np.prod(rows.shape[1:]))
+    buf = torch.from_numpy(rows.reshape(-1).view(np.uint8)).to(_device())
+    recv = torch.empty(sum(incoming) * row_bytes, dtype=torch.uint8, device=_device())
+    _guarded(
+        "all_to_all",
+        lambda: torch_dist.all_to_all_single(
+            recv, buf, [c * row_bytes for c in incoming], [int(c) * row_bytes for c in counts]
+        ),
+    )
+    return recv.cpu().numpy().view(rows.dtype).reshape(-1, *rows.shape[1:])
 
 
 def ranks_per_node(environ: Mapping[str, str] | None = None) -> int:

@@ -184,13 +184,18 @@ def partition_clusters(sizes: np.ndarray, world_size: int) -> list[np.ndarray]:
     return [np.array(sorted(o), dtype=np.int64) for o in owned]
 
 
+def index_dtype(n: int) -> type[np.signedinteger]:
+    """int32 for indices below ``n`` < 2^31 (and -1), else int64: whole-pool index arrays at 4 bytes a row."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def members_by_cluster(labels: np.ndarray, k: int) -> list[np.ndarray]:
     """Row indices of each cluster, ascending.
 
     Shape:
-        labels: (N,) int in [0, k) or -1 (ignored) -> k arrays.
+        labels: (N,) int in [0, k) or -1 (ignored) -> k arrays of :func:`index_dtype` (N).
     """
-    order = np.argsort(labels, kind="stable")
+    order = np.argsort(labels, kind="stable").astype(index_dtype(len(labels)))
     sorted_labels = labels[order]
     starts = np.searchsorted(sorted_labels, np.arange(k), side="left")
     stops = np.searchsorted(sorted_labels, np.arange(k), side="right")

@@ -14,7 +14,8 @@ each cluster's rows to the rank that owns it, by all-to-all in rounds of at most
 :data:`EXCHANGE_ROWS` rows received per rank (or one cluster, when larger). Every pure core
 then sees exactly the rows, in exactly the order, that it sees with the gathered
 matrix, so results are bit-identical; only per-row scalars (labels, similarities,
-redundancy statistics) are gathered whole.
+redundancy statistics) are gathered whole, as 4-byte values (:func:`~dataeff.select.cluster.index_dtype`),
+and a round's rows are dropped before the next round moves.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from dataeff.select.cluster import ClusterConfig
 from dataeff.select.meddel import cluster_redundancy
 from dataeff.select.near_copies import near_copy_parents
 
-#: Rows a rank receives per exchange round in partitioned mode (~200 MB of float16 at D = 384).
-EXCHANGE_ROWS = 1 << 18
+#: Rows a rank receives per exchange round in partitioned mode (48 MiB of float16 at D = 384;
+#: a round also holds the copy it sends): a fixed bound on what moves, whatever the pool size.
+EXCHANGE_ROWS = 1 << 16
 
 
 @dataclass
@@ -64,38 +66,79 @@ class LocalRows:
 Embeddings = np.ndarray | LocalRows
 
 
-def exchange_rounds(
-    local: LocalRows, dest: np.ndarray, rnd: np.ndarray, n_rounds: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+@dataclass
+class Received:
+    """The rows one exchange round brought to this rank, as they arrived (no sorted copy).
+
+    Shape:
+        pos: (m,) their pool positions, ascending; at: (m,) the row of ``rows`` at each;
+        rows: (m, D) float16.
+    """
+
+    pos: np.ndarray
+    at: np.ndarray
+    rows: np.ndarray
+
+    def take(self, want: np.ndarray) -> np.ndarray:
+        """The received rows at pool positions ``want`` (all received), in that order."""
+        return self.rows[self.at[np.searchsorted(self.pos, want)]]
+
+
+def exchange_rounds(local: LocalRows, dest: np.ndarray, rnd: np.ndarray, n_rounds: int) -> Iterator[Received]:
     """Move local rows to other ranks in rounds; yields what this rank received per round.
 
-    Every rank must iterate all ``n_rounds`` rounds (each is a collective).
+    Every rank must iterate all ``n_rounds`` rounds (each is a collective). A round sends
+    one copy of its rows and receives into one buffer; a caller that drops the yielded
+    rows before asking for the next round holds one round at a time.
 
     Shape:
         dest, rnd: (n_local,) destination rank and round of each local row (rnd -1 = not
-        sent) -> per round: positions (m,) ascending, rows (m, D) float16 in that order.
+        sent) -> per round: :class:`Received`.
     """
     world = dist.world_size()
-    order = np.lexsort((local.pos, dest, rnd))
-    keys = rnd[order] * world + dest[order]
-    bounds = np.searchsorted(keys, np.arange(n_rounds * world + 1))
+    slot = rnd.astype(np.int64) * world + dest  # by round, then destination (< 0: not sent)
+    order = np.argsort(slot, kind="stable").astype(C.index_dtype(len(slot)))  # receivers sort by position
+    bounds = np.searchsorted(slot[order], np.arange(n_rounds * world + 1))
+    del slot
+    return _rounds(local, order, bounds, n_rounds, world)  # the plan only: dest and rnd are not kept
+
+
+def _rounds(local: LocalRows, order: np.ndarray, bounds: np.ndarray, n_rounds: int, world: int) -> Iterator[Received]:
     for r in range(n_rounds):
-        slices = [order[bounds[r * world + d] : bounds[r * world + d + 1]] for d in range(world)]
-        pos = np.concatenate(dist.all_to_all_arrays([local.pos[i] for i in slices]))
-        rows = np.concatenate(dist.all_to_all_arrays([local.rows[i] for i in slices]))
-        by_pos = np.argsort(pos, kind="stable")
-        yield pos[by_pos], rows[by_pos]
+        send = order[bounds[r * world] : bounds[(r + 1) * world]]  # grouped by destination
+        counts = np.diff(bounds[r * world : (r + 1) * world + 1]).tolist()
+        pos = dist.all_to_all_rows(local.pos[send], counts)
+        rows = dist.all_to_all_rows(local.rows[send], counts)
+        at = np.argsort(pos, kind="stable")
+        yield Received(pos[at], at, rows)
+        del pos, rows, at  # not held while the next round moves
 
 
 def _sample_rows(emb: Embeddings, sample: np.ndarray, rank: int) -> np.ndarray | None:
-    """The k-means sample rows (pool order) on rank 0; None elsewhere."""
+    """The k-means sample rows (pool order) as float32 on rank 0; None elsewhere.
+
+    Converted :data:`EXCHANGE_ROWS` rows at a time; partitioned, they also move to rank 0
+    in rounds of that many, so rank 0 holds the float32 sample plus one round of rows.
+
+    Shape:
+        sample: (M,) ascending pool rows -> (M, D) float32.
+    """
+    step = EXCHANGE_ROWS
     if isinstance(emb, np.ndarray):
-        return emb[sample] if rank == 0 else None
-    wanted = np.zeros(emb.n, bool)
-    wanted[sample] = True
-    rnd = np.where(wanted[emb.pos], 0, -1)
-    (_, rows), *_ = exchange_rounds(emb, np.zeros(len(emb.pos), np.int64), rnd, 1)
-    return rows if rank == 0 else None
+        if rank != 0:
+            return None
+        out = np.empty((len(sample), emb.shape[1]), np.float32)
+        for a in range(0, len(sample), step):
+            out[a : a + step] = emb[sample[a : a + step]]
+        return out
+    at = np.minimum(np.searchsorted(sample, emb.pos), len(sample) - 1)  # sample index of each local row
+    rnd = np.where(sample[at] == emb.pos, at // step, -1)
+    x = np.empty((len(sample), emb.rows.shape[1]), np.float32) if rank == 0 else None
+    for r, got in enumerate(exchange_rounds(emb, np.zeros(len(emb.pos), np.int64), rnd, -(-len(sample) // step))):
+        if x is not None:
+            x[r * step : (r + 1) * step] = got.take(sample[r * step : (r + 1) * step])
+        del got  # not held while the next round moves
+    return x
 
 
 def _assign_owned(emb: Embeddings, centroids: np.ndarray, rank: int, world: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -108,11 +151,10 @@ def _assign_owned(emb: Embeddings, centroids: np.ndarray, rank: int, world: int)
     chunk = emb.pos // C.ASSIGN_CHUNK
     n_rounds = -(-len(C.owned_chunks(len(bounds), 0, world)) // per_round)
     parts = []
-    for r, (pos, rows) in enumerate(exchange_rounds(emb, chunk % world, (chunk // world) // per_round, n_rounds)):
+    for r, got in enumerate(exchange_rounds(emb, chunk % world, (chunk // world) // per_round, n_rounds)):
         for c in owned[r * per_round : (r + 1) * per_round]:
-            s, e = bounds[c]
-            a, b = np.searchsorted(pos, [s, e])
-            parts.append(C.assign(rows[a:b], centroids))
+            parts.append(C.assign(got.take(np.arange(*bounds[c])), centroids))
+        del got  # not held while the next round moves
     return parts
 
 
@@ -126,7 +168,7 @@ def cluster_pool(
 
     Shape:
         emb: (N, D) float16 unit rows, key-sorted, or this rank's :class:`LocalRows` of them
-        -> labels (N,) int64, sims (N,) float32, k.
+        -> labels (N,) int32 (int64 past 2^31 clusters), sims (N,) float32, k.
     """
     n = len(emb)
     k = C.resolve_k(n, cfg.k)
@@ -135,13 +177,13 @@ def cluster_pool(
     centroids = None
     sample_rows = _sample_rows(emb, C.kmeans_sample(n, k, cfg.max_points_per_centroid, seed), rank)
     if sample_rows is not None:
-        centroids = C.train_kmeans(sample_rows.astype(np.float32), k, cfg.niter, seed, use_gpu)
+        centroids = C.train_kmeans(sample_rows, k, cfg.niter, seed, use_gpu)
     del sample_rows
     centroids = dist.broadcast_array(centroids)
     timings["kmeans"] = time.time() - t
     t = time.time()
     parts = _assign_owned(emb, centroids, rank, world)
-    labels = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    labels = np.concatenate([p[0].astype(C.index_dtype(k)) for p in parts]) if parts else np.zeros(0, C.index_dtype(k))
     sims = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
     labels = C.reorder_chunks(dist.all_gather_array(labels), n)
     sims = C.reorder_chunks(dist.all_gather_array(sims), n)
@@ -193,21 +235,17 @@ def redundancy_stats(
 
     Shape:
         emb: (N, D) float16 or this rank's :class:`LocalRows`, labels/sims/valid: (N,), signatures: ((N,) uint64, (N, S, S)
-        uint8) -> m (N,) float32 (+inf for invalid rows), prev (N,) int64 row of the
-        duplicated earlier member (-1), pos (N,) int64 visit position in its cluster.
+        uint8) -> m (N,) float32 (+inf for invalid rows), prev (N,) row of the duplicated
+        earlier member (-1), pos (N,) visit position in its cluster; both int32 (int64 from 2^31 rows).
     """
     n = len(emb)
     members = C.members_by_cluster(np.where(valid, labels, -1), k)
-    rows_l, m_l, prev_l, pos_l = (
-        [np.zeros(0, np.int64)],
-        [np.zeros(0, np.float32)],
-        [np.zeros(0, np.int64)],
-        [np.zeros(0, np.int64)],
-    )
+    owned = C.partition_clusters(np.array([len(r) for r in members], dtype=np.int64), world)
+    m_l, prev_l, pos_l = [np.zeros(0, np.float32)], [np.zeros(0, C.index_dtype(n))], [np.zeros(0, C.index_dtype(n))]
     # Per-cluster products are small: BLAS threads only add start-up and, on a busy node,
     # spin-wait cost (measured 25x on 141-member clusters); parallelism comes from ranks.
     with _single_blas_thread():
-        for batch, rows_of in _owned_cluster_rows(emb, members, rank, world):
+        for batch, rows_of in _owned_cluster_rows(emb, labels, valid, members, owned, rank, world):
             for c in batch:
                 rows = members[c]
                 if len(rows) == 0:
@@ -224,32 +262,49 @@ def redundancy_stats(
                     min_corr,
                     max_scan_rows,
                 )
-                rows_l.append(rows)
                 m_l.append(m)
-                prev_l.append(np.where(prev >= 0, rows[np.maximum(prev, 0)], -1))
-                pos_l.append(pos)
-    rows, m, prev, pos = (dist.all_gather_concat(np.concatenate(x)) for x in (rows_l, m_l, prev_l, pos_l))
-    m_full, prev_full, pos_full = np.full(n, np.inf, np.float32), np.full(n, -1, np.int64), np.zeros(n, np.int64)
-    m_full[rows], prev_full[rows], pos_full[rows] = m, prev, pos
+                prev_l.append(np.where(prev >= 0, rows[np.maximum(prev, 0)], -1).astype(rows.dtype, copy=False))
+                pos_l.append(pos.astype(rows.dtype))
+            del rows_of  # this round's rows are not held while the next round moves
+    # Every rank knows which clusters each rank scanned, in which order: only the statistics
+    # travel, one at a time, each freed here once gathered.
+    stats = []
+    for local, fill in ((m_l, np.inf), (prev_l, -1), (pos_l, 0)):
+        parts = dist.all_gather_array(np.concatenate(local))
+        local.clear()
+        full = np.full(n, fill, dtype=parts[0].dtype)
+        for part, clusters in zip(parts, owned, strict=True):
+            at = 0
+            for c in clusters:
+                full[members[c]] = part[at : at + len(members[c])]
+                at += len(members[c])
+        stats.append(full)
+        del parts
+    m_full, prev_full, pos_full = stats
     return m_full, prev_full, pos_full
 
 
 def _owned_cluster_rows(
-    emb: Embeddings, members: list[np.ndarray], rank: int, world: int
+    emb: Embeddings,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    members: list[np.ndarray],
+    owned: list[np.ndarray],
+    rank: int,
+    world: int,
 ) -> Iterator[tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]]:
-    """Batches of this rank's clusters (balanced by size^2), each with a lookup of pool rows -> embeddings.
+    """Batches of this rank's clusters (``owned[rank]``, in id order), each with a lookup of pool rows -> embeddings.
 
     Gathered: one batch, the matrix itself. Partitioned: every rank's owned clusters are
     cut (in id order) into batches of at most :data:`EXCHANGE_ROWS` member rows (or one
     cluster), batch i of every rank moves in round i, so a rank holds its own rows plus
-    one batch.
+    one batch. Only the ``valid`` rows (the members) move.
     """
-    sizes = np.array([len(r) for r in members], dtype=np.int64)
-    owned = C.partition_clusters(sizes, world)
     if isinstance(emb, np.ndarray):
-        yield owned[rank], lambda rows: emb[rows]
+        yield owned[rank], emb.__getitem__
         return
-    owner, rnd = np.zeros(len(members), np.int64), np.full(len(members), -1, np.int64)
+    sizes = np.array([len(r) for r in members], dtype=np.int64)
+    owner, rnd = np.zeros(len(members), np.int32), np.full(len(members), -1, np.int32)
     batches: list[list[np.ndarray]] = []
     budget = max(EXCHANGE_ROWS, int(sizes.max(initial=1)))
     for r, clusters in enumerate(owned):
@@ -259,20 +314,15 @@ def _owned_cluster_rows(
                 b, used = b + 1, 0
             rnd[c], used = b, used + int(sizes[c])
         batches.append([clusters[rnd[clusters] == i] for i in range(int(rnd[clusters].max(initial=-1)) + 1)])
-    label = np.full(emb.n, -1, np.int64)
-    for c, rows in enumerate(members):
-        label[rows] = c
-    mine = label[emb.pos]
-    rnd_rows = np.where(mine >= 0, rnd[np.maximum(mine, 0)], -1)
+    mine = np.where(valid[emb.pos], labels[emb.pos], -1)  # the cluster of each local row that moves
     n_rounds = max(len(b) for b in batches)
-    for i, (pos, rows) in enumerate(exchange_rounds(emb, owner[np.maximum(mine, 0)], rnd_rows, n_rounds)):
-        batch = batches[rank][i] if i < len(batches[rank]) else np.zeros(0, np.int64)
-        yield batch, _lookup(pos, rows)
-
-
-def _lookup(pos: np.ndarray, rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """Pool rows -> their embeddings among received ``rows`` at ascending positions ``pos``."""
-    return lambda want: rows[np.searchsorted(pos, want)]
+    rounds = exchange_rounds(
+        emb, owner[np.maximum(mine, 0)], np.where(mine >= 0, rnd[np.maximum(mine, 0)], -1), n_rounds
+    )
+    del mine
+    for i, got in enumerate(rounds):
+        yield batches[rank][i] if i < len(batches[rank]) else np.zeros(0, np.int64), got.take
+        del got  # not held while the next round moves
 
 
 def _single_blas_thread() -> AbstractContextManager[object]:

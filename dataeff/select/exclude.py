@@ -35,7 +35,7 @@ from dataeff.config import ConfigError
 from dataeff.constants import DOWNSTREAM_OVERLAP, OVERLAP_FORMAT, SUMMARY_NAME
 from dataeff.files import file_sha256
 from dataeff.overlap_core import MATCH_COLUMNS, excluded_keys
-from dataeff.select.manifest import Decisions
+from dataeff.select.manifest import Decisions, Reasons
 
 #: The overlap stage's match table (``dataeff/overlap.py`` writes it under this name).
 MATCHES_NAME = "matches.parquet"
@@ -151,9 +151,12 @@ def expand_decisions(sub: Decisions, eligible: np.ndarray) -> Decisions:
     if eligible.all():
         return sub
     kept = np.zeros(n, dtype=bool)
-    reason = np.full(n, DOWNSTREAM_OVERLAP, dtype=object)
-    cluster = np.full(n, -1, dtype=np.int64)
+    cluster = np.full(n, -1, dtype=sub.cluster.dtype)
     score = np.full(n, np.nan, dtype=np.float32)
-    kept[eligible], reason[eligible] = sub.kept, sub.reason
-    cluster[eligible], score[eligible] = sub.cluster, sub.score
+    kept[eligible], cluster[eligible], score[eligible] = sub.kept, sub.cluster, sub.score
+    if isinstance(sub.reason, Reasons):
+        reason: np.ndarray | Reasons = sub.reason.spread(eligible, DOWNSTREAM_OVERLAP)
+    else:
+        reason = np.full(n, DOWNSTREAM_OVERLAP, dtype=object)
+        reason[eligible] = sub.reason
     return Decisions(kept, reason, cluster, score, sub.info, sub.generated)

@@ -24,6 +24,7 @@ from dataeff.constants import (
     DOWNSTREAM_OVERLAP,
     KEPT,
     NOT_SELECTED,
+    REASON_CODES,
     REDUNDANT_PREFIX,
     SELECTION_FORMAT,
     SELECTION_NAME,
@@ -34,6 +35,53 @@ from dataeff.files import write_atomic, write_json_atomic
 from dataeff.outputs import output_record
 
 COLUMNS = ("key", "kept", "reason", "cluster", "score", "generated")
+#: The :class:`Reasons` codes the methods set themselves (the others come from the reasons' names).
+KEPT_CODE, REDUNDANT_CODE = REASON_CODES.index(KEPT), REASON_CODES.index(REDUNDANT_PREFIX)
+
+
+@dataclass
+class Reasons:
+    """Per-sample reasons as one-byte codes (:data:`~dataeff.constants.REASON_CODES`), strings only when written.
+
+    Every rank holds the decisions for the whole pool: as strings that is a Python object per
+    sample (``redundant_of:<key>``: ~80 bytes); as codes, one byte plus the row of the
+    duplicated sample, and only the rank that writes the manifest makes the strings.
+
+    Shape:
+        code (N,) uint8; of (N,) int row (same pool) of the sample a ``redundant_of`` sample
+        duplicates, -1 elsewhere.
+    """
+
+    code: np.ndarray
+    of: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.code)
+
+    def strings(self, keys: np.ndarray) -> np.ndarray:
+        """The reasons as written (code 0 -> ``not_selected``), ``redundant_of:`` with the key of row ``of``.
+
+        Shape:
+            keys (N,) -> (N,) object.
+        """
+        out = np.array(REASON_CODES, dtype=object)[self.code]
+        redundant = np.flatnonzero(self.code == REDUNDANT_CODE)
+        for i, key in zip(redundant, keys[self.of[redundant]], strict=True):
+            out[i] = f"{REDUNDANT_PREFIX}{key}"
+        return out
+
+    def spread(self, eligible: np.ndarray, fill: str) -> Reasons:
+        """These reasons of the ``eligible`` rows of a pool over the whole pool; the other rows get ``fill``.
+
+        Shape:
+            eligible: (N,) bool with len(self) true -> N rows, ``of`` renumbered to pool rows.
+        """
+        code = np.full(len(eligible), REASON_CODES.index(fill), dtype=np.uint8)
+        code[eligible] = self.code
+        rows = np.flatnonzero(eligible)
+        of = np.full(len(eligible), -1, dtype=np.result_type(self.of.dtype, np.min_scalar_type(-len(eligible))))
+        of[eligible] = np.where(self.of >= 0, rows[np.maximum(self.of, 0)], -1)
+        return Reasons(code, of)
 
 
 @dataclass
@@ -42,13 +90,14 @@ class Decisions:
 
     Shape:
         kept (N,) bool; reason (N,) object: "kept", "not_selected", "outlier", "small_cluster",
-        "redundant_of:<key>", "dark", "blank", "overexposed", "blurred", "downstream_overlap";
-        cluster (N,) int64 (-1 = none); score (N,) float32 (method-specific; MedDEL: cosine
-        distance to centroid; NaN = not scored, e.g. excluded before selection).
+        "redundant_of:<key>", "dark", "blank", "overexposed", "blurred", "downstream_overlap"
+        (MedDEL and SemDeDup: the same as :class:`Reasons` codes); cluster (N,) int (-1 = none);
+        score (N,) float32 (method-specific; MedDEL: cosine distance to centroid; NaN = not
+        scored, e.g. excluded before selection).
     """
 
     kept: np.ndarray
-    reason: np.ndarray
+    reason: np.ndarray | Reasons
     cluster: np.ndarray
     score: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
@@ -76,16 +125,20 @@ def reasons_for(kept: np.ndarray, dropped_reason: np.ndarray) -> np.ndarray:
     return out
 
 
-def redundant_reasons(reason: np.ndarray, redundant: np.ndarray, prev: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """``reason`` with ``redundant_of:<key of the earlier member>`` on the redundant rows.
+def decided_reasons(dropped: np.ndarray, kept: np.ndarray, redundant: np.ndarray, prev: np.ndarray) -> Reasons:
+    """The reasons of a selection: kept, else redundant of row ``prev``, else ``dropped``'s code.
+
+    ``dropped`` holds the codes of the samples dropped before the selection (0 = none,
+    written ``not_selected`` when not kept); a sample it marks :data:`REDUNDANT_CODE` (a
+    near-copy) already has its row in ``prev``. Both arrays are reused as the result's.
 
     Shape:
-        reason (N,) object, redundant (N,) bool, prev (N,) int64 row ids, keys (N,) -> (N,) object.
+        dropped (N,) uint8, kept/redundant (N,) bool, prev (N,) int rows -> :class:`Reasons`.
     """
-    out = reason.copy()
-    for i in np.flatnonzero(redundant):
-        out[i] = f"{REDUNDANT_PREFIX}{keys[prev[i]]}"
-    return out
+    dropped[redundant] = REDUNDANT_CODE
+    dropped[kept] = KEPT_CODE
+    prev[dropped != REDUNDANT_CODE] = -1
+    return Reasons(dropped, prev)
 
 
 def selection_frame(keys: np.ndarray, d: Decisions) -> pd.DataFrame:
@@ -94,7 +147,7 @@ def selection_frame(keys: np.ndarray, d: Decisions) -> pd.DataFrame:
         {
             "key": np.asarray(keys, dtype=object),
             "kept": d.kept.astype(bool),
-            "reason": d.reason.astype(object),
+            "reason": d.reason.strings(keys) if isinstance(d.reason, Reasons) else d.reason.astype(object),
             "cluster": d.cluster.astype(np.int64),
             "score": d.score.astype(np.float32),
             "generated": np.zeros(len(keys), dtype=bool),

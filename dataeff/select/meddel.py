@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 
 from dataeff.config import ConfigError, option
-from dataeff.constants import QUALITY_REASONS
+from dataeff.constants import QUALITY_REASONS, REASON_CODES
 from dataeff.data.signatures import MIN_THUMB_CORR, PHASH_MAX_DISTANCE, popcount64
 from dataeff.select.near_copies import COPY_K, MIN_COPY_CORR
 
@@ -154,12 +154,23 @@ class MedDELConfig:
 
 
 def quality_reasons(quality: pd.DataFrame, cfg: MedDELConfig) -> np.ndarray:
-    """Invalid-frame reason per row ('' = fine), the most specific first.
+    """Invalid-frame reason per row ('' = fine): :func:`quality_codes` as strings.
 
     Shape:
         quality: N rows with columns mean, std, laplacian_var, dark_frac, bright_frac -> (N,) object.
     """
-    out = np.full(len(quality), "", dtype=object)
+    return np.array(("", *REASON_CODES[1:]), dtype=object)[quality_codes(quality, cfg)]
+
+
+def quality_codes(quality: pd.DataFrame, cfg: MedDELConfig) -> np.ndarray:
+    """Invalid-frame reason per row as its code in :data:`~dataeff.constants.REASON_CODES` (0 = fine).
+
+    The most specific reason wins.
+
+    Shape:
+        quality: N rows with columns mean, std, laplacian_var, dark_frac, bright_frac -> (N,) uint8.
+    """
+    out = np.zeros(len(quality), dtype=np.uint8)
     rules = {
         "dark": (quality["mean"] < cfg.dark_mean) | (quality["dark_frac"] > cfg.dark_frac),
         "overexposed": (quality["mean"] > cfg.overexposed_mean) | (quality["bright_frac"] > cfg.overexposed_frac),
@@ -169,27 +180,29 @@ def quality_reasons(quality: pd.DataFrame, cfg: MedDELConfig) -> np.ndarray:
     # Assign in reverse priority so that a black frame (also blank and blurred) reads "dark".
     for name in reversed(QUALITY_REASONS):
         if name in cfg.quality_checks:
-            out[np.asarray(rules[name].fillna(False), dtype=bool)] = name
+            out[np.asarray(rules[name].fillna(False), dtype=bool)] = REASON_CODES.index(name)
     return out
 
 
 def embedding_outliers(
     labels: np.ndarray, sims: np.ndarray, valid: np.ndarray, k: int, quantile: float, min_cluster_size: int
 ) -> np.ndarray:
-    """``small_cluster`` / ``outlier`` / '' per row, judged among the ``valid`` rows only.
+    """``small_cluster`` / ``outlier`` / neither (0) per row as codes, judged among the ``valid`` rows only.
 
     Shape:
-        labels: (N,) int, sims: (N,) cosine to own centroid, valid: (N,) bool -> (N,) object.
+        labels: (N,) int, sims: (N,) cosine to own centroid, valid: (N,) bool -> (N,) uint8
+        codes in :data:`~dataeff.constants.REASON_CODES`.
     """
-    out = np.full(len(labels), "", dtype=object)
+    out = np.zeros(len(labels), dtype=np.uint8)
     sizes = np.bincount(labels[valid], minlength=k)
-    small = valid & (sizes[labels] < min_cluster_size)
-    out[small] = "small_cluster"
+    small = valid & (sizes < min_cluster_size)[labels]
+    out[small] = REASON_CODES.index("small_cluster")
     rest = valid & ~small
     if quantile < 1.0 and rest.any():
-        dist = 1.0 - sims.astype(np.float64)
-        cut = np.quantile(dist[rest], quantile)
-        out[rest & (dist > cut)] = "outlier"
+        dist = 1.0 - sims[rest].astype(np.float64)  # of the judged rows only: no whole-pool float64 copy
+        cut = np.quantile(dist, quantile)
+        rest[rest] = dist > cut
+        out[rest] = REASON_CODES.index("outlier")
     return out
 
 
@@ -423,7 +436,7 @@ def balanced_pick(labels: np.ndarray, priority: np.ndarray, candidate: np.ndarra
     cluster, rows with the lowest ``priority`` go first (ties by row index).
 
     Shape:
-        labels: (N,) int >= 0, priority: (N,) float, candidate: (N,) bool -> (N,) bool.
+        labels: (N,) int >= 0, priority: (N,) real, candidate: (N,) bool -> (N,) bool.
     """
     rows = np.flatnonzero(candidate)
     if total >= len(rows):
@@ -458,7 +471,7 @@ def decide(
     labels: np.ndarray,
     m: np.ndarray,
     pos: np.ndarray,
-    invalid_reason: np.ndarray,
+    valid: np.ndarray,
     target: int,
     epsilon: float | None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -479,10 +492,9 @@ def decide(
     least redundant rows above the cut.
 
     Shape:
-        labels, m, pos: (N,) gathered from :func:`cluster_redundancy`; invalid_reason: (N,) object
-        ('' = valid) -> kept (N,) bool, redundant (N,) bool, info dict (epsilon, shortfall).
+        labels, m, pos: (N,) gathered from :func:`cluster_redundancy`; valid: (N,) bool (not
+        dropped as invalid) -> kept (N,) bool, redundant (N,) bool, info dict (epsilon, shortfall).
     """
-    valid = invalid_reason == ""
     n_valid = int(valid.sum())
     t = bisect_threshold(m[valid], target)
     if epsilon is not None:
@@ -494,14 +506,14 @@ def decide(
     if n_below + n_tied >= target:
         # By construction n_below < target: bisection gives #{m < t} < target, and a
         # lower fixed cut leaves even fewer below it.
-        kept = below | balanced_pick(labels, pos.astype(np.float64), tied, target - n_below)
+        kept = below | balanced_pick(labels, pos, tied, target - n_below)
         # A first-visited member (m = -inf) has no earlier member to be redundant of: only
         # possible when the target is below the number of clusters; it is then not selected.
         redundant = valid & ~kept & np.isfinite(m)
     else:
         # Fixed eps left too few: fill back the least redundant, cluster-balanced.
         above = valid & (m > t)
-        kept = below | tied | balanced_pick(labels, m.astype(np.float64), above, target - n_below - n_tied)
+        kept = below | tied | balanced_pick(labels, m, above, target - n_below - n_tied)
         redundant = valid & ~kept
     if n_valid < target:
         info["shortfall"] = (

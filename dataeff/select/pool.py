@@ -93,7 +93,8 @@ def partition_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, Loc
             rows[at : at + count] = z["embeddings"]
         at += count
     mine = np.concatenate(local_keys)
-    keys = np.sort(dist.all_gather_concat(mine), kind="stable")
+    keys = np.concatenate(dist.all_gather_array(mine))  # a new array, sorted in place: no third copy
+    keys.sort(kind="stable")
     _check_unique(keys, emb_dir)
     return keys, LocalRows(rows, np.searchsorted(keys, mine).astype(np.int64), len(keys))
 

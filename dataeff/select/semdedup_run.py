@@ -9,7 +9,7 @@ import pandas as pd
 
 from dataeff.select.config import SelectConfig
 from dataeff.select.distributed_cluster import cluster_pool, redundancy_stats
-from dataeff.select.manifest import Decisions, reasons_for, redundant_reasons, target_count
+from dataeff.select.manifest import Decisions, decided_reasons, target_count
 from dataeff.select.semdedup import semdedup_decide
 
 
@@ -30,6 +30,6 @@ def run_semdedup(
     m, prev, _ = redundancy_stats(emb, labels, sims, np.ones(n, bool), k, "hard", cfg.seed, rank, world)
     timings["dedup"] = time.time() - t
     kept, redundant = semdedup_decide(m, cfg.semdedup.epsilon, target_count(cfg.ratio, n), cfg.seed)
-    reason = redundant_reasons(np.full(n, "", object), redundant, prev, keys)
+    reason = decided_reasons(np.zeros(n, np.uint8), kept, redundant, prev)
     info = {"k": k, "epsilon": cfg.semdedup.epsilon, "timings_s": {a: round(b, 4) for a, b in timings.items()}}
-    return Decisions(kept, reasons_for(kept, reason), labels, (1.0 - sims).astype(np.float32), info)
+    return Decisions(kept, reason, labels, np.subtract(1.0, sims, out=sims), info)

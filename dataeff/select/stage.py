@@ -112,7 +112,9 @@ def main(cfg: SelectConfig) -> None:
         sub_keys, sub_quality = keys[eligible], quality[eligible].reset_index(drop=True)
     # The methods hand the embeddings only to distributed_cluster.py, which takes either form.
     sub = method(cast(np.ndarray, sub_emb), sub_keys, sub_quality, cfg, rank, world)
-    del sub_emb
+    # Only the gallery reads the rows again: the manifest's strings are built without them.
+    gallery_emb = emb if cfg.report.gallery else None
+    del sub_emb, emb
     decisions = expand_decisions(sub, eligible)
     decisions.info.setdefault("target", manifest.target_count(cfg.ratio, int(eligible.sum())))
     decisions.info["gather"] = gather
@@ -132,8 +134,10 @@ def main(cfg: SelectConfig) -> None:
             summary["audit"] = audit_selection(frame, index, truth)
             print(format_audit(summary["audit"]))
         if cfg.report.gallery:
-            assert isinstance(emb, np.ndarray), "config: a gallery blocks gather=partitioned"
-            sheets = write_gallery(out, frame, index, cfg.report, cfg.seed, keys, emb, cfg.meddel, exclusion.matched)
+            assert isinstance(gallery_emb, np.ndarray), "config: a gallery blocks gather=partitioned"
+            sheets = write_gallery(
+                out, frame, index, cfg.report, cfg.seed, keys, gallery_emb, cfg.meddel, exclusion.matched
+            )
             summary["gallery"] = [str(p) for p in sheets] + list(gallery)
         manifest.write_selection(out, frame, summary)
         log.info(

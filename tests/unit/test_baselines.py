@@ -6,7 +6,7 @@ import pytest
 from dataeff.config import ConfigError
 from dataeff.select import baselines as B
 from dataeff.select.baselines_run import run_full, run_random
-from dataeff.select.manifest import target_count
+from dataeff.select.manifest import Reasons, target_count
 from dataeff.select.semdedup import SemDeDupConfig, semdedup_decide
 from dataeff.select.semdedup_run import run_semdedup
 from tests.unit.test_meddel import select_cfg, synthetic_pool
@@ -45,7 +45,8 @@ def test_semdedup_epsilon_validated():
 def test_semdedup_shell_marks_planted_twins():
     keys, emb, pairs, _ = synthetic_pool(seed=3)
     d = run_semdedup(emb, keys, None, select_cfg(method="semdedup", ratio=0.5, **{"semdedup.epsilon": 0.01}), 0, 1)
-    reason = dict(zip(keys, d.reason, strict=False))
+    assert isinstance(d.reason, Reasons)
+    reason = dict(zip(keys, d.reason.strings(keys), strict=False))
     assert d.kept.sum() == target_count(0.5, len(keys))  # 166.5 -> 167, half up
     for a, b in pairs:
         assert reason[a] == f"redundant_of:{b}" or reason[b] == f"redundant_of:{a}"

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 
 from dataeff.config import ConfigError, load_config
+from dataeff.constants import REASON_CODES, REDUNDANT_PREFIX
 from dataeff.select import meddel as M
 from dataeff.select.config import SelectConfig
-from dataeff.select.manifest import redundant_reasons, target_count
+from dataeff.select.manifest import Reasons, decided_reasons, target_count
 from dataeff.select.meddel_run import run_meddel
 
 
@@ -57,12 +58,32 @@ def test_target_count_rounds_half_up():
     assert target_count(0.5, 0) == 0
 
 
-def test_redundant_reasons_name_the_earlier_member():
-    reason = np.array(["", "dark", "", ""], dtype=object)
-    out = redundant_reasons(
-        reason, np.array([False, False, True, True]), np.array([-1, -1, 0, 2]), np.array(list("abcd"))
+def test_decided_reasons_name_the_earlier_member_only_when_written():
+    dropped = np.array([0, REASON_CODES.index("dark"), 0, 0, 0], dtype=np.uint8)
+    kept, redundant = np.array([True, False, False, False, False]), np.array([False, False, True, True, False])
+    reason = decided_reasons(dropped, kept, redundant, np.array([-1, 0, 0, 2, 1], dtype=np.int32))
+    assert reason.code.dtype == np.uint8 and reason.of.tolist() == [-1, -1, 0, 2, -1]
+    assert reason.strings(np.array(list("abcde"))).tolist() == [
+        "kept",
+        "dark",
+        "redundant_of:a",
+        "redundant_of:c",
+        "not_selected",
+    ]
+
+
+def test_reasons_spread_over_the_pool_renumber_the_duplicated_row():
+    sub = Reasons(
+        np.array([REASON_CODES.index("kept"), REASON_CODES.index(REDUNDANT_PREFIX)], np.uint8), np.array([-1, 0])
     )
-    assert out.tolist() == ["", "dark", "redundant_of:a", "redundant_of:c"] and reason[2] == ""
+    whole = sub.spread(np.array([False, True, False, True]), "downstream_overlap")
+    assert whole.of.tolist() == [-1, -1, -1, 1]
+    assert whole.strings(np.array(list("abcd"))).tolist() == [
+        "downstream_overlap",
+        "kept",
+        "downstream_overlap",
+        "redundant_of:b",
+    ]
 
 
 def test_quality_reasons_most_specific_first_and_switchable():
@@ -122,16 +143,15 @@ def test_decide_hits_target_exactly_or_reports_shortfall():
     labels = rng.integers(0, 5, 100)
     m = rng.random(100).astype(np.float32)
     pos = np.arange(100)
-    invalid = np.full(100, "", object)
-    invalid[:10] = "dark"
+    valid = np.arange(100) >= 10
     for target in (1, 13, 50, 90):
-        kept, redundant, info = M.decide(labels, m, pos, invalid, target, None)
+        kept, redundant, info = M.decide(labels, m, pos, valid, target, None)
         assert kept.sum() == target and not kept[:10].any() and not (kept & redundant).any()
         assert "shortfall" not in info
-    kept, redundant, info = M.decide(labels, m, pos, invalid, 95, None)
+    kept, redundant, info = M.decide(labels, m, pos, valid, 95, None)
     assert kept.sum() == 90 and "only 90 valid samples" in info["shortfall"]
     # Fixed eps leaving too few survivors: topped up to the target from the least redundant.
-    kept, redundant, info = M.decide(labels, m, pos, invalid, 60, 0.9)
+    kept, redundant, info = M.decide(labels, m, pos, valid, 60, 0.9)
     assert kept.sum() == 60 and info["epsilon"] == pytest.approx(0.9)
 
 
@@ -142,18 +162,20 @@ def test_meddel_marks_twins_redundant_and_drops_outliers_at_exact_ratio():
     for ratio in (0.5, 0.2):
         d = run_meddel(emb, keys, quality, select_cfg(ratio=ratio), 0, 1)
         assert d.kept.sum() == target_count(ratio, n)
-        reason = dict(zip(keys, d.reason, strict=False))
+        assert isinstance(d.reason, Reasons)
+        strings = d.reason.strings(keys)
+        reason = dict(zip(keys, strings, strict=False))
         for a, b in pairs:
             assert reason[a] == f"redundant_of:{b}" or reason[b] == f"redundant_of:{a}", (a, b, reason[a], reason[b])
         for o in outs:
             assert reason[o] in ("outlier", "small_cluster")
         assert reason[keys[5]] == "dark" and reason[keys[6]] == "blurred"
-        assert set(d.reason) <= {"kept", "not_selected", "outlier", "small_cluster", "dark", "blurred"} | {
-            r for r in d.reason if r.startswith("redundant_of:")
+        assert set(strings) <= {"kept", "not_selected", "outlier", "small_cluster", "dark", "blurred"} | {
+            r for r in strings if r.startswith("redundant_of:")
         }
     # Deterministic: same input, same decisions.
     d2 = run_meddel(emb, keys, quality, select_cfg(ratio=0.2), 0, 1)
-    assert d2.reason.tolist() == d.reason.tolist()
+    assert isinstance(d2.reason, Reasons) and d2.reason.strings(keys).tolist() == strings.tolist()
 
 
 def test_meddel_without_quality_stats_still_selects():
@@ -174,10 +196,8 @@ def _one_cluster_decisions(x: np.ndarray, target: int) -> tuple[np.ndarray, list
     keys = np.array([f"k{i:02d}" for i in range(n)])
     sims = np.linspace(0.0, 1.0, n)  # order "hard" visits the lowest centroid similarity first: row order
     m, prev, pos = M.cluster_redundancy(x, sims, "hard", 0, 0)
-    labels, invalid = np.zeros(n, np.int64), np.full(n, "", object)
-    kept, redundant, _ = M.decide(labels, m, pos, invalid, target, None)
-    reason = redundant_reasons(invalid, redundant, prev, keys)
-    return kept, ["kept" if k else (r or "not_selected") for k, r in zip(kept, reason, strict=True)]
+    kept, redundant, _ = M.decide(np.zeros(n, np.int64), m, pos, np.ones(n, bool), target, None)
+    return kept, decided_reasons(np.zeros(n, np.uint8), kept, redundant, prev).strings(keys).tolist()
 
 
 def _basis(dim: int, *idx: int) -> np.ndarray:
@@ -222,7 +242,7 @@ def test_tied_trim_is_balanced_over_clusters_among_the_tied_only():
     labels = np.array([0] * 6 + [1] * 7)
     m = np.array([1.0] * 6 + [1.0, 1.0] + [0.1] * 5, dtype=np.float32)
     pos = np.arange(13)
-    kept, redundant, info = M.decide(labels, m, pos, np.full(13, "", object), 9, None)
+    kept, redundant, info = M.decide(labels, m, pos, np.ones(13, bool), 9, None)
     assert info["epsilon"] == pytest.approx(0.0)
     assert kept[8:].all()  # everything below the cut
     assert kept[:8].sum() == 4 and kept[:6].sum() == 2 and kept[6:8].sum() == 2  # 4 tied: 2 + 2
@@ -232,7 +252,7 @@ def test_tied_trim_is_balanced_over_clusters_among_the_tied_only():
 def test_fixed_epsilon_with_surplus_trims_the_most_redundant():
     labels = np.zeros(6, np.int64)
     m = np.array([-np.inf, 0.1, 0.2, 0.3, 0.35, 0.4], dtype=np.float32)
-    kept, redundant, info = M.decide(labels, m, np.arange(6), np.full(6, "", object), 4, 0.5)
+    kept, redundant, info = M.decide(labels, m, np.arange(6), np.ones(6, bool), 4, 0.5)
     assert kept.tolist() == [True, True, True, True, False, False]
     assert redundant.tolist() == [False, False, False, False, True, True]
     assert info["epsilon"] == pytest.approx(1 - 0.3)
@@ -282,7 +302,7 @@ def test_signature_copy_counts_as_duplicate_although_embeddings_disagree():
     assert m[3] == 0.0 and prev[3] == 0  # argmax of an all-zero row: earliest member
     m, prev, _ = M.cluster_redundancy(x, sims, "hard", 0, 0, (phash, thumbs), 10, 0.99)
     assert m.tolist()[1:] == [0.0, 0.0, 1.0] and prev[3] == 0
-    kept, redundant, _ = M.decide(np.zeros(4, np.int64), m, np.arange(4), np.full(4, "", object), 3, None)
+    kept, redundant, _ = M.decide(np.zeros(4, np.int64), m, np.arange(4), np.ones(4, bool), 3, None)
     assert kept.tolist() == [True, True, True, False] and redundant[3]
 
 
@@ -302,7 +322,8 @@ def test_meddel_phash_finds_copies_the_embeddings_miss_and_names_the_twin():
     keys, emb, _, _ = synthetic_pool(seed=4, dups=0, outliers=0)
     plain = run_meddel(emb, keys, quality_frame(len(keys)), select_cfg(ratio=0.8), 0, 1)
     # Three "copies": pairs of kept members of one cluster, different embeddings, same picture.
-    kept = plain.reason == "kept"
+    assert isinstance(plain.reason, Reasons)
+    kept = plain.reason.strings(keys) == "kept"
     members = np.flatnonzero(kept & (plain.cluster == plain.cluster[np.flatnonzero(kept)[0]]))
     assert len(members) >= 6
     copies = [(int(members[i]), int(members[i + 1])) for i in (0, 2, 4)]
@@ -311,7 +332,9 @@ def test_meddel_phash_finds_copies_the_embeddings_miss_and_names_the_twin():
     assert d.kept.sum() == plain.kept.sum() == target_count(0.8, len(keys))
     for a, b in copies:  # both were kept on embeddings alone; now one is redundant of the other
         assert plain.kept[a] and plain.kept[b]
-        assert {d.reason[a], d.reason[b]} & {f"redundant_of:{keys[b]}", f"redundant_of:{keys[a]}"}, (a, b)
+        assert isinstance(d.reason, Reasons)
+        reason = d.reason.strings(keys)
+        assert {reason[a], reason[b]} & {f"redundant_of:{keys[b]}", f"redundant_of:{keys[a]}"}, (a, b)
 
 
 def test_meddel_phash_without_signature_columns_asks_to_reshard():

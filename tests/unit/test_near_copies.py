@@ -13,6 +13,7 @@ from dataeff.data.demo import render
 from dataeff.data.signatures import gray_base, image_signature, thumbnail
 from dataeff.select import near_copies as NC
 from dataeff.select.config import SelectConfig
+from dataeff.select.manifest import Reasons
 from dataeff.select.meddel_run import run_meddel
 
 IMAGES = Path(__file__).resolve().parents[2] / "data" / "kvasir-seg" / "images"
@@ -126,8 +127,10 @@ def test_meddel_near_copies_removes_copies_the_embeddings_scatter():
         ratio=1.0, **{"meddel.near_copies": "true", "meddel.outlier_quantile": 1.0, "meddel.min_cluster_size": 0}
     )
     d = run_meddel(emb, keys, q, cfg, 0, 1)
-    assert d.reason[0] == "redundant_of:k06" and d.reason[6] == "kept"
-    assert d.reason[7] == "redundant_of:k03" and d.reason[3] == "kept"
+    assert isinstance(d.reason, Reasons)
+    reason = d.reason.strings(keys)
+    assert reason[0] == "redundant_of:k06" and reason[6] == "kept"
+    assert reason[7] == "redundant_of:k03" and reason[3] == "kept"
     assert d.kept.sum() == n - 2 and d.info["near_copies"]["removed"] == 2
     off = {"meddel.outlier_quantile": 1.0, "meddel.min_cluster_size": 0}
     plain = run_meddel(emb, keys, q, _select_cfg(ratio=1.0, **off), 0, 1)
