@@ -93,10 +93,32 @@ def scratch_box(verdicts: dict[str, dict[str, Any]], n_seeds: int) -> list[str]:
         else:
             beat = ", ".join(display_name(m, r) for m, r in v["beat"])
             lines.append(f"**{ds}: pre-training beat training from scratch beyond the {pct} CI** for: {beat}.")
+            if v["family"] > 1:
+                lines.append(_multiplicity(v, pct))
     if not lines:
         return []
     head = "> ### Does pre-training help at all?"
     return [head, ">", *[x for line in lines for x in (f"> {line}", ">")][:-1], ""]
+
+
+def _multiplicity(verdict: dict[str, Any], pct: str) -> str:
+    """How much the cells that beat scratch weigh against chance: m tests at 95% give ~m/20 false wins."""
+    m, n_beat = verdict["family"], len(verdict["beat"])
+    head = (
+        f"That is {n_beat} of {m} cells compared with scratch, each interval at {pct} on its own: about "
+        f"{m / 20:.1f} would cross by chance alone."
+    )
+    kept = verdict["beat_corrected"]
+    if not kept:
+        return (
+            f"{head} **None still beats scratch after a Bonferroni correction for the {m}**, so this is weak "
+            "evidence that pre-training helps here."
+        )
+    return (
+        f"{head} After a Bonferroni correction for the {m}, still ahead: "
+        + ", ".join(display_name(a, r) for a, r in kept)
+        + "."
+    )
 
 
 # --------------------------------------------------------------------------- sections

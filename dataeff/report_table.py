@@ -23,7 +23,7 @@ import pandas as pd
 
 from dataeff.metrics import del_score, normdel
 from dataeff.overlap_core import KINDS
-from dataeff.stats import Interval, mean_ci, paired_diff, verdict_sentence
+from dataeff.stats import Interval, low_at_level, mean_ci, paired_diff, verdict_sentence
 from dataeff.sweep_layout import SCRATCH
 
 #: Pseudo-dataset of the per-seed mean over downstream datasets (the papers' NormDEL uses it).
@@ -248,23 +248,33 @@ def scratch_verdicts(comps: pd.DataFrame, datasets: list[str]) -> dict[str, dict
         ``{dataset: {"status", "beat", "best"}}`` with status ``no_scratch`` (no scratch cell),
         ``no_interval`` (fewer than 2 paired seeds everywhere), ``none_beat`` or ``some_beat``;
         ``beat`` lists the (method, ratio) cells whose interval lies above 0, ``best`` is the
-        comparison row with the largest mean difference (None when there is none).
+        comparison row with the largest mean difference (None when there is none),
+        ``family`` the number of cells compared with scratch and ``beat_corrected`` the cells
+        of ``beat`` that still clear 0 after a Bonferroni correction for that family: with
+        m cells each tested at 95%, about m / 20 cross by chance alone.
     """
     out: dict[str, dict[str, Any]] = {}
     for ds in datasets:
         part = comps[(comps["dataset"] == ds) & (comps["versus"] == SCRATCH)]
         if part.empty:
-            out[ds] = {"status": "no_scratch", "beat": [], "best": None}
+            out[ds] = {"status": "no_scratch", "beat": [], "best": None, "family": 0, "beat_corrected": []}
             continue
         best = part.loc[part["diff_mean"].fillna(-math.inf).idxmax()].to_dict()
         beat = [(m, float(r)) for m, r, lo in zip(part["method"], part["ratio"], part["ci_low"], strict=True) if lo > 0]
+        family = int(part["ci_low"].notna().sum())
+        corrected_level = 1.0 - (1.0 - LEVEL) / max(family, 1)
+        beat_corrected = [
+            (row.method, float(row.ratio))
+            for row in part.itertuples()
+            if low_at_level(row.diff_mean, row.ci_low, int(row.n), corrected_level, LEVEL) > 0
+        ]
         if beat:
             status = "some_beat"
         elif part["ci_low"].isna().all():
             status = "no_interval"
         else:
             status = "none_beat"
-        out[ds] = {"status": status, "beat": beat, "best": best}
+        out[ds] = {"status": status, "beat": beat, "best": best, "family": family, "beat_corrected": beat_corrected}
     return out
 
 

@@ -64,6 +64,19 @@ def paired_diff(a_by_seed: Mapping[int, float], b_by_seed: Mapping[int, float], 
     return mean_ci([float(a_by_seed[s]) - float(b_by_seed[s]) for s in seeds], level)
 
 
+def low_at_level(mean: float, low: float, n: int, level: float, base: float = 0.95) -> float:
+    """The lower bound of a Student-t interval at ``base`` re-drawn at ``level`` (same mean, s and n).
+
+    Used for a family of comparisons: ``level = 1 - (1 - base) / m`` is the Bonferroni bound
+    each of m comparisons must clear so that, together, a false "better" has at most
+    ``1 - base`` probability. NaN when ``n < 2``.
+    """
+    if n < 2 or math.isnan(low):
+        return math.nan
+    scale = student_t.ppf((1.0 + level) / 2.0, n - 1) / student_t.ppf((1.0 + base) / 2.0, n - 1)
+    return float(mean - (mean - low) * scale)
+
+
 def _signed(value: float) -> str:
     # U+2212 for negatives, so the sign lines up with '+' in a table; 0.0 prints as +0.0.
     text = f"{abs(value):.1f}"

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dataeff.stats import Interval, mean_ci, paired_diff, verdict_sentence
+from dataeff.stats import Interval, low_at_level, mean_ci, paired_diff, verdict_sentence
 
 # t quantiles from tables: t_{0.975,2} = 4.302653, t_{0.975,1} = 12.706205, t_{0.95,2} = 2.919986.
 T975_2, T975_1, T95_2 = 4.302653, 12.706205, 2.919986
@@ -82,3 +82,47 @@ def test_verdict_sentences():
     assert verdict_sentence("A", "B", Interval(0.5, 0.2, 0.8, 3), unit_scale=1, unit="Dice") == (
         "A vs B: +0.5 Dice [+0.2, +0.8]: better beyond the 95% CI"
     )
+
+
+def test_low_at_level_equals_the_interval_recomputed_at_that_level():
+    values = [0.012, -0.003, 0.009, 0.004, 0.011]
+    at95, at99 = mean_ci(values, 0.95), mean_ci(values, 0.99)
+    assert low_at_level(at95.mean, at95.low, at95.n, 0.99) == pytest.approx(at99.low)
+    assert low_at_level(at95.mean, at95.low, at95.n, 0.95) == pytest.approx(at95.low)
+    assert math.isnan(low_at_level(0.1, math.nan, 1, 0.99))
+
+
+def test_scratch_verdict_corrects_for_the_family_of_cells():
+    import pandas as pd
+
+    from dataeff.report_markdown import scratch_box
+    from dataeff.report_table import scratch_verdicts
+
+    def row(method, ratio, values):
+        iv = mean_ci(values)
+        return {
+            "dataset": "a",
+            "method": method,
+            "ratio": ratio,
+            "versus": "scratch",
+            "n": iv.n,
+            "diff_mean": iv.mean,
+            "ci_low": iv.low,
+            "ci_high": iv.high,
+            "sentence": method,
+        }
+
+    noise = [0.01, -0.01, 0.005, -0.004, 0.002]
+    edge = [0.012, 0.001, 0.009, 0.004, 0.011]  # clears 0 at 95%, not at 1 - 0.05 / 9
+    strong = [0.10, 0.11, 0.105, 0.098, 0.102]
+    rows = [row("random", 0.2, edge)] + [row(f"m{i}", 0.05, noise) for i in range(8)]
+    verdict = scratch_verdicts(pd.DataFrame(rows), ["a"])["a"]
+    assert verdict["beat"] == [("random", 0.2)] and verdict["family"] == 9
+    assert verdict["beat_corrected"] == []
+    box = "\n".join(scratch_box({"a": verdict}, 5))
+    assert "1 of 9 cells" in box and "None still beats scratch after a Bonferroni correction" in box
+
+    rows[1] = row("full", 1.0, strong)
+    verdict = scratch_verdicts(pd.DataFrame(rows), ["a"])["a"]
+    assert verdict["beat_corrected"] == [("full", 1.0)]
+    assert "still ahead: full" in "\n".join(scratch_box({"a": verdict}, 5))
