@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataeff import dist
@@ -60,6 +60,19 @@ def _process_place(trainer: pl.Trainer | None) -> tuple[int, int]:
         return dist.rank(), dist.world_size()
     env = dist.env_from(os.environ)
     return env.rank, env.world_size
+
+
+def kept_rows(samples: list[pd.DataFrame], kept: set[str]) -> list[pd.DataFrame]:
+    """Each shard's sample rows whose key is in ``kept``, by one membership test over all shards.
+
+    A test per shard would turn ``kept`` into an array again for every shard: shards x
+    selection work, minutes for a 5% selection of a million-image pool in 1,000 shards.
+    """
+    if not samples:
+        return samples
+    mask = pd.concat([s["key"] for s in samples], ignore_index=True).isin(kept).to_numpy()
+    bounds = np.cumsum([0] + [len(s) for s in samples])
+    return [s[mask[a:b]] for s, a, b in zip(samples, bounds[:-1], bounds[1:], strict=True)]
 
 
 class StreamLoader(DataLoader):
@@ -173,7 +186,7 @@ class PretrainDataModule(pl.LightningDataModule):
         if cfg.selection:
             kept, generated = selection_keys(cfg.selection)
             extra += generated
-            samples = [s[s["key"].isin(kept)] for s in samples]
+            samples = kept_rows(samples, kept)
         extra_tars = [t for spec in extra for t in list_shards(spec)]
         tars, samples = tars + extra_tars, samples + shard_samples(extra_tars)
         if cfg.selection:
@@ -282,7 +295,9 @@ class EpochSampler(DistributedSampler):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        )
         padded = np.resize(order, self.total_size)
         share = padded[self.rank :: self.world_size]
         seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(len(share))

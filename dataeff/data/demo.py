@@ -319,7 +319,10 @@ def _build(cfg: DemoDataConfig, src: Path, tmp: Path) -> dict:
         (tmp / "pool" / name).parent.mkdir(parents=True, exist_ok=True)
         write_video(tmp / "pool" / name, frames)
     for entry in entries:
-        entry["path"], entry["twin"] = filmed.get(entry["path"], entry["path"]), filmed.get(entry["twin"], entry["twin"])
+        entry["path"], entry["twin"] = (
+            filmed.get(entry["path"], entry["path"]),
+            filmed.get(entry["twin"], entry["twin"]),
+        )
     with open(tmp / TRUTH_NAME, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["source", "planted", "kind", "twin"])

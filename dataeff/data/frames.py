@@ -24,7 +24,6 @@ from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, long_
 
 __all__ = [
     "Frame", "FrameOptions", "FrameSource", "Sampler", "TiffPages", "MediaRejected", "frame_key", "inspect_frames",
-    "rejected",
 ]  # fmt: skip
 
 

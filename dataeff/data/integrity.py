@@ -226,4 +226,3 @@ def decode_error(img: Image.Image, data: bytes, max_decoded_bytes: int) -> str:
     if data.startswith(JPEG_MAGIC):
         return jpeg_error(data)
     return ""
-

@@ -41,6 +41,7 @@ THUMB_SIDE = GRAY_SIDE
 DARK_LEVEL = 16
 BRIGHT_LEVEL = 240
 
+
 def long_side_size(w: int, h: int, max_side: int) -> tuple[int, int]:
     """Size of a ``w`` x ``h`` image shrunk so its long side is at most ``max_side`` (0 = unchanged)."""
     if max_side <= 0 or max(w, h) <= max_side:

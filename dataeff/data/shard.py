@@ -56,12 +56,12 @@ from dataeff.constants import (
 from dataeff.data.decode import is_tiff, tiff_page_count
 from dataeff.data.dicom import DicomConfig, DicomInstance, is_dicom, require_pydicom
 from dataeff.data.frames import FrameOptions, FrameSource, MediaRejected, TiffPages, inspect_frames
+from dataeff.data.integrity import Entry, Unread, read_input, scan_tree
 from dataeff.data.keys import IMAGE_EXTENSIONS, display_path, is_image_name, make_key
 from dataeff.data.quality import Inspected, InspectOptions, inspect_bytes, pil_limits, reject_unread
 from dataeff.data.video import VideoConfig, VideoFrames, require_av
 from dataeff.files import file_sha256, save_resolved, write_atomic, write_json_atomic
 from dataeff.lock import locked
-from dataeff.data.integrity import Entry, Unread, read_input, scan_tree
 
 __all__ = [
     "ShardConfig", "main", "inspect_file", "inspect_source", "scan_files", "list_files",

@@ -55,7 +55,6 @@ MAX_GAP = 2 * 2**20
 MAX_REQUEST = 64 * 2**20
 
 
-
 class DamagedShardError(ConfigError):
     """A tar or its index is damaged: unparsable, cut short, or disagreeing with each other.
 
@@ -168,6 +167,8 @@ def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
         return pd.read_parquet(io.BytesIO(remote.read_bytes(path)) if remote.is_url(path) else path)
     except (OSError, ValueError) as exc:  # pyarrow's errors for a cut or overwritten file are both kinds
         raise DamagedShardError(f"{path}: unreadable index ({first_line(exc)}); {_RESHARD}") from None
+
+
 def check_spans(index_path: str, tar: str, samples: pd.DataFrame) -> None:
     """Refuse index rows whose image bytes cannot lie inside ``tar``.
 
@@ -340,7 +341,9 @@ def _iter_members(path: str, keys: set[str] | None = None) -> Iterator[tuple[str
             except remote.RemoteUnavailable:
                 raise  # the store, not the tar
             except (tarfile.TarError, EOFError, OSError) as exc:
-                raise DamagedShardError(f"{path}: damaged tar ({first_line(exc).split(' @ ')[0]}); {_RESHARD}") from None
+                raise DamagedShardError(
+                    f"{path}: damaged tar ({first_line(exc).split(' @ ')[0]}); {_RESHARD}"
+                ) from None
             if member is None:
                 break
             key, ext = base_plus_ext(member["fname"])
@@ -468,7 +471,9 @@ def selection_keys(selection_dir: str | os.PathLike) -> tuple[set[str], list[str
     table, _ = read_selection(selection_dir)
     kept = set(table.loc[table["kept"].astype(bool), "key"].astype(str))
     generated = remote.join(selection_dir, GENERATED_DIR)
-    present = remote.is_file(remote.join(generated, INDEX_NAME)) if remote.is_url(generated) else Path(generated).is_dir()
+    present = (
+        remote.is_file(remote.join(generated, INDEX_NAME)) if remote.is_url(generated) else Path(generated).is_dir()
+    )
     return kept, ([generated] if present else [])
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
 from dataeff.config import ConfigError, option, to_dict
-from dataeff.constants import DUPLICATE_PREFIX, DUPLICATE_KEY, INDEX_NAME, NO_IMAGE_MEMBER, SHARDS_FORMAT, SUMMARY_NAME
+from dataeff.constants import DUPLICATE_KEY, DUPLICATE_PREFIX, INDEX_NAME, NO_IMAGE_MEMBER, SHARDS_FORMAT, SUMMARY_NAME
 from dataeff.data import remote
 from dataeff.data.quality import InspectOptions, inspect_bytes, pil_limits
 from dataeff.data.shard import write_index
@@ -292,4 +292,3 @@ def main(cfg: IndexConfig) -> list[dict[str, Any]]:
         )  # fmt: skip
         summaries.append(summary)
     return summaries
-

@@ -289,3 +289,22 @@ def test_selection_of_other_shards_and_empty_selection_fail(tmp_path, shards):
     none = write_selection(tmp_path / "none", keys, set())
     with pytest.raises(ValueError, match="empty shard set"):
         PretrainDataModule(_cfg(shards, selection=str(none))).setup()
+
+
+def test_kept_rows_filters_every_shard_with_one_membership_test(monkeypatch):
+    import pandas as pd
+
+    from dataeff.data.datamodules import kept_rows
+
+    samples = [pd.DataFrame({"key": [f"s{i}-{j}" for j in range(5)], "offset": range(5)}) for i in range(40)]
+    kept = {f"s{i}-{j}" for i in range(0, 40, 3) for j in (1, 4)}
+    expected = [s[s["key"].isin(kept)] for s in samples]
+    calls = []
+    isin = pd.Series.isin
+    monkeypatch.setattr(pd.Series, "isin", lambda self, values: calls.append(1) or isin(self, values))
+    got = kept_rows(samples, kept)
+    # Per-shard tests would cost shards x selection (minutes at a million images in 1,000 shards).
+    assert len(calls) == 1
+    assert len(got) == 40 and all(a.equals(b) for a, b in zip(got, expected, strict=True))
+    assert sum(len(s) for s in got) == len(kept)
+    assert kept_rows([], kept) == []
