@@ -33,6 +33,7 @@ from dataeff.constants import (
 from dataeff.data import remote
 from dataeff.files import write_atomic, write_json_atomic
 from dataeff.outputs import output_record
+from dataeff.select.cluster import index_dtype
 
 COLUMNS = ("key", "kept", "reason", "cluster", "score", "generated")
 #: The :class:`Reasons` codes the methods set themselves (the others come from the reasons' names).
@@ -79,7 +80,7 @@ class Reasons:
         code = np.full(len(eligible), REASON_CODES.index(fill), dtype=np.uint8)
         code[eligible] = self.code
         rows = np.flatnonzero(eligible)
-        of = np.full(len(eligible), -1, dtype=np.result_type(self.of.dtype, np.min_scalar_type(-len(eligible))))
+        of = np.full(len(eligible), -1, dtype=index_dtype(len(eligible)))
         of[eligible] = np.where(self.of >= 0, rows[np.maximum(self.of, 0)], -1)
         return Reasons(code, of)
 
