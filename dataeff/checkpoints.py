@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -111,6 +112,23 @@ def publish_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a file object, so that the same object gives the same bytes.
+
+    Given a path, torch names the archive's root folder after the file; every atomic write
+    goes through a unique temp name (host, pid, random), so the bytes would differ from run
+    to run. Through a file object the root folder is always "archive".
+    """
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def safetensors_save(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file`` creates its file mode 0600; written through an ordinary handle
+    it gets the umask's permissions, readable by a lab's group like every other output."""
+    Path(path).write_bytes(safetensors.torch.save(state))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temp file beside the checkpoint, fsync, digest record, rename.
 
@@ -127,10 +145,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         final = Path(path)
 
         def write(tmp: Path) -> None:
-            # Through a file object, torch names the archive's root folder "archive" instead of
-            # after the (unique) temp name: the same state gives the same bytes, whatever the pid.
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
+            torch_save(checkpoint, tmp)
             # Before the rename: a checkpoint under its final name always has its record.
             write_json_atomic(digest_path(final), checkpoint_digest(tmp), indent=1)
 

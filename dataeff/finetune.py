@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from dataeff import dist, outputs, provenance
+from dataeff.checkpoints import safetensors_save
 from dataeff.config import (
     ConfigError,
     EncoderConfig,
@@ -478,7 +479,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             text = per_image_csv(rows)
             write_atomic(out / PER_IMAGE_NAME, lambda tmp: tmp.write_text(text))
             final = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
-            write_atomic(out / BEST_WEIGHTS, lambda tmp: save_file(final, os.fspath(tmp)))
+            write_atomic(out / BEST_WEIGHTS, lambda tmp: safetensors_save(final, tmp))
             results["outputs"] = outputs.output_record(out, _RECORDED)
             if cfg.n_predictions:
                 render_predictions(model, data.pairs["test"][: cfg.n_predictions], cfg.data, out / "predictions.png")

@@ -15,8 +15,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
-from safetensors.torch import save_file
 
+from dataeff.checkpoints import safetensors_save
 from dataeff.config import EncoderConfig
 from dataeff.files import write_atomic
 from dataeff.metrics import confusion_matrix, segmentation_scores
@@ -153,7 +153,7 @@ class SegmentationModule(pl.LightningModule):
             best = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
             self.best_state = best
             if self.best_path is not None and self.trainer.is_global_zero:
-                write_atomic(self.best_path, lambda tmp: save_file(best, os.fspath(tmp)))
+                write_atomic(self.best_path, lambda tmp: safetensors_save(best, tmp))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dataeff_best"] = {"miou": self.best_miou, "step": self.best_step, "history": self.history}

@@ -29,10 +29,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from dataeff import dist, outputs, provenance
-from dataeff.checkpoints import checkpoint_problem
+from dataeff.checkpoints import checkpoint_problem, safetensors_save, torch_save
 from dataeff.config import (
     ConfigError,
     DataConfig,
@@ -249,7 +248,7 @@ def export_encoder(model: torch.nn.Module, cfg: EncoderConfig, out_dir: str | os
     """
     out = Path(out_dir)
     state, meta = export_contents(model, cfg)
-    write_atomic(out / ENCODER_WEIGHTS, lambda tmp: save_file(state, os.fspath(tmp)))
+    write_atomic(out / ENCODER_WEIGHTS, lambda tmp: safetensors_save(state, tmp))
     write_json_atomic(out / ENCODER_META, meta, indent=2)
     return out / ENCODER_WEIGHTS
 
@@ -257,7 +256,7 @@ def export_encoder(model: torch.nn.Module, cfg: EncoderConfig, out_dir: str | os
 def _export(cfg: PretrainConfig, model: MAE, state: dict[str, torch.Tensor], out: Path) -> None:
     """Write ``mae.ckpt`` and the timm-loadable encoder export (rank 0)."""
     blob = model.scoring_state(state)
-    write_atomic(out / MAE_CKPT, lambda tmp: torch.save(blob, tmp))
+    write_atomic(out / MAE_CKPT, lambda tmp: torch_save(blob, tmp))
     enc_cfg = dataclasses.replace(resolve(cfg.encoder), weights="", allow_random_init=True)
     encoder = build_encoder(enc_cfg)
     encoder.load_state_dict({k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")})

@@ -4,8 +4,7 @@ Both runs must have written to the same path (move the first one aside before th
 starts): outputs record their own paths and hash their configs. What legitimately
 differs between two identical runs is left out, by name: wall-clock
 fields (``wall_s``, ``images_per_s``, ``started``, ...), torch's random
-``serialization_id`` inside checkpoints, the temp-file name torch uses as the
-archive's root folder and so the sha256 recorded for a checkpoint, and the Markdown report and plots that render those clock figures
+``serialization_id`` inside checkpoints and so the sha256 recorded for a checkpoint, and the Markdown report and plots that render those clock figures
 (their numbers are compared in ``report.csv``).
 """
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -70,6 +71,10 @@ def test_reference_run_outputs(reference):
     for name in ("config.yaml", ENCODER_WEIGHTS, ENCODER_META, "mae.ckpt", "summary.json", "metrics.csv"):
         assert (reference / name).is_file(), name
     assert (reference / "panels" / "step=00000004.png").is_file()
+    # torch names the archive's root after the file it is given; the temp name (pid, random) must not reach the bytes
+    assert all(n.startswith("archive/") for n in zipfile.ZipFile(reference / "mae.ckpt").namelist())
+    # every output gets the umask's permissions (safetensors alone would make its file 0600)
+    assert (reference / ENCODER_WEIGHTS).stat().st_mode == (reference / ENCODER_META).stat().st_mode
     assert find_resume_checkpoint(reference).name in ("step=00000008.ckpt", "last.ckpt")
     losses = _metrics(reference)["loss"]
     assert losses.iloc[-3:].mean() < losses.iloc[:3].mean(), "loss did not go down"
