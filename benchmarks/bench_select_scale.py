@@ -69,8 +69,10 @@ def pool_keys(n: int) -> np.ndarray:
     """
     codes = np.empty((n, 10), dtype=np.uint32)
     codes[:, 0] = ord("k")
+    rest = np.arange(n, dtype=np.uint32)  # n < 10^9: the digits left, divided in place
     for j in range(9):
-        codes[:, 9 - j] = (np.arange(n, dtype=np.int64) // 10**j) % 10 + ord("0")
+        codes[:, 9 - j] = rest % 10 + ord("0")
+        rest //= 10
     return codes.view("<U10").reshape(n)
 
 
@@ -95,7 +97,9 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, n: int
     import_faiss()  # rank 0 trains k-means: the import belongs to the baseline on every rank
     baseline = rss_gib()
     rows, pos = local_pool(n, args.dim, rank, world, args.seed)
-    keys = pool_keys(n)
+    # As the stage: gathered, every rank holds the keys; partitioned, none does while MedDEL
+    # runs (rank 0 reads them again for the manifest once the rows are freed).
+    keys = pool_keys(n) if mode == "all" else None
     cfg = load_config(
         SelectConfig,
         None,
@@ -116,7 +120,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, n: int
         del rows
         d = run_meddel(emb, keys, None, cfg, rank, world)
     else:
-        d = run_meddel(LocalRows(rows, pos, n), keys, None, cfg, rank, world)  # type: ignore[arg-type]
+        d = run_meddel(LocalRows(rows, pos, n), None, None, cfg, rank, world)  # type: ignore[arg-type]
     wall = time.time() - t
     record = {
         "rank": rank,

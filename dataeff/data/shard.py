@@ -18,7 +18,10 @@ Design:
 - each finished shard is renamed into place, then journalled in ``.parts/`` with the
   index rows it covers and the input position after them (file, and rows of that file
   already written, since a video's frames may span two shards); a re-run after a kill keeps
-  journalled shards, redoes the rest and ends with output identical to an uninterrupted run.
+  journalled shards, redoes the rest and ends with output identical to an uninterrupted run;
+- no row is held once journalled: the index is written from the journals at the end, a
+  few thousand rows at a time, so memory does not grow with the pool (bar one sha256 and
+  key per stored image, for exact duplicates).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -34,11 +38,13 @@ import shutil
 import signal
 import tarfile
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from dataeff import outputs, provenance
@@ -307,8 +313,8 @@ def _inspected(src: Path, entries: Sequence[Entry], cfg: ShardConfig) -> Generat
     """Inspect and pack ``entries`` in order, in ``cfg.workers`` processes: the samples of each file."""
     opts, fopts = cfg.inspect_options(), cfg.frame_options()
     root = str(src)
-    items = [(os.path.join(root, e.rel), e.rel, e.reason) for e in entries]
-    if cfg.workers == 1 or len(items) <= cfg.chunksize:
+    items = ((os.path.join(root, e.rel), e.rel, e.reason) for e in entries)  # made as the workers take them
+    if cfg.workers == 1 or len(entries) <= cfg.chunksize:
         with pil_limits(opts.max_pixels):
             for path, rel, reason in items:
                 yield [_packed(i) for i in inspect_source(path, rel, opts, fopts, reason=reason)]
@@ -430,6 +436,11 @@ _INDEX_COLUMNS = (
 ) + tuple(zip(PROVENANCE_KEYS, ("string", "int64", "float64", "int64"), strict=True))  # fmt: skip
 
 
+_INDEX_SCHEMA = pa.schema([(name, getattr(pa, kind)()) for name, kind in _INDEX_COLUMNS])
+#: Rows per row group of an index written in batches (a shard's rows at a time).
+_INDEX_GROUP_ROWS = 1 << 16
+
+
 def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write the index rows (already in index order) to parquet, atomically.
 
@@ -439,10 +450,33 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
     For the same reason a row without provenance gets ``group`` = its key, ``frame`` -1 and
     ``orientation`` 1 (a generated sample is its own group).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    table = _index_table(rows)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _INDEX_COLUMNS])
+
+def write_index_batches(path: Path, batches: Iterable[list[dict[str, Any]]]) -> None:
+    """Write the index from batches of rows (in index order), atomically, holding about
+    :data:`_INDEX_GROUP_ROWS` rows at a time whatever the pool size (one row group each)."""
+    held: list[pa.Table] = []
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        if held:
+            writer.write_table(pa.concat_tables(held), row_group_size=_INDEX_GROUP_ROWS)
+            held.clear()
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, _INDEX_SCHEMA) as writer:
+            for rows in batches:
+                held.append(_index_table(rows))
+                if sum(len(t) for t in held) >= _INDEX_GROUP_ROWS:
+                    flush(writer)
+            flush(writer)
+
+    write_atomic(path, write)
+
+
+def _index_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Index rows as a table of the index schema, defaults filled (see :func:`write_index`)."""
     records = [{n: r.get(n) for n, _ in _INDEX_COLUMNS} for r in rows]
     for rec in records:
         if rec["phash"] is None:
@@ -450,8 +484,7 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
         for name, default in (("group", rec["key"]), ("frame", -1), ("orientation", 1)):
             if rec[name] is None:
                 rec[name] = default
-    table = pa.Table.from_pylist(records, schema=schema)
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    return pa.Table.from_pylist(records, schema=_INDEX_SCHEMA)
 
 
 def journal_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -467,31 +500,53 @@ def restore_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-class _Packer:
-    """Packs inspected files, in index order, into numbered shards and journals each one."""
+class _Tally:
+    """The summary's counts of index rows, added a batch at a time (no row is kept)."""
 
-    def __init__(
-        self,
-        out: Path,
-        name: str,
-        cfg: ShardConfig,
-        done_rows: list[dict],
-        done_shards: list[dict],
-        start: tuple[int, int],
-    ):
+    def __init__(self) -> None:
+        self.rows, self.frame_rows, self.frames_lost = 0, 0, 0
+        self.by_status: dict[str, int] = {}
+        self.by_reason: dict[str, int] = {}
+        self.frame_sources: set[str] = set()  # multi-frame files with a decoded frame
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        for r in rows:
+            self.rows += 1
+            if r["frame"] >= 0:
+                self.frame_rows += 1
+                self.frame_sources.add(r["source"])
+            elif r["reason"].startswith(FRAMES_LOST_PREFIX):
+                self.frames_lost += int(r["reason"][len(FRAMES_LOST_PREFIX) :])
+            self.by_status[r["status"]] = self.by_status.get(r["status"], 0) + 1
+            reason = r["reason"].split(":")[0]  # exact_duplicate_of:<key> -> exact_duplicate_of
+            if reason:
+                self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+
+
+class _Packer:
+    """Packs inspected files, in index order, into numbered shards and journals each one.
+
+    Rows are not kept once journalled: the index is written from the journals at the end
+    (:func:`journalled_rows`), so memory does not grow with the pool, bar one sha256 and
+    key per stored image for exact-duplicate detection.
+    """
+
+    def __init__(self, out: Path, name: str, cfg: ShardConfig, done_shards: list[dict], start: tuple[int, int]):
         self.out, self.name, self.cfg = out, name, cfg
         self.on_shard: Callable[[Path], None] | None = None
         self.max_bytes = int(cfg.max_shard_mb * 2**20)
         self.shards = list(done_shards)
-        self.rows = list(done_rows)
         self.pos, self.sub = start  # input position of the next file; its rows already added
         self.pending: list[dict] = []  # rows since the last journalled shard
         self.sink: TarSink | None = None  # the shard being written (streamed: no shard held in memory)
         self.count = self.nbytes = 0
+        self.tally = _Tally()
         self.first_of: dict[str, str] = {}  # sha256 -> key of the first stored copy
-        for r in self.rows:
-            if r["status"] == "ok":
-                self.first_of.setdefault(r["sha256"], r["key"])
+        for rows in journalled_rows(out, self.shards):
+            self.tally.add(rows)
+            for r in rows:
+                if r["status"] == "ok":
+                    self.first_of.setdefault(r["sha256"], r["key"])
 
     def add(self, row: dict[str, Any], members: bytes | None) -> None:
         store = row["status"] == "ok"
@@ -531,14 +586,21 @@ class _Packer:
         if self.on_shard is not None:  # e.g. upload it (dataeff.data.remote_shard)
             self.on_shard(self.out / info["file"])
         self.shards.append(info)
-        self.rows += self.pending
+        self.tally.add(self.pending)
         self.pending, self.sink, self.count, self.nbytes = [], None, 0, 0
 
     def finish(self) -> list[dict]:
+        """Close the last shard; returns the rows after it (rejected files: in no shard, no journal)."""
         self.close()
-        self.rows += self.pending
-        self.pending = []
-        return self.rows
+        tail, self.pending = self.pending, []
+        self.tally.add(tail)
+        return tail
+
+
+def journalled_rows(out: Path, shards: Sequence[dict]) -> Iterator[list[dict]]:
+    """The index rows of each journalled shard, in order, read back one journal at a time."""
+    for info in shards:
+        yield restore_rows(json.loads((out / _PARTS / (info["file"] + ".json")).read_text())["rows"])
 
 
 def _signature(files: Sequence[str], sizes: Sequence[int], cfg: ShardConfig) -> str:
@@ -569,7 +631,7 @@ def _what_differs(record: dict[str, Any], cfg: ShardConfig) -> str:
     return "other input files (files under src added, removed or resized)"
 
 
-def _sources_changed(src: Path, rows: Sequence[dict], cfg: ShardConfig) -> bool:
+def _sources_changed(src: Path, rows: Iterable[dict], cfg: ShardConfig) -> bool:
     """Whether a still image already sharded (a row without a frame) now holds other bytes than its sha256.
 
     A frame's sha256 is that of the stored frame, not of its video, so multi-frame files are
@@ -578,8 +640,8 @@ def _sources_changed(src: Path, rows: Sequence[dict], cfg: ShardConfig) -> bool:
     Raises:
         ConfigError: it does and ``overwrite`` is false.
     """
-    stills = [r for r in rows if r.get("frame", -1) < 0 and r.get("sha256")]
-    changed = outputs.changed_file(src, [r["source"] for r in stills], [r["sha256"] for r in stills])
+    stills = ((r["source"], r["sha256"]) for r in rows if r.get("frame", -1) < 0 and r.get("sha256"))
+    changed = next((rel for rel, sha in stills if outputs.changed_file(src, [rel], [sha])), None)
     if changed is None:
         return False
     if not cfg.overwrite:
@@ -622,10 +684,8 @@ def _intact(out: Path, info: dict) -> bool:
     return "sha256" not in info or file_sha256(tar) == info["sha256"]
 
 
-def _resume(
-    out: Path, name: str, intact: Callable[[Path, dict], bool]
-) -> tuple[list[dict], list[dict], tuple[int, int]]:
-    """Rows, shard infos and next input position of the journalled shards, in order.
+def _resume(out: Path, name: str, intact: Callable[[Path, dict], bool]) -> tuple[list[dict], tuple[int, int]]:
+    """Shard infos and next input position of the journalled shards, in order (rows: :func:`journalled_rows`).
 
     The position is (next input file, rows of that file already journalled): a
     multi-frame file's samples may end one shard and start the next.
@@ -634,7 +694,6 @@ def _resume(
     and sha256 (the tar is renamed into place before the journal is written); everything
     after the first shard that is not done is removed and redone.
     """
-    rows: list[dict] = []
     shards: list[dict] = []
     start = (0, 0)
     while True:
@@ -645,39 +704,25 @@ def _resume(
         rec = json.loads(journal.read_text())
         if not intact(out, rec["shard"]):
             break
-        rows += restore_rows(rec["rows"])
         shards.append(rec["shard"])
         start = (rec["next"], rec["skip"])
     _drop_shards(out, name, len(shards))
-    return rows, shards, start
+    return shards, start
 
 
-def _summary(rows: list[dict], num_files: int, shards: list[dict], cfg: ShardConfig, name: str, signature: str) -> dict:
-    by_status: dict[str, int] = {}
-    by_reason: dict[str, int] = {}
-    frames = {"files": 0, "rows": 0, "lost": 0}  # multi-frame files with a decoded frame, their frame rows
-    sources = set()
-    for r in rows:
-        if r["frame"] >= 0:
-            frames["rows"] += 1
-            sources.add(r["source"])
-        elif r["reason"].startswith(FRAMES_LOST_PREFIX):
-            frames["lost"] += int(r["reason"][len(FRAMES_LOST_PREFIX) :])
-        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-        reason = r["reason"].split(":")[0]  # exact_duplicate_of:<key> -> exact_duplicate_of
-        if reason:
-            by_reason[reason] = by_reason.get(reason, 0) + 1
+def _summary(tally: _Tally, num_files: int, shards: list[dict], cfg: ShardConfig, name: str, signature: str) -> dict:
     return {
         "format": SHARDS_FORMAT,
         "name": name,
         "num_files": num_files,
-        "num_rows": len(rows),
+        "num_rows": tally.rows,
         "num_samples": sum(s["samples"] for s in shards),
-        "frames": {**frames, "files": len(sources)},
+        # multi-frame files with a decoded frame, their frame rows, frames that could not be decoded
+        "frames": {"files": len(tally.frame_sources), "rows": tally.frame_rows, "lost": tally.frames_lost},
         "num_shards": len(shards),
         "shards": shards,
-        "counts_by_status": dict(sorted(by_status.items())),
-        "counts_by_reason": dict(sorted(by_reason.items())),
+        "counts_by_status": dict(sorted(tally.by_status.items())),
+        "counts_by_reason": dict(sorted(tally.by_reason.items())),
         "signature": signature,
         "config": _settings(cfg),
     }
@@ -740,7 +785,11 @@ def main(
 
             done = json.loads(summary_path.read_text())
             index = pd.read_parquet(out / INDEX_NAME, columns=["source", "frame", "sha256"])
-            changed = _sources_changed(src, index.to_dict("records"), cfg)
+            rows = (
+                {"source": s, "frame": f, "sha256": h}
+                for s, f, h in zip(index["source"], index["frame"], index["sha256"], strict=True)
+            )
+            changed = _sources_changed(src, rows, cfg)
             damaged = next((s["file"] for s in done["shards"] if not intact(out, s)), None)
             if not changed and damaged is None:
                 shutil.rmtree(out / _PARTS, ignore_errors=True)  # killed between the summary and this cleanup
@@ -775,15 +824,15 @@ def main(
     if not plan_path.is_file():
         plan = {"format": SHARDS_FORMAT, "signature": signature, "num_files": len(files), "config": _settings(cfg)}
         _write_json(plan_path, plan)
-    done_rows, done_shards, (start, skip) = _resume(out, name, intact)
-    if (start or skip) and _sources_changed(src, done_rows, cfg):
+    done_shards, (start, skip) = _resume(out, name, intact)
+    if (start or skip) and _sources_changed(src, itertools.chain.from_iterable(journalled_rows(out, done_shards)), cfg):
         _drop_shards(out, name, 0)
-        done_rows, done_shards, (start, skip) = [], [], (0, 0)
+        done_shards, (start, skip) = [], (0, 0)
     if start or skip:
         log.info("shard: resuming after %d finished shards (%d of %d files done)", len(done_shards), start, len(files))
 
     t0 = time.perf_counter()
-    packer = _Packer(out, name, cfg, done_rows, done_shards, (start, skip))
+    packer = _Packer(out, name, cfg, done_shards, (start, skip))
     packer.on_shard = on_shard  # called with each finished, journalled tar
     bar = tqdm(total=len(files), initial=start, unit="file", desc="shard", disable=not cfg.progress, smoothing=0.1)
     try:
@@ -797,13 +846,13 @@ def main(
                 packer.next_file()
                 skip = 0
                 bar.update(1)
-        rows = packer.finish()
+        tail = packer.finish()
     finally:
         bar.close()
     assert packer.pos == len(files), "every input file must be inspected exactly once"
 
-    write_index(out / INDEX_NAME, rows)
-    summary = _summary(rows, len(files), packer.shards, cfg, name, signature)
+    write_index_batches(out / INDEX_NAME, itertools.chain(journalled_rows(out, packer.shards), [tail]))
+    summary = _summary(packer.tally, len(files), packer.shards, cfg, name, signature)
     _write_json(summary_path, summary)  # written last: its presence marks the output complete
     shutil.rmtree(out / _PARTS, ignore_errors=True)
     elapsed = time.perf_counter() - t0

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from braceexpand import braceexpand
 from PIL import Image
@@ -155,8 +156,11 @@ def list_shards(spec: str) -> list[str]:
     return list(dict.fromkeys(out))  # first occurrence of each path, in order
 
 
-def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
-    """The ``index.parquet`` of a shard directory (one row per input file, in tar order)."""
+def read_index(shard_dir: str | os.PathLike, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The ``index.parquet`` of a shard directory (one row per input file, in tar order).
+
+    ``columns``: only those of them the index has (an older index lacks newer columns), else all.
+    """
     path = remote.join(shard_dir, INDEX_NAME)
     if not remote.is_file(path):
         raise ValueError(
@@ -164,7 +168,13 @@ def read_index(shard_dir: str | os.PathLike) -> pd.DataFrame:
             "WebDataset shards, first"
         )
     try:
-        return pd.read_parquet(io.BytesIO(remote.read_bytes(path)) if remote.is_url(path) else path)
+        source = io.BytesIO(remote.read_bytes(path)) if remote.is_url(path) else path
+        if columns is not None:
+            names = set(pq.read_schema(source).names)
+            columns = [c for c in columns if c in names]
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+        return pd.read_parquet(source, columns=columns)
     except (OSError, ValueError) as exc:  # pyarrow's errors for a cut or overwritten file are both kinds
         raise DamagedShardError(f"{path}: unreadable index ({first_line(exc)}); {_RESHARD}") from None
 

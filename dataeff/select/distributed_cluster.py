@@ -1,6 +1,6 @@
 """Distributed wrappers of the pure k-means and redundancy cores (``cluster.py``, ``meddel.py``).
 
-k-means is trained once on rank 0 on a seeded sample and its centroids are broadcast;
+k-means is trained once on one rank (:func:`kmeans_rank`) on a seeded sample and its centroids are broadcast;
 assignment runs on fixed-size row chunks dealt round-robin over ranks; the per-cluster
 redundancy scan (embeddings, and optionally shard-time image signatures) runs on the
 clusters a rank owns (balanced by size^2); the optional pool-wide near-copy pass runs
@@ -9,7 +9,7 @@ gathered back into pool order, so it is the same on every rank and for any world
 
 With ``select.gather=partitioned`` the embeddings arrive as :class:`LocalRows` (each
 rank holds only the rows it read) instead of the whole matrix: the k-means sample
-rows move to rank 0, each assignment chunk's rows to the rank that assigns it, and
+rows move to the training rank, each assignment chunk's rows to the rank that assigns it, and
 each cluster's rows to the rank that owns it, by all-to-all in rounds of at most
 :data:`EXCHANGE_ROWS` rows received per rank (or one cluster, when larger). Every pure core
 then sees exactly the rows, in exactly the order, that it sees with the gathered
@@ -57,10 +57,19 @@ class LocalRows:
         return self.n
 
     def subset(self, keep: np.ndarray) -> LocalRows:
-        """The rows of the pool rows ``keep`` (N,) bool, renumbered within the kept pool."""
+        """The rows of the pool rows ``keep`` (N,) bool, renumbered within the kept pool.
+
+        The rows are compacted in place, :data:`EXCHANGE_ROWS` at a time (never a second copy
+        of them): this object is not to be used afterwards.
+        """
         new_pos = np.cumsum(keep) - 1
         mine = keep[self.pos]
-        return LocalRows(self.rows[mine], new_pos[self.pos[mine]], int(keep.sum()))
+        at = 0
+        for a in range(0, len(mine), EXCHANGE_ROWS):  # written at or before where it is read
+            block = self.rows[a : a + EXCHANGE_ROWS][mine[a : a + EXCHANGE_ROWS]]
+            self.rows[at : at + len(block)] = block
+            at += len(block)
+        return LocalRows(self.rows[:at], new_pos[self.pos[mine]], int(keep.sum()))
 
 
 Embeddings = np.ndarray | LocalRows
@@ -96,11 +105,13 @@ def exchange_rounds(local: LocalRows, dest: np.ndarray, rnd: np.ndarray, n_round
         sent) -> per round: :class:`Received`.
     """
     world = dist.world_size()
-    slot = rnd.astype(np.int64) * world + dest  # by round, then destination (< 0: not sent)
+    # By round, then destination; -world..-1: not sent. 4-byte while the slots fit.
+    slot = rnd.astype(C.index_dtype((n_rounds + 1) * world)) * world + dest
+    del dest, rnd  # a caller that passed temporaries has them freed before the sort
     order = np.argsort(slot, kind="stable").astype(C.index_dtype(len(slot)))  # receivers sort by position
-    bounds = np.searchsorted(slot[order], np.arange(n_rounds * world + 1))
+    starts = np.concatenate([[0], np.cumsum(np.bincount(slot + world, minlength=(n_rounds + 1) * world))])
     del slot
-    return _rounds(local, order, bounds, n_rounds, world)  # the plan only: dest and rnd are not kept
+    return _rounds(local, order, starts[world:], n_rounds, world)  # the plan only
 
 
 def _rounds(local: LocalRows, order: np.ndarray, bounds: np.ndarray, n_rounds: int, world: int) -> Iterator[Received]:
@@ -114,27 +125,36 @@ def _rounds(local: LocalRows, order: np.ndarray, bounds: np.ndarray, n_rounds: i
         del pos, rows, at  # not held while the next round moves
 
 
-def _sample_rows(emb: Embeddings, sample: np.ndarray, rank: int) -> np.ndarray | None:
-    """The k-means sample rows (pool order) as float32 on rank 0; None elsewhere.
+def kmeans_rank(world: int) -> int:
+    """The rank that trains k-means: the last one, so that the float32 sample never lands on
+    the writing rank 0, which also holds the pool's keys (any rank gives the same centroids)."""
+    return world - 1
 
-    Converted :data:`EXCHANGE_ROWS` rows at a time; partitioned, they also move to rank 0
-    in rounds of that many, so rank 0 holds the float32 sample plus one round of rows.
+
+def _sample_rows(emb: Embeddings, sample: np.ndarray, rank: int, trainer: int) -> np.ndarray | None:
+    """The k-means sample rows (pool order) as float32 on rank ``trainer``; None elsewhere.
+
+    Converted :data:`EXCHANGE_ROWS` rows at a time; partitioned, they also move to the
+    trainer in rounds of that many, so it holds the float32 sample plus one round of rows.
 
     Shape:
         sample: (M,) ascending pool rows -> (M, D) float32.
     """
     step = EXCHANGE_ROWS
     if isinstance(emb, np.ndarray):
-        if rank != 0:
+        if rank != trainer:
             return None
         out = np.empty((len(sample), emb.shape[1]), np.float32)
         for a in range(0, len(sample), step):
             out[a : a + step] = emb[sample[a : a + step]]
         return out
     at = np.minimum(np.searchsorted(sample, emb.pos), len(sample) - 1)  # sample index of each local row
-    rnd = np.where(sample[at] == emb.pos, at // step, -1)
-    x = np.empty((len(sample), emb.rows.shape[1]), np.float32) if rank == 0 else None
-    for r, got in enumerate(exchange_rounds(emb, np.zeros(len(emb.pos), np.int64), rnd, -(-len(sample) // step))):
+    rnd = np.where(sample[at] == emb.pos, at // step, -1).astype(np.int32)
+    del at
+    plan = exchange_rounds(emb, np.full(len(emb.pos), trainer, np.int32), rnd, -(-len(sample) // step))
+    del rnd
+    x = np.empty((len(sample), emb.rows.shape[1]), np.float32) if rank == trainer else None
+    for r, got in enumerate(plan):
         if x is not None:
             x[r * step : (r + 1) * step] = got.take(sample[r * step : (r + 1) * step])
         del got  # not held while the next round moves
@@ -148,10 +168,12 @@ def _assign_owned(emb: Embeddings, centroids: np.ndarray, rank: int, world: int)
     if isinstance(emb, np.ndarray):
         return [C.assign(emb[s:e], centroids) for s, e in (bounds[c] for c in owned)]
     per_round = max(1, EXCHANGE_ROWS // C.ASSIGN_CHUNK)  # chunks a rank assigns per round
-    chunk = emb.pos // C.ASSIGN_CHUNK
+    chunk = (emb.pos // C.ASSIGN_CHUNK).astype(C.index_dtype(len(bounds)))
     n_rounds = -(-len(C.owned_chunks(len(bounds), 0, world)) // per_round)
+    plan = exchange_rounds(emb, chunk % world, (chunk // world) // per_round, n_rounds)
+    del chunk
     parts = []
-    for r, got in enumerate(exchange_rounds(emb, chunk % world, (chunk // world) // per_round, n_rounds)):
+    for r, got in enumerate(plan):
         for c in owned[r * per_round : (r + 1) * per_round]:
             parts.append(C.assign(got.take(np.arange(*bounds[c])), centroids))
         del got  # not held while the next round moves
@@ -161,7 +183,7 @@ def _assign_owned(emb: Embeddings, centroids: np.ndarray, rank: int, world: int)
 def cluster_pool(
     emb: Embeddings, cfg: ClusterConfig, seed: int, rank: int, world: int, timings: dict[str, float]
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """k-means trained once on rank 0 (seeded sample), centroids broadcast, chunks assigned per rank.
+    """k-means trained once on :func:`kmeans_rank` (seeded sample), centroids broadcast, chunks assigned per rank.
 
     Args:
         timings: receives ``kmeans`` and ``assign`` wall seconds.
@@ -174,12 +196,12 @@ def cluster_pool(
     k = C.resolve_k(n, cfg.k)
     use_gpu = cfg.device == "gpu" or (cfg.device == "auto" and C.gpu_available())
     t = time.time()
-    centroids = None
-    sample_rows = _sample_rows(emb, C.kmeans_sample(n, k, cfg.max_points_per_centroid, seed), rank)
+    centroids, trainer = None, kmeans_rank(world)
+    sample_rows = _sample_rows(emb, C.kmeans_sample(n, k, cfg.max_points_per_centroid, seed), rank, trainer)
     if sample_rows is not None:
         centroids = C.train_kmeans(sample_rows, k, cfg.niter, seed, use_gpu)
     del sample_rows
-    centroids = dist.broadcast_array(centroids)
+    centroids = dist.broadcast_array(centroids, src=trainer)
     timings["kmeans"] = time.time() - t
     t = time.time()
     parts = _assign_owned(emb, centroids, rank, world)

@@ -165,7 +165,38 @@ def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, .
     return tuple(shape)
 
 
-def _damaged(emb_dir: str | os.PathLike, name: str, exc: BaseException) -> ConfigError:
+def read_npz_rows(path: str | os.PathLike, out: np.ndarray, name: str = "embeddings") -> None:
+    """Read one 2-D array of an ``.npz`` (a path or URL) into ``out``, converting its dtype,
+    :data:`_READ_BYTES` at a time: never a second copy of the whole array.
+
+    Raises:
+        ValueError: the array's shape is not ``out``'s, or it is stored in Fortran order.
+    """
+    with (
+        remote.open_stream(str(path), block_size=2**20) as raw,
+        zipfile.ZipFile(raw) as zf,
+        zf.open(name + ".npy") as fh,
+    ):
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        if tuple(shape) != out.shape or fortran:
+            raise ValueError(f"{name} has shape {tuple(shape)}{' (Fortran order)' if fortran else ''}, not {out.shape}")
+        step = max(1, _READ_BYTES // max(1, dtype.itemsize * int(np.prod(shape[1:]))))
+        for at in range(0, len(out), step):
+            rows = out[at : at + step]
+            data = fh.read(dtype.itemsize * rows.size)
+            if len(data) != dtype.itemsize * rows.size:
+                raise ValueError(f"{name} ends after {at} of {len(out)} rows")
+            rows[...] = np.frombuffer(data, dtype=dtype).reshape(rows.shape)
+
+
+#: Bytes read at a time by :func:`read_npz_rows`.
+_READ_BYTES = 1 << 26
+
+
+def damaged_file(emb_dir: str | os.PathLike, name: str, exc: BaseException) -> ConfigError:
+    """The error for a file of an embeddings directory that cannot be read."""
     return ConfigError(f"embeddings={emb_dir}: {name} is damaged ({first_line(exc)}); re-embed into a fresh directory")
 
 
@@ -183,7 +214,7 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
         header = json.loads(remote.read_text(path))
         files, dim = list(header["files"]), header["dim"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise _damaged(emb_dir, EMBEDDINGS_HEADER, exc) from None
+        raise damaged_file(emb_dir, EMBEDDINGS_HEADER, exc) from None
     for name in files:
         f = remote.join(emb_dir, name)
         if not remote.is_file(f):
@@ -191,7 +222,7 @@ def read_header(emb_dir: str | os.PathLike) -> dict:
         try:
             shape = npz_shape(f)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            raise _damaged(emb_dir, name, exc) from None
+            raise damaged_file(emb_dir, name, exc) from None
         if len(shape) != 2 or shape[1] != dim:
             raise ConfigError(
                 f"embeddings={emb_dir}: {name} holds vectors of shape {shape}, the header says dim {dim}; "
@@ -219,7 +250,7 @@ def load_embeddings(
                 keys.append(z["keys"])
                 embs.append(z["embeddings"])
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise _damaged(emb_dir, name, exc) from None
+            raise damaged_file(emb_dir, name, exc) from None
     k, e = np.concatenate(keys), np.concatenate(embs)
     order = np.argsort(k, kind="stable")
     return k[order], e[order].astype(dtype, copy=False)

@@ -23,7 +23,7 @@ from dataeff.select.manifest import REDUNDANT_CODE, Decisions, decided_reasons, 
 
 
 def run_meddel(
-    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame | None, cfg: SelectConfig, rank: int, world: int
+    emb: np.ndarray, keys: np.ndarray | None, quality: pd.DataFrame | None, cfg: SelectConfig, rank: int, world: int
 ) -> Decisions:
     """MedDEL (PAPERS.md): invalid frames and embedding outliers out, redundancy by bisected eps, exact ratio.
 
@@ -33,11 +33,11 @@ def run_meddel(
             ``meddel.near_copies`` its signature columns (``dataeff-shards/3``) feed the copy signals.
 
     Shape:
-        emb: (N, D) float16 unit rows (or this rank's ``LocalRows`` of them), keys: (N,) sorted
+        emb: (N, D) float16 unit rows (or this rank's ``LocalRows`` of them), keys: (N,) sorted or None (unread)
         -> decisions for N rows (reasons as :class:`~dataeff.select.manifest.Reasons`, score =
         cosine distance to the own centroid).
     """
-    n, mc = len(keys), cfg.meddel
+    n, mc = len(emb), cfg.meddel
     timings: dict[str, float] = {}
     has_quality = quality is not None and not quality[list(QUALITY_KEYS)].isna().all().all()
     # Every rank holds per-row state for the whole pool: one code byte per row (REASON_CODES,

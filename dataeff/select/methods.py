@@ -2,7 +2,8 @@
 
 Every shell has the signature :data:`MethodFn`,
 ``fn(embeddings, keys, quality, cfg, rank, world) -> Decisions``, and returns the same
-decisions on every rank.
+decisions on every rank. A method takes the pool size from ``len(embeddings)``: on a
+partitioned pool only rank 0 holds the keys, unless the method is in :data:`READS_KEYS`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from dataeff.constants import QUALITY_KEYS, SIGNATURE_KEYS
 from dataeff.select.baselines_run import run_full, run_random
 from dataeff.select.config import METHOD_NAMES, SelectConfig
 from dataeff.select.manifest import Decisions
@@ -19,8 +21,8 @@ from dataeff.select.meddel_run import run_meddel
 from dataeff.select.optidel_run import run_optidel
 from dataeff.select.semdedup_run import run_semdedup
 
-#: ``(emb (N, D) float16, keys (N,) sorted, quality rows aligned to keys, cfg, rank, world) -> Decisions``.
-MethodFn = Callable[[np.ndarray, np.ndarray, pd.DataFrame | None, SelectConfig, int, int], Decisions]
+#: ``(emb (N, D) float16, keys (N,) sorted or None, quality rows aligned to keys, cfg, rank, world) -> Decisions``.
+MethodFn = Callable[[np.ndarray, np.ndarray | None, pd.DataFrame | None, SelectConfig, int, int], Decisions]
 
 METHODS: dict[str, MethodFn] = {
     "full": run_full,
@@ -30,3 +32,20 @@ METHODS: dict[str, MethodFn] = {
     "optidel": run_optidel,
 }
 assert tuple(METHODS) == METHOD_NAMES, "config.MethodName and METHODS list different methods"
+
+#: Methods that read the pool keys on every rank (OptiDEL locates images by key); the others
+#: get them on rank 0 only when the pool is partitioned, as they need them only for the manifest.
+READS_KEYS = frozenset({"optidel"})
+
+
+def index_columns(cfg: SelectConfig) -> tuple[str, ...]:
+    """The shard-index columns the method reads; every rank holds only these, for the whole pool.
+
+    An index row carries ~750 bytes (thumbnails, hashes, paths): at 10M images, ~7 GiB per rank.
+    """
+    columns = ["key", "status", *QUALITY_KEYS]
+    if cfg.method == "meddel" and (cfg.meddel.phash or cfg.meddel.near_copies):
+        columns += SIGNATURE_KEYS
+    if cfg.method in READS_KEYS:
+        columns.append("shard")
+    return tuple(columns)

@@ -289,7 +289,7 @@ def merge_parts(parts: list[dict[str, Any]]) -> tuple[Records, dict[str, Any]]:
 
 
 def run_optidel(
-    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame | None, cfg: SelectConfig, rank: int, world: int
+    emb: np.ndarray, keys: np.ndarray | None, quality: pd.DataFrame | None, cfg: SelectConfig, rank: int, world: int
 ) -> manifest.Decisions:
     """OptiDEL for the select stage: same decisions on every rank, mosaics in ``<out>/generated``.
 
@@ -299,6 +299,7 @@ def run_optidel(
     """
     if quality is None:
         raise ValueError("optidel needs the pool's index rows (shard, shard_dir) to read the images")
+    assert keys is not None, "optidel is in methods.READS_KEYS: every rank holds the keys"
     oc = cfg.optidel
     timings: dict[str, float] = {}
     labels, _, k = cluster_pool(emb, cfg.cluster, cfg.seed, rank, world, timings)

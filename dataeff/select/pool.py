@@ -11,8 +11,10 @@ location and quality statistics.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from dataeff.constants import QUALITY_KEYS
 from dataeff.data import remote
 from dataeff.data.stream import read_index
 from dataeff.select.distributed_cluster import LocalRows
-from dataeff.select.embed import load_embeddings, npz_shape, read_header
+from dataeff.select.embed import damaged_file, load_embeddings, npz_shape, read_header, read_npz_rows
 
 log = logging.getLogger("dataeff")
 
@@ -44,15 +46,19 @@ def shard_dirs(spec: str) -> list[Path | str]:
     return out
 
 
-def read_pool_index(spec: str) -> pd.DataFrame:
-    """index.parquet rows of every shard directory of ``spec`` (all statuses), with a ``shard_dir`` column."""
+def read_pool_index(spec: str, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """index.parquet rows of every shard directory of ``spec`` (all statuses), with a ``shard_dir`` column.
+
+    ``columns``: only these (those an older index has), else every column.
+    """
     frames = []
     for d in shard_dirs(spec):
         try:
-            frames.append(read_index(d).assign(shard_dir=str(d)))
+            frames.append(read_index(d, columns).assign(shard_dir=str(d)))
         except ValueError as exc:
             raise ConfigError(f"shard directory {d}: {exc}; set data.shards=<shard dir> for select") from None
-    return pd.concat(frames, ignore_index=True)
+    # A category: one string per shard directory, not one per row.
+    return pd.concat(frames, ignore_index=True).astype({"shard_dir": "category"})
 
 
 def gather_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,30 +79,59 @@ def gather_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, np.nda
     return keys, emb
 
 
-def partition_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, LocalRows]:
-    """Every rank: the pool's sorted keys, but only the embedding rows of its own files.
-
-    Rank r reads rank files r, r+W, ... straight into one preallocated array (no second
-    copy of its share).
+def partition_keys(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank: the pool's sorted keys, and where the keys of its own rank files
+    (r, r+W, ...) fall in them. Their rows come after (:func:`local_rows`), so that what
+    the keys and the index cost is spent before the rows arrive.
 
     Shape:
-        -> keys (N,) str sorted, this rank's rows (n_r, D) float16 with their positions in ``keys``.
+        -> keys (N,) str sorted, positions (n_r,) int64 of this rank's rows in ``keys``.
     """
-    header = read_header(emb_dir)
-    files = [Path(emb_dir) / name for name in header["files"][rank::world]]
-    counts = [npz_shape(f)[0] for f in files]
-    rows = np.empty((sum(counts), header["dim"]), dtype=np.float16)
-    local_keys, at = [np.zeros(0, dtype=str)], 0
-    for f, count in zip(files, counts, strict=True):
-        with np.load(f, allow_pickle=False) as z:
-            local_keys.append(z["keys"])
-            rows[at : at + count] = z["embeddings"]
-        at += count
-    mine = np.concatenate(local_keys)
+    mine = _file_keys([remote.join(emb_dir, name) for name in read_header(emb_dir)["files"][rank::world]])
     keys = np.concatenate(dist.all_gather_array(mine))  # a new array, sorted in place: no third copy
     keys.sort(kind="stable")
     _check_unique(keys, emb_dir)
-    return keys, LocalRows(rows, np.searchsorted(keys, mine).astype(np.int64), len(keys))
+    return keys, np.searchsorted(keys, mine).astype(np.int64)
+
+
+def local_rows(emb_dir: str, rank: int, world: int, pos: np.ndarray, n: int) -> LocalRows:
+    """This rank's embedding rows, read in blocks straight into one array (no copy of a whole file).
+
+    Shape:
+        pos: (n_r,) from :func:`partition_keys`, n: pool size -> rows (n_r, D) float16 at those positions.
+    """
+    header = read_header(emb_dir)
+    rows = np.empty((len(pos), header["dim"]), dtype=np.float16)
+    at = 0
+    for name in header["files"][rank::world]:
+        f = remote.join(emb_dir, name)
+        try:
+            count = npz_shape(f)[0]
+            read_npz_rows(f, rows[at : at + count])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            raise damaged_file(emb_dir, name, exc) from None
+        at += count
+    return LocalRows(rows, pos, n)
+
+
+def pool_keys(emb_dir: str) -> np.ndarray:
+    """The pool's sorted keys, read from every rank file of the embeddings (their keys only).
+
+    Shape:
+        -> (N,) str, as :func:`partition_keys` and :func:`gather_pool` return them.
+    """
+    keys = _file_keys([remote.join(emb_dir, name) for name in read_header(emb_dir)["files"]])
+    keys.sort(kind="stable")
+    return keys
+
+
+def _file_keys(files: list[str]) -> np.ndarray:
+    """The keys of these rank files, concatenated in file order (their embeddings are not read)."""
+    keys = [np.zeros(0, dtype=str)]
+    for f in files:
+        with np.load(io.BytesIO(remote.read_bytes(f)) if remote.is_url(f) else f, allow_pickle=False) as z:
+            keys.append(z["keys"])
+    return np.concatenate(keys)
 
 
 def choose_gather(gather: str, memory_fraction: float, blocker: str, n: int, dim: int) -> str:
@@ -129,10 +164,11 @@ def _check_unique(keys: np.ndarray, emb_dir: str) -> None:
         raise ConfigError(f"embeddings={emb_dir}: key {dup} appears twice; re-embed into a fresh directory")
 
 
-def align_quality(keys: np.ndarray, index: pd.DataFrame, emb_dir: str) -> pd.DataFrame:
+def align_quality(keys: np.ndarray, index: pd.DataFrame, emb_dir: str, columns: tuple[str, ...]) -> pd.DataFrame:
     """The ok rows of the index aligned to ``keys``; quality columns are NaN when the index has none.
 
-    Every index column comes along, so a method also sees the shard-time image signatures
+    Of the index, ``columns`` (those it has) and ``shard_dir`` come along: the method's
+    (:func:`~dataeff.select.methods.index_columns`), such as the shard-time image signatures
     (``pixel_sha256``, ``phash``, ``thumb``; ``dataeff-shards/3``) that ``meddel.phash`` uses;
     a method that needs them checks for them (an older index has none).
 
@@ -140,9 +176,10 @@ def align_quality(keys: np.ndarray, index: pd.DataFrame, emb_dir: str) -> pd.Dat
         ConfigError: the embedded keys and the index's ok keys differ.
 
     Shape:
-        keys (N,) sorted -> N rows (index columns, ``shard_dir`` and :data:`QUALITY_KEYS`).
+        keys (N,) sorted -> N rows (``columns``, ``shard_dir`` and :data:`QUALITY_KEYS`).
     """
-    ok = index[index["status"] == "ok"].drop_duplicates("key").set_index("key")
+    wanted = [c for c in index.columns if c in {*columns, "key", "shard_dir"}]
+    ok = index.loc[index["status"] == "ok", wanted].drop_duplicates("key").set_index("key")
     missing = np.setdiff1d(ok.index.to_numpy(dtype=str), keys)
     extra = np.setdiff1d(keys, ok.index.to_numpy(dtype=str))
     if len(missing) or len(extra):

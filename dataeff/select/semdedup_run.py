@@ -14,15 +14,15 @@ from dataeff.select.semdedup import semdedup_decide
 
 
 def run_semdedup(
-    emb: np.ndarray, keys: np.ndarray, quality: pd.DataFrame | None, cfg: SelectConfig, rank: int, world: int
+    emb: np.ndarray, keys: np.ndarray | None, quality: pd.DataFrame | None, cfg: SelectConfig, rank: int, world: int
 ) -> Decisions:
     """SemDeDup with a fixed eps inside k-means clusters, then a seeded random fill to round(R*N).
 
     Shape:
-        emb: (N, D) float16 unit rows, keys: (N,) sorted -> decisions for N rows
+        emb: (N, D) float16 unit rows, keys: (N,) sorted or None (unread) -> decisions for N rows
         (score = cosine distance to the own centroid).
     """
-    n = len(keys)
+    n = len(emb)
     timings: dict[str, float] = {}
     labels, sims, k = cluster_pool(emb, cfg.cluster, cfg.seed, rank, world, timings)
     t = time.time()

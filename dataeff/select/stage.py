@@ -33,9 +33,17 @@ from dataeff.select.distributed_cluster import Embeddings
 from dataeff.select.embed import read_header
 from dataeff.select.exclude import Exclusion, eligible_mask, expand_decisions, read_exclusion
 from dataeff.select.gallery import GALLERY_DIR, write_gallery
-from dataeff.select.methods import METHODS
+from dataeff.select.methods import METHODS, READS_KEYS, index_columns
 from dataeff.select.optidel_run import PATCHES_NAME
-from dataeff.select.pool import align_quality, choose_gather, gather_pool, partition_pool, read_pool_index
+from dataeff.select.pool import (
+    align_quality,
+    choose_gather,
+    gather_pool,
+    local_rows,
+    partition_keys,
+    pool_keys,
+    read_pool_index,
+)
 
 # SelectConfig and METHODS are the names the CLI (and the sweep) look up on this module.
 __all__ = ["METHODS", "SelectConfig", "main"]
@@ -63,7 +71,8 @@ def main(cfg: SelectConfig) -> None:
     out = Path(cfg.out)
     header = read_header(cfg.embeddings)  # also checks dims of every file
     spec = cfg.data.shards or header["shards"]
-    index = read_pool_index(spec)
+    # The method's columns only (rank 0's audit and gallery read the whole index when they run).
+    index = read_pool_index(spec, index_columns(cfg))
     pool_id = provenance.pool_identity(spec)
     provenance.check_same_pool(header.get("pool_id"), spec, f"embeddings={cfg.embeddings}", "data.shards")
     n_ok = int((index["status"] == "ok").sum())
@@ -74,6 +83,7 @@ def main(cfg: SelectConfig) -> None:
     truth = read_truth(cfg.audit.truth) if cfg.audit.truth else None
     ok_keys = index.loc[index["status"] == "ok", "key"]
     exclusion = read_exclusion(cfg.exclude, header, ok_keys) if cfg.exclude else Exclusion()
+    del ok_keys  # a string per sample, not kept while the method runs
     if cfg.exclude:
         log.info("exclude: %d pool samples copy downstream images; removed before %s", len(exclusion.keys), cfg.method)
     inputs = {
@@ -98,18 +108,29 @@ def main(cfg: SelectConfig) -> None:
     t0 = time.time()
     gather = choose_gather(cfg.gather, cfg.gather_memory_fraction, cfg.partition_blocker(), n_ok, header["dim"])
     emb: Embeddings
+    keys: np.ndarray | None
     if gather == "partitioned":
         log.info("gather=partitioned: each rank keeps its own embedding rows (pool of %d x %d)", n_ok, header["dim"])
-        keys, emb = partition_pool(cfg.embeddings, rank, world)
+        keys, mine = partition_keys(cfg.embeddings, rank, world)  # the rows come once the strings are gone
     else:
         keys, emb = gather_pool(cfg.embeddings, rank, world)
-    quality = align_quality(keys, index, cfg.embeddings)
+    quality = align_quality(keys, index, cfg.embeddings, index_columns(cfg))
     # Removed before the method runs, so no method can keep (or even look at) a downstream copy.
     eligible = eligible_mask(keys, exclusion.keys)
+    del index
+    if gather == "partitioned" and cfg.method not in READS_KEYS:
+        # A pool past one rank's memory: no rank holds its strings (4 bytes per key character)
+        # while the method runs; rank 0 reads the keys again for the manifest.
+        keys = None
+        quality = quality.drop(columns=["key", "status"])
+    if gather == "partitioned":
+        emb = local_rows(cfg.embeddings, rank, world, mine, len(eligible))
+        del mine
     sub_emb, sub_keys, sub_quality = emb, keys, quality
     if not eligible.all():  # no copy of the (N, D) embeddings when nothing is excluded
         sub_emb = emb[eligible] if isinstance(emb, np.ndarray) else emb.subset(eligible)
-        sub_keys, sub_quality = keys[eligible], quality[eligible].reset_index(drop=True)
+        sub_keys = None if keys is None else keys[eligible]
+        sub_quality = quality[eligible].reset_index(drop=True)
     # The methods hand the embeddings only to distributed_cluster.py, which takes either form.
     sub = method(cast(np.ndarray, sub_emb), sub_keys, sub_quality, cfg, rank, world)
     # Only the gallery reads the rows again: the manifest's strings are built without them.
@@ -120,6 +141,7 @@ def main(cfg: SelectConfig) -> None:
     decisions.info["gather"] = gather
     decisions.info["wall_s"] = round(time.time() - t0, 3)
     if rank == 0:
+        keys = pool_keys(cfg.embeddings) if keys is None else keys
         frame = manifest.selection_frame(keys, decisions)
         inputs = {
             "embeddings": cfg.embeddings,
@@ -130,6 +152,8 @@ def main(cfg: SelectConfig) -> None:
         }
         gallery = decisions.info.pop("optidel_gallery", [])
         summary = manifest.build_summary(cfg.method, cfg.ratio, frame, to_dict(cfg), inputs, decisions.info)
+        if truth is not None or cfg.report.gallery:
+            index = read_pool_index(spec)  # every column, now that the method's memory is freed
         if truth is not None:
             summary["audit"] = audit_selection(frame, index, truth)
             print(format_audit(summary["audit"]))

@@ -22,6 +22,9 @@ METHODS = {
     "meddel-part": ["method=meddel", "gather=partitioned"],
     "semdedup-part": ["method=semdedup", "gather=partitioned"],
     "meddel-near-part": ["method=meddel", "meddel.near_copies=true", "gather=partitioned"],
+    "meddel-phash-part": ["method=meddel", "meddel.phash=true", "gather=partitioned"],
+    "random": [],
+    "random-part": ["method=random", "gather=partitioned"],
     # Scan leaves of 2 rows: the within-cluster split must not depend on the world size or the gather.
     "meddel-scan": ["method=meddel", "meddel.max_scan_rows=2"],
     "meddel-scan-part": ["method=meddel", "meddel.max_scan_rows=2", "gather=partitioned"],
@@ -60,7 +63,7 @@ def test_two_ranks_match_one_rank(tmp_path):
         pd.testing.assert_frame_equal(one, two)  # same kept keys, same reasons, clusters, scores
         assert s1["counts_by_reason"] == s2["counts_by_reason"] and s1["kept"] == s2["kept"] == 8
         assert s1.get("epsilon") == s2.get("epsilon")
-    for method in ("meddel", "semdedup", "meddel-near", "meddel-scan"):
+    for method in ("meddel", "semdedup", "meddel-near", "meddel-phash", "meddel-scan", "random"):
         gathered = (tmp_path / "w2" / method / SELECTION_NAME).read_bytes()
         for world in ("w1", "w2"):
             assert (tmp_path / world / f"{method}-part" / SELECTION_NAME).read_bytes() == gathered

@@ -187,6 +187,11 @@ def test_every_method_drops_exactly_the_overlap_keys_before_selecting(tmp_path, 
     if method == "meddel":
         names = {Path(p).name for p in summary["gallery"]}
         assert "removed_downstream_overlap.png" in names and "clusters.png" in names
+    # Partitioned, the excluded rows leave each rank's share in place: the same manifest.
+    stage.main(
+        select_cfg(emb, tmp_path / "part", f"method={method}", "ratio=0.5", f"exclude={overlap}", "gather=partitioned")
+    )
+    pd.testing.assert_frame_equal(read_selection(tmp_path / "part")[0], frame)
 
 
 def test_an_overlap_from_other_embeddings_is_refused_before_work(tmp_path, pool):

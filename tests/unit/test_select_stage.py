@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 
 from dataeff.config import ConfigError, load_config
-from dataeff.constants import QUALITY_KEYS
+from dataeff.constants import INDEX_NAME, QUALITY_KEYS
 from dataeff.select.audit import read_truth
 from dataeff.select.config import METHOD_NAMES, SelectConfig
 from dataeff.select.gallery import hardness_extremes, pick_redundant_pairs, pick_removed
-from dataeff.select.methods import METHODS
-from dataeff.select.pool import align_quality, shard_dirs
+from dataeff.select.methods import METHODS, index_columns
+from dataeff.select.pool import align_quality, read_pool_index, shard_dirs
 
 
 def test_methods_registry_is_a_dict_of_functions_matching_the_config_choices():
@@ -42,12 +42,32 @@ def _index(quality: bool = True) -> pd.DataFrame:
 
 
 def test_align_quality_orders_ok_rows_by_key_and_fills_missing_stats():
-    frame = align_quality(np.array(["a", "b"]), _index(), "emb")
+    columns = ("key", "status", *QUALITY_KEYS)
+    frame = align_quality(np.array(["a", "b"]), _index(), "emb", columns)
     assert frame["key"].tolist() == ["a", "b"] and frame["std"].tolist() == [1.0, 1.0]
-    bare = align_quality(np.array(["a", "b"]), _index(quality=False), "emb")
+    assert "shard" not in frame  # only the columns the method reads
+    assert align_quality(np.array(["a", "b"]), _index(), "emb", (*columns, "shard"))["shard"].tolist() == ["s.tar"] * 2
+    bare = align_quality(np.array(["a", "b"]), _index(quality=False), "emb", columns)
     assert bare[list(QUALITY_KEYS)].isna().all().all()
     with pytest.raises(ConfigError, match="1 ok sample\\(s\\) without an embedding"):
-        align_quality(np.array(["a"]), _index(), "emb")
+        align_quality(np.array(["a"]), _index(), "emb", columns)
+
+
+def test_pool_index_reads_the_columns_a_method_needs(tmp_path):
+    """Every rank holds the pool's index: only the method's columns, of those the index has."""
+    for d, quality in (("a", True), ("b", False)):  # b: an index without quality statistics
+        (tmp_path / d).mkdir()
+        _index(quality).assign(thumb=b"x" * 256).to_parquet(tmp_path / d / INDEX_NAME)
+    spec = f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    assert "thumb" in read_pool_index(spec)
+    meddel = load_config(SelectConfig, None, ["embeddings=e", "out=o"])
+    narrow = read_pool_index(spec, index_columns(meddel))
+    # b's missing statistics are asked for and skipped (NaN there); shard_dir is one string per directory
+    assert list(narrow) == ["key", "status", *QUALITY_KEYS, "shard_dir"]
+    assert narrow["mean"].isna().tolist() == [False] * 4 + [True] * 4
+    assert narrow["shard_dir"].dtype == "category" and len(narrow) == 8
+    phash = load_config(SelectConfig, None, ["embeddings=e", "out=o", "meddel.phash=true"])
+    assert "thumb" in read_pool_index(spec, index_columns(phash))
 
 
 def test_read_truth_checks_file_and_columns(tmp_path):
