@@ -27,6 +27,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from dataeff import dist
 from dataeff.data.signatures import MIN_THUMB_CORR, PHASH_MAX_DISTANCE
@@ -199,12 +200,13 @@ def cluster_pool(
     centroids, trainer = None, kmeans_rank(world)
     sample_rows = _sample_rows(emb, C.kmeans_sample(n, k, cfg.max_points_per_centroid, seed), rank, trainer)
     if sample_rows is not None:
-        centroids = C.train_kmeans(sample_rows, k, cfg.niter, seed, use_gpu)
+        centroids = C.train_kmeans(sample_rows, k, cfg.niter, seed, use_gpu, cfg.threads)
     del sample_rows
     centroids = dist.broadcast_array(centroids, src=trainer)
     timings["kmeans"] = time.time() - t
     t = time.time()
-    parts = _assign_owned(emb, centroids, rank, world)
+    with blas_threads(cfg.threads):  # products round differently with the thread count
+        parts = _assign_owned(emb, centroids, rank, world)
     labels = np.concatenate([p[0].astype(C.index_dtype(k)) for p in parts]) if parts else np.zeros(0, C.index_dtype(k))
     sims = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
     labels = C.reorder_chunks(dist.all_gather_array(labels), n)
@@ -266,7 +268,7 @@ def redundancy_stats(
     m_l, prev_l, pos_l = [np.zeros(0, np.float32)], [np.zeros(0, C.index_dtype(n))], [np.zeros(0, C.index_dtype(n))]
     # Per-cluster products are small: BLAS threads only add start-up and, on a busy node,
     # spin-wait cost (measured 25x on 141-member clusters); parallelism comes from ranks.
-    with _single_blas_thread():
+    with blas_threads(1):
         for batch, rows_of in _owned_cluster_rows(emb, labels, valid, members, owned, rank, world):
             for c in batch:
                 rows = members[c]
@@ -347,10 +349,6 @@ def _owned_cluster_rows(
         del got  # not held while the next round moves
 
 
-def _single_blas_thread() -> AbstractContextManager[object]:
-    """Limit numpy's BLAS to one thread (threadpoolctl, installed with scikit-learn), else no-op."""
-    try:  # optional dependency: imported here so that dataeff runs without it
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+def blas_threads(n: int) -> AbstractContextManager[object]:
+    """numpy's BLAS limited to ``n`` threads while the context is open (0 = as the process has it)."""
+    return threadpool_limits(n, user_api="blas") if n else contextlib.nullcontext()

@@ -22,10 +22,11 @@ import os
 import shutil
 import time
 import zipfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -152,17 +153,24 @@ def _save_npz(path: Path, keys: np.ndarray, emb: np.ndarray, **extra: np.ndarray
     write_atomic(path, write)
 
 
-def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, ...]:
-    """Shape of one array in an ``.npz`` (a path or URL) without loading it."""
+@contextmanager
+def _npy_member(path: str | os.PathLike, name: str, block_size: int) -> Iterator[tuple[IO[bytes], tuple, bool, Any]]:
+    """One array of an ``.npz`` (a path or URL), opened past its header: (stream, shape, Fortran order, dtype)."""
     with (
-        remote.open_stream(str(path), block_size=2**16) as raw,
+        remote.open_stream(str(path), block_size=block_size) as raw,
         zipfile.ZipFile(raw) as zf,
         zf.open(name + ".npy") as fh,
     ):
         version = np.lib.format.read_magic(fh)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read(fh)
-    return tuple(shape)
+        shape, fortran, dtype = read(fh)
+        yield fh, tuple(shape), fortran, dtype
+
+
+def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, ...]:
+    """Shape of one array in an ``.npz`` (a path or URL) without loading it."""
+    with _npy_member(path, name, 2**16) as (_, shape, _, _):
+        return shape
 
 
 def read_npz_rows(path: str | os.PathLike, out: np.ndarray, name: str = "embeddings") -> None:
@@ -172,16 +180,9 @@ def read_npz_rows(path: str | os.PathLike, out: np.ndarray, name: str = "embeddi
     Raises:
         ValueError: the array's shape is not ``out``'s, or it is stored in Fortran order.
     """
-    with (
-        remote.open_stream(str(path), block_size=2**20) as raw,
-        zipfile.ZipFile(raw) as zf,
-        zf.open(name + ".npy") as fh,
-    ):
-        version = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)
-        if tuple(shape) != out.shape or fortran:
-            raise ValueError(f"{name} has shape {tuple(shape)}{' (Fortran order)' if fortran else ''}, not {out.shape}")
+    with _npy_member(path, name, 2**20) as (fh, shape, fortran, dtype):
+        if shape != out.shape or fortran:
+            raise ValueError(f"{name} has shape {shape}{' (Fortran order)' if fortran else ''}, not {out.shape}")
         step = max(1, _READ_BYTES // max(1, dtype.itemsize * int(np.prod(shape[1:]))))
         for at in range(0, len(out), step):
             rows = out[at : at + step]

@@ -42,6 +42,24 @@ def test_kmeans_recovers_blobs_and_is_seeded():
     assert sims.min() > 0.9
 
 
+def test_kmeans_trains_with_the_configured_threads_and_restores_the_process_setting(monkeypatch):
+    """cluster.threads fixes what the centroids' rounding depends on, whatever the launcher set."""
+    faiss = C.import_faiss()
+    seen, train = [], faiss.Kmeans.train
+    monkeypatch.setattr(faiss.Kmeans, "train", lambda km, x: (seen.append(faiss.omp_get_max_threads()), train(km, x)))
+    before = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(2)
+        x, _ = blobs()
+        C.train_kmeans(x, 4, niter=2, seed=0, threads=1)
+        C.train_kmeans(x, 4, niter=2, seed=0)  # 0: the process's setting
+        assert seen == [1, 2] and faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+    with pytest.raises(ConfigError, match="cluster.threads"):
+        C.ClusterConfig(threads=-1)
+
+
 def test_assign_matches_brute_force_argmax():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 8)).astype(np.float32)
