@@ -457,20 +457,19 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
 def write_index_batches(path: Path, batches: Iterable[list[dict[str, Any]]]) -> None:
     """Write the index from batches of rows (in index order), atomically, holding about
     :data:`_INDEX_GROUP_ROWS` rows at a time whatever the pool size (one row group each)."""
-    held: list[pa.Table] = []
-
-    def flush(writer: pq.ParquetWriter) -> None:
-        if held:
-            writer.write_table(pa.concat_tables(held), row_group_size=_INDEX_GROUP_ROWS)
-            held.clear()
 
     def write(tmp: Path) -> None:
+        held: list[pa.Table] = []
+        count = 0
         with pq.ParquetWriter(tmp, _INDEX_SCHEMA) as writer:
             for rows in batches:
                 held.append(_index_table(rows))
-                if sum(len(t) for t in held) >= _INDEX_GROUP_ROWS:
-                    flush(writer)
-            flush(writer)
+                count += len(rows)
+                if count >= _INDEX_GROUP_ROWS:
+                    writer.write_table(pa.concat_tables(held), row_group_size=_INDEX_GROUP_ROWS)
+                    held, count = [], 0
+            if held:
+                writer.write_table(pa.concat_tables(held), row_group_size=_INDEX_GROUP_ROWS)
 
     write_atomic(path, write)
 

@@ -127,8 +127,8 @@ def _rounds(local: LocalRows, order: np.ndarray, bounds: np.ndarray, n_rounds: i
 
 
 def kmeans_rank(world: int) -> int:
-    """The rank that trains k-means: the last one, so that the float32 sample never lands on
-    the writing rank 0, which also holds the pool's keys (any rank gives the same centroids)."""
+    """The rank that trains k-means: the last one, so that its float32 sample stays off rank 0,
+    which writes the manifest (at the same ``cluster.threads`` any rank gives the same centroids)."""
     return world - 1
 
 

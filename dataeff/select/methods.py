@@ -3,7 +3,7 @@
 Every shell has the signature :data:`MethodFn`,
 ``fn(embeddings, keys, quality, cfg, rank, world) -> Decisions``, and returns the same
 decisions on every rank. A method takes the pool size from ``len(embeddings)``: on a
-partitioned pool only rank 0 holds the keys, unless the method is in :data:`READS_KEYS`.
+partitioned pool it gets ``keys=None`` unless it is in :data:`READS_KEYS`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ METHODS: dict[str, MethodFn] = {
 }
 assert tuple(METHODS) == METHOD_NAMES, "config.MethodName and METHODS list different methods"
 
-#: Methods that read the pool keys on every rank (OptiDEL locates images by key); the others
-#: get them on rank 0 only when the pool is partitioned, as they need them only for the manifest.
+#: Methods that read the pool keys on every rank (OptiDEL locates images by key). The others get
+#: None on a partitioned pool: only the manifest needs the keys, and rank 0 reads them again for it.
 READS_KEYS = frozenset({"optidel"})
 
 

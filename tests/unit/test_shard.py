@@ -89,3 +89,22 @@ def test_signatures_of_a_large_kept_jpeg_come_from_its_dct_scaled_decode():
     assert int(sig.popcount64(bits ^ sig.pack_phash(sig.phash_bits(full))[0])) <= 4
     thumb = np.frombuffer(row["thumb"], np.uint8).reshape(1, 16, 16)
     assert sig.thumb_corr(thumb, sig.thumbnail(full)[None])[0] >= 0.999
+
+
+def test_index_written_in_batches_equals_the_index_written_whole(tmp_path, monkeypatch):
+    """The shard stage writes its index a journal at a time; the table read back is the same."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from dataeff.data import shard
+
+    monkeypatch.setattr(shard, "_INDEX_GROUP_ROWS", 3)
+    rows = [{"key": f"k{i}", "status": "ok", "reason": "", "frame": -1, "phash": None} for i in range(7)]
+    batches = [rows[0:2], rows[2:4], [], rows[4:7]]  # an empty tail, as when no file follows the last shard
+    shard.write_index(tmp_path / "whole.parquet", rows)
+    shard.write_index_batches(tmp_path / "batches.parquet", batches)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "batches.parquet"), pd.read_parquet(tmp_path / "whole.parquet")
+    )
+    meta = pq.ParquetFile(tmp_path / "batches.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [3, 1, 3]  # at most 3 rows a group
