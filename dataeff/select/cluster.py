@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -113,10 +114,10 @@ def kmeans_sample(n: int, k: int, max_points_per_centroid: int, seed: int) -> np
 def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool = False, threads: int = 0) -> np.ndarray:
     """Spherical k-means centroids (unit norm) of the rows of ``x``.
 
-    ``threads`` > 0: faiss's OpenMP threads while it trains (restored after). Its BLAS
-    products round differently with the thread count, so the centroids (and a manifest)
-    are reproducible at a fixed count: measured at 256k x 64, 1 vs 2 threads moved centroids
-    by up to 2e-3 and 330 of 1M keep decisions.
+    ``threads`` > 0: the threads faiss trains with (:func:`thread_limit`). Its products round
+    differently with the thread count, so the centroids (and a manifest) are reproducible at
+    a fixed count: measured at 256k x 64, 1 vs 2 threads moved centroids by up to 2e-3 and 330
+    of 1M keep decisions.
 
     Shape:
         x: (M, D) float32, L2-normalised rows -> (k, D) float32.
@@ -135,14 +136,8 @@ def train_kmeans(x: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool = F
         max_points_per_centroid=max(1, -(-x.shape[0] // k)),
         min_points_per_centroid=1,
     )
-    before = faiss.omp_get_max_threads()
-    if threads:
-        faiss.omp_set_num_threads(threads)
-    try:
-        with threadpool_limits(threads) if threads else contextlib.nullcontext():  # faiss's own BLAS too
-            km.train(x)
-    finally:
-        faiss.omp_set_num_threads(before)
+    with thread_limit(threads):
+        km.train(x)
     assert km.centroids is not None, "faiss.Kmeans.train sets the centroids"
     c = km.centroids.astype(np.float32)
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
@@ -202,6 +197,15 @@ def partition_clusters(sizes: np.ndarray, world_size: int) -> list[np.ndarray]:
         owned[r].append(int(c))
         load[r] += cost[c]
     return [np.array(sorted(o), dtype=np.int64) for o in owned]
+
+
+def thread_limit(n: int, user_api: str | None = None) -> AbstractContextManager[object]:
+    """At most ``n`` threads in the loaded OpenMP and BLAS libraries (``user_api``: only
+    ``"blas"`` or ``"openmp"``) while the context is open, restored after; 0 = unchanged.
+
+    threadpoolctl finds every loaded copy, faiss's own OpenMP and BLAS included.
+    """
+    return threadpool_limits(n, user_api=user_api) if n else contextlib.nullcontext()
 
 
 def index_dtype(n: int) -> type[np.signedinteger]:

@@ -20,14 +20,11 @@ and a round's rows are dropped before the next round moves.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from dataeff import dist
 from dataeff.data.signatures import MIN_THUMB_CORR, PHASH_MAX_DISTANCE
@@ -205,7 +202,7 @@ def cluster_pool(
     centroids = dist.broadcast_array(centroids, src=trainer)
     timings["kmeans"] = time.time() - t
     t = time.time()
-    with blas_threads(cfg.threads):  # products round differently with the thread count
+    with C.thread_limit(cfg.threads, "blas"):  # products round differently with the thread count
         parts = _assign_owned(emb, centroids, rank, world)
     labels = np.concatenate([p[0].astype(C.index_dtype(k)) for p in parts]) if parts else np.zeros(0, C.index_dtype(k))
     sims = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.float32)
@@ -268,7 +265,7 @@ def redundancy_stats(
     m_l, prev_l, pos_l = [np.zeros(0, np.float32)], [np.zeros(0, C.index_dtype(n))], [np.zeros(0, C.index_dtype(n))]
     # Per-cluster products are small: BLAS threads only add start-up and, on a busy node,
     # spin-wait cost (measured 25x on 141-member clusters); parallelism comes from ranks.
-    with blas_threads(1):
+    with C.thread_limit(1, "blas"):
         for batch, rows_of in _owned_cluster_rows(emb, labels, valid, members, owned, rank, world):
             for c in batch:
                 rows = members[c]
@@ -347,8 +344,3 @@ def _owned_cluster_rows(
     for i, got in enumerate(rounds):
         yield batches[rank][i] if i < len(batches[rank]) else np.zeros(0, np.int64), got.take
         del got  # not held while the next round moves
-
-
-def blas_threads(n: int) -> AbstractContextManager[object]:
-    """numpy's BLAS limited to ``n`` threads while the context is open (0 = as the process has it)."""
-    return threadpool_limits(n, user_api="blas") if n else contextlib.nullcontext()
