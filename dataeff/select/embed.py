@@ -173,23 +173,26 @@ def npz_shape(path: str | os.PathLike, name: str = "embeddings") -> tuple[int, .
         return shape
 
 
-def read_npz_rows(path: str | os.PathLike, out: np.ndarray, name: str = "embeddings") -> None:
-    """Read one 2-D array of an ``.npz`` (a path or URL) into ``out``, converting its dtype,
-    :data:`_READ_BYTES` at a time: never a second copy of the whole array.
+def read_npz_rows(path: str | os.PathLike, out: np.ndarray, name: str = "embeddings") -> int:
+    """Read one 2-D array of an ``.npz`` (a path or URL) into the first rows of ``out``,
+    converting its dtype, :data:`_READ_BYTES` at a time: never a second copy of the whole
+    array. Returns its number of rows.
 
     Raises:
-        ValueError: the array's shape is not ``out``'s, or it is stored in Fortran order.
+        ValueError: the array has more rows than ``out`` or other columns, or is stored in Fortran order.
     """
     with _npy_member(path, name, 2**20) as (fh, shape, fortran, dtype):
-        if shape != out.shape or fortran:
+        if len(shape) != out.ndim or shape[0] > len(out) or shape[1:] != out.shape[1:] or fortran:
             raise ValueError(f"{name} has shape {shape}{' (Fortran order)' if fortran else ''}, not {out.shape}")
+        count = shape[0]
         step = max(1, _READ_BYTES // max(1, dtype.itemsize * int(np.prod(shape[1:]))))
-        for at in range(0, len(out), step):
-            rows = out[at : at + step]
+        for at in range(0, count, step):
+            rows = out[at : min(at + step, count)]
             data = fh.read(dtype.itemsize * rows.size)
             if len(data) != dtype.itemsize * rows.size:
-                raise ValueError(f"{name} ends after {at} of {len(out)} rows")
+                raise ValueError(f"{name} ends after {at} of {count} rows")
             rows[...] = np.frombuffer(data, dtype=dtype).reshape(rows.shape)
+    return count
 
 
 #: Bytes read at a time by :func:`read_npz_rows`.

@@ -11,7 +11,6 @@ location and quality statistics.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import zipfile
@@ -26,7 +25,7 @@ from dataeff.constants import QUALITY_KEYS
 from dataeff.data import remote
 from dataeff.data.stream import read_index
 from dataeff.select.distributed_cluster import LocalRows
-from dataeff.select.embed import damaged_file, load_embeddings, npz_shape, read_header, read_npz_rows
+from dataeff.select.embed import damaged_file, load_embeddings, read_header, read_npz_rows
 
 log = logging.getLogger("dataeff")
 
@@ -79,58 +78,65 @@ def gather_pool(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, np.nda
     return keys, emb
 
 
-def partition_keys(emb_dir: str, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+def partition_keys(emb_dir: str, header: dict, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
     """Every rank: the pool's sorted keys, and where the keys of its own rank files
     (r, r+W, ...) fall in them. Their rows come after (:func:`local_rows`), so that what
     the keys and the index cost is spent before the rows arrive.
 
     Shape:
-        -> keys (N,) str sorted, positions (n_r,) int64 of this rank's rows in ``keys``.
+        header: :func:`~dataeff.select.embed.read_header`'s -> keys (N,) str sorted, positions
+        (n_r,) int64 of this rank's rows in ``keys``.
     """
-    mine = _file_keys([remote.join(emb_dir, name) for name in read_header(emb_dir)["files"][rank::world]])
+    mine = _file_keys(emb_dir, header["files"][rank::world])
     keys = np.concatenate(dist.all_gather_array(mine))  # a new array, sorted in place: no third copy
     keys.sort(kind="stable")
     _check_unique(keys, emb_dir)
     return keys, np.searchsorted(keys, mine).astype(np.int64)
 
 
-def local_rows(emb_dir: str, rank: int, world: int, pos: np.ndarray, n: int) -> LocalRows:
+def local_rows(emb_dir: str, header: dict, rank: int, world: int, pos: np.ndarray, n: int) -> LocalRows:
     """This rank's embedding rows, read in blocks straight into one array (no copy of a whole file).
+
+    Raises:
+        ConfigError: a rank file is damaged, or its files hold other than one row per key.
 
     Shape:
         pos: (n_r,) from :func:`partition_keys`, n: pool size -> rows (n_r, D) float16 at those positions.
     """
-    header = read_header(emb_dir)
     rows = np.empty((len(pos), header["dim"]), dtype=np.float16)
     at = 0
     for name in header["files"][rank::world]:
-        f = remote.join(emb_dir, name)
         try:
-            count = npz_shape(f)[0]
-            read_npz_rows(f, rows[at : at + count])
+            at += read_npz_rows(remote.join(emb_dir, name), rows[at:])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             raise damaged_file(emb_dir, name, exc) from None
-        at += count
+    if at != len(pos):
+        names = ", ".join(header["files"][rank::world])
+        raise damaged_file(emb_dir, names, ValueError(f"{at} embedding rows for {len(pos)} keys"))
     return LocalRows(rows, pos, n)
 
 
-def pool_keys(emb_dir: str) -> np.ndarray:
+def pool_keys(emb_dir: str, header: dict) -> np.ndarray:
     """The pool's sorted keys, read from every rank file of the embeddings (their keys only).
 
     Shape:
         -> (N,) str, as :func:`partition_keys` and :func:`gather_pool` return them.
     """
-    keys = _file_keys([remote.join(emb_dir, name) for name in read_header(emb_dir)["files"]])
+    keys = _file_keys(emb_dir, header["files"])
     keys.sort(kind="stable")
     return keys
 
 
-def _file_keys(files: list[str]) -> np.ndarray:
-    """The keys of these rank files, concatenated in file order (their embeddings are not read)."""
+def _file_keys(emb_dir: str, names: list[str]) -> np.ndarray:
+    """The keys of these rank files, concatenated in file order; the embeddings are not read
+    (nor fetched, for a URL: ``np.load`` reads one member of the streamed zip)."""
     keys = [np.zeros(0, dtype=str)]
-    for f in files:
-        with np.load(io.BytesIO(remote.read_bytes(f)) if remote.is_url(f) else f, allow_pickle=False) as z:
-            keys.append(z["keys"])
+    for name in names:
+        try:
+            with remote.open_stream(remote.join(emb_dir, name)) as fh, np.load(fh, allow_pickle=False) as z:
+                keys.append(z["keys"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise damaged_file(emb_dir, name, exc) from None
     return np.concatenate(keys)
 
 

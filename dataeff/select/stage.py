@@ -111,7 +111,7 @@ def main(cfg: SelectConfig) -> None:
     keys: np.ndarray | None
     if gather == "partitioned":
         log.info("gather=partitioned: each rank keeps its own embedding rows (pool of %d x %d)", n_ok, header["dim"])
-        keys, mine = partition_keys(cfg.embeddings, rank, world)  # the rows come once the strings are gone
+        keys, mine = partition_keys(cfg.embeddings, header, rank, world)  # the rows come once the strings are gone
     else:
         keys, emb = gather_pool(cfg.embeddings, rank, world)
     quality = align_quality(keys, index, cfg.embeddings, index_columns(cfg))
@@ -124,7 +124,7 @@ def main(cfg: SelectConfig) -> None:
         keys = None
         quality = quality.drop(columns=["key", "status"])
     if gather == "partitioned":
-        emb = local_rows(cfg.embeddings, rank, world, mine, len(eligible))
+        emb = local_rows(cfg.embeddings, header, rank, world, mine, len(eligible))
         del mine
     sub_emb, sub_keys, sub_quality = emb, keys, quality
     if not eligible.all():  # no copy of the (N, D) embeddings when nothing is excluded
@@ -141,7 +141,7 @@ def main(cfg: SelectConfig) -> None:
     decisions.info["gather"] = gather
     decisions.info["wall_s"] = round(time.time() - t0, 3)
     if rank == 0:
-        keys = pool_keys(cfg.embeddings) if keys is None else keys
+        keys = pool_keys(cfg.embeddings, header) if keys is None else keys
         frame = manifest.selection_frame(keys, decisions)
         inputs = {
             "embeddings": cfg.embeddings,

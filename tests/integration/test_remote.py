@@ -113,6 +113,10 @@ def test_select_reads_embeddings_and_shards_from_s3(pool, tmp_path):
     a, _ = read_selection(pool["sel"])
     b, _ = read_selection(out)
     pd.testing.assert_frame_equal(a, b)
+    # Partitioned: keys streamed from each rank file, rows read in blocks, keys read again for the manifest.
+    args[-1] = f"out={tmp_path / 'part'}"
+    assert cli_main([*args, "report.gallery=false", "gather=partitioned"]) == 0
+    pd.testing.assert_frame_equal(a, read_selection(tmp_path / "part")[0])
 
 
 def test_permanent_errors_name_the_url_and_exit_2(pool, s3, tmp_path):

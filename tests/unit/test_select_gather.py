@@ -86,7 +86,7 @@ def test_npz_rows_are_read_in_blocks_into_the_given_array(tmp_path, monkeypatch)
     for dtype in (np.float16, np.float32):  # a float32 file is converted block by block
         np.savez(tmp_path / "e.npz", embeddings=x.astype(dtype))
         out = np.empty((301, 24), np.float16)
-        embed.read_npz_rows(tmp_path / "e.npz", out)
+        assert embed.read_npz_rows(tmp_path / "e.npz", out) == 301
         assert np.array_equal(out, x.astype(dtype).astype(np.float16))
     with pytest.raises(ValueError, match="shape"):
         embed.read_npz_rows(tmp_path / "e.npz", np.empty((300, 24), np.float16))
@@ -97,6 +97,7 @@ def test_partitioned_pool_holds_its_rows_once(tmp_path, monkeypatch):
     import tracemalloc
 
     from dataeff.select import embed
+    from dataeff.select.embed import read_header
     from dataeff.select.pool import local_rows, partition_keys
 
     monkeypatch.setattr(embed, "_READ_BYTES", 1 << 20)  # blocks small beside the files, as in a real pool
@@ -104,10 +105,25 @@ def test_partitioned_pool_holds_its_rows_once(tmp_path, monkeypatch):
     emb_dir = _embeddings_dir(tmp_path, {"rank-00000.npz": rows[:30_000], "rank-00001.npz": rows[30_000:]})
     tracemalloc.start()
     try:
-        keys, pos = partition_keys(str(emb_dir), 0, 1)
-        local = local_rows(str(emb_dir), 0, 1, pos, len(keys))
+        header = read_header(str(emb_dir))
+        keys, pos = partition_keys(str(emb_dir), header, 0, 1)
+        local = local_rows(str(emb_dir), header, 0, 1, pos, len(keys))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert np.array_equal(local.rows[np.argsort(local.pos)], rows) and keys[0] == "rank-00000.npz-000000"
     assert peak < 1.5 * rows.nbytes, f"peak {peak / rows.nbytes:.2f}x the rows"
+
+
+def test_a_rank_file_with_fewer_rows_than_keys_is_named(tmp_path):
+    from dataeff.select.embed import read_header
+    from dataeff.select.pool import local_rows, partition_keys
+
+    emb_dir = _embeddings_dir(tmp_path, {"rank-00000.npz": np.zeros((10, 8), np.float16)})
+    keys = np.array([f"k{i}" for i in range(11)])  # one key more than rows, as a cut writer might leave
+    with open(emb_dir / "rank-00000.npz", "wb") as fh:
+        np.savez(fh, keys=keys, embeddings=np.zeros((10, 8), np.float16))
+    header = read_header(str(emb_dir))
+    _, pos = partition_keys(str(emb_dir), header, 0, 1)
+    with pytest.raises(ConfigError, match="rank-00000.npz is damaged .*10 embedding rows for 11 keys"):
+        local_rows(str(emb_dir), header, 0, 1, pos, len(pos))
