@@ -450,8 +450,7 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> None:
     For the same reason a row without provenance gets ``group`` = its key, ``frame`` -1 and
     ``orientation`` 1 (a generated sample is its own group).
     """
-    table = _index_table(rows)
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    write_index_batches(path, [rows])
 
 
 def write_index_batches(path: Path, batches: Iterable[list[dict[str, Any]]]) -> None:
